@@ -24,6 +24,44 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = None
 
 ADAPTER_PARAM_NAMES = ("router_weight", "lora_A", "lora_B")
+_LANE_LEVELS = 1 << 15
+
+
+def cpu_dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Dropout mask applied to x, and the 1/keep-rate scale still to apply.
+
+    The mask is cut from 15-bit lanes of int64 random words: torch's CPU bernoulli_ draws
+    one random number per element and costs more than the whole adapter; this draws a
+    quarter as many words (drop rate quantised to 1/32768). The scale is returned rather
+    than applied so the caller can fold it into a tiny tensor (the router gates).
+    """
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    lanes = words.view(torch.int16)[:n] & (_LANE_LEVELS - 1)  # uniform in [0, 2**15)
+    threshold = round(p * _LANE_LEVELS)
+    keep = (lanes >= threshold).view(x.shape)
+    return torch.where(keep, x, 0.0), _LANE_LEVELS / (_LANE_LEVELS - threshold)
+
+
+class ExpertDropout(nn.Module):
+    """Dropout on the experts' input: the fast CPU mask on CPU, torch's kernel elsewhere.
+
+    Returns (masked x, scale still to apply); inverted dropout is masked x times scale.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if not self.training or self.p == 0:
+            return x, 1.0
+        if x.device.type == "cpu":
+            return cpu_dropout_unscaled(x, self.p)
+        return F.dropout(x, self.p, training=True), 1.0
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def is_supported_base(module: nn.Module) -> bool:
@@ -63,7 +101,7 @@ class LoRAMoELinear(nn.Module):
         self.router_weight = nn.Parameter(torch.empty(n, d_in, device=device))
         self.lora_A = nn.Parameter(torch.empty(n, r, d_in, device=device))
         self.lora_B = nn.Parameter(torch.empty(n, d_out, r, device=device))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = ExpertDropout(config.dropout)
         self.reset_parameters()
         # Router probabilities of the last forward, (*lead, N). Overwritten, never appended,
         # so many forwards (or generate) do not grow memory.
@@ -99,24 +137,28 @@ class LoRAMoELinear(nn.Module):
         return probs, gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # (*lead, d_out)
         lead = x.shape[:-1]
         n, r = self.num_experts, self.rank
         x2d = x.reshape(-1, self.in_features)  # (M, d_in)
+        # The base runs on the 2-d input so its output is a fresh tensor, not a view: the
+        # in-place accumulation below then costs autograd nothing (on a view it would add
+        # a CopySlices node: full-size copies in backward).
+        base2d = self.base_layer(x2d)  # (M, d_out)
         probs, gates = self.route(x2d)
         self.router_probs = probs.view(*lead, n)  # (*lead, N)
 
         adapter_dtype = self.lora_A.dtype
-        xa = self.dropout(x2d.to(adapter_dtype))  # (M, d_in)
+        xa, dropout_scale = self.dropout(x2d.to(adapter_dtype))  # (M, d_in)
         codes = F.linear(xa, self.lora_A.view(n * r, self.in_features))  # (M, N*r)
-        # Fold alpha/r into the gates: an (M, N) multiply instead of an (M, d_out) one.
-        gates = (gates * self.scaling).to(adapter_dtype)  # (M, N)
+        # Fold alpha/r (and dropout's 1/keep) into the gates: an (M, N) multiply instead
+        # of an (M, d_out) or (M, d_in) one.
+        gates = (gates * (self.scaling * dropout_scale)).to(adapter_dtype)  # (M, N)
         mixed = (codes.view(-1, n, r) * gates.unsqueeze(-1)).view(-1, n * r)  # (M, N*r)
         b_stack = self.lora_B.transpose(1, 2).reshape(n * r, self.out_features)  # (N*r, d_out)
-        base2d = result.reshape(-1, self.out_features)  # (M, d_out)
         if base2d.dtype == adapter_dtype:
-            # addmm fuses "base + adapter" into the GEMM: no extra (M, d_out) pass.
-            out = torch.addmm(base2d, mixed, b_stack)  # (M, d_out)
+            # Accumulate into the base output inside the GEMM: no extra (M, d_out) pass.
+            # Safe for autograd: Linear/Conv1D do not save their output for backward.
+            out = base2d.addmm_(mixed, b_stack)  # (M, d_out)
         else:
             out = base2d + (mixed @ b_stack).to(base2d.dtype)  # (M, d_out)
         return out.view(*lead, self.out_features)

@@ -1,0 +1,81 @@
+"""Train step on the default model: LoRAMoE vs PEFT LoRA vs the frozen base alone.
+
+    python benchmarks/bench_train_step.py [--batch 16] [--seq 64] [--repeats 8]
+
+Every variant is a copy of SmolLM2-135M-Instruct on FFN targets (gate/up/down_proj), one
+forward + backward + AdamW step on the same batch, interleaved in one process. "frozen base"
+has no adapters and only the input embeddings' output requires grad, so the backward still
+crosses every layer as any adapter method must: the physical floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
+
+FFN = ["gate_proj", "up_proj", "down_proj"]
+
+
+def make_variants(base) -> dict[str, torch.nn.Module]:
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    frozen.enable_input_require_grads()
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=32, lora_dropout=0.05, target_modules=FFN, task_type="CAUSAL_LM"))
+    loramoe = apply_loramoe(copy.deepcopy(base), LoRAMoEConfig())
+    return {"frozen base": frozen, "PEFT LoRA r=4": lora, "LoRAMoE N=6 r=4": loramoe}
+
+
+def make_step(model: torch.nn.Module, ids: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    model.train()
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=8)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base, _ = load_base_model()
+    ids = torch.randint(100, base.config.vocab_size, (args.batch, args.seq))
+    steps = {name: make_step(m, ids) for name, m in make_variants(base).items()}
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    tokens = args.batch * args.seq
+    print(f"Train step, SmolLM2-135M-Instruct, FFN targets, batch {args.batch} x {args.seq} "
+          f"tokens, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name, value in ms.items():
+        print(f"  {name:<18} {value:8.1f} ms   {tokens / value * 1000:7.0f} tokens/s")
+    moe, lora, floor = ms["LoRAMoE N=6 r=4"], ms["PEFT LoRA r=4"], ms["frozen base"]
+    print(f"  LoRAMoE / PEFT LoRA     {moe / lora:5.2f}x  (target <= 1.10x)")
+    print(f"  LoRAMoE / frozen base   {moe / floor:5.2f}x  (target <= 1.15x)")
+    print(f"  PEFT LoRA / frozen base {lora / floor:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
