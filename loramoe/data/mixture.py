@@ -128,9 +128,10 @@ def _local_task(spec: TaskSpec) -> Task:
             raise MixtureError(f"tasks[{spec.name!r}]: {spec.path} lacks column(s) {missing}; "
                                f"found {list(frame.columns)}")
         out = []
+        answer_column = columns["answers"] if columns["answers"] in frame else columns["response"]
         for _, row in frame.iterrows():
             prompt = str(row[columns["prompt"]])
-            raw = row[columns["answers"]] if columns["answers"] in frame else row[columns["response"]]
+            raw = row[answer_column]
             answers = [str(a) for a in raw] if isinstance(raw, list) else [str(raw)]
             digest = hashlib.sha256(f"{spec.name}:{prompt}".encode()).digest()
             if (int.from_bytes(digest[:4], "big") % 100 < 20) == (split == "test"):

@@ -1,0 +1,194 @@
+"""Data layer: real-fact knowledge tasks, procedural tasks, hub formatters, mixtures, scales."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loramoe.data import (
+    MixtureConfig,
+    MixtureError,
+    build_mixture,
+    drop_overlap,
+    get_task,
+    hub,
+    knowledge,
+    list_tasks,
+    normalize_text,
+    read_records,
+)
+from loramoe.data.__main__ import main as data_cli
+from loramoe.data.records import to_frame
+
+SMALL = {"tasks": [{"name": "country_capital"}, {"name": "element_symbol", "weight": 2},
+                   {"name": "arithmetic"}, {"name": "nli"}],
+         "scales": [30, 10], "seed": 3, "eval_size": 8}
+
+
+@pytest.mark.parametrize("relation", knowledge.RELATIONS, ids=lambda r: r.name)
+def test_knowledge_test_facts_never_appear_in_training(relation):
+    train_entities = {f.entity for f in knowledge.split_facts(relation, "train")}
+    test_facts = knowledge.split_facts(relation, "test")
+    assert test_facts and train_entities
+    assert not train_entities & {f.entity for f in test_facts}
+    task = get_task(relation.name)
+    train = task.build_train(10_000, 0)
+    evals = task.build_eval(10_000, 0)
+    assert all(r.task_type == "knowledge" and r.response for r in train)
+    assert all(e.answers and all(a for a in e.answers) for e in evals)
+    test_entities = {f.entity for f in test_facts}
+    for record in train:  # the entity of every train prompt is a train entity
+        assert not any(record.prompt == t.format(e=e) for e in test_entities
+                       for t in relation.templates)
+
+
+def test_knowledge_has_real_facts_and_aliases():
+    capital = {f.entity: f.answers for f in knowledge._capital_facts()}
+    assert capital["France"] == ("Paris",)
+    currency = {f.entity: f.answers for f in knowledge._currency_facts()}
+    assert currency["Japan"] == ("Yen", "JPY")
+    symbols = {f.entity: f.answers for f in knowledge._symbol_facts()}
+    assert symbols["iron"] == ("Fe",)
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "sort_numbers", "reverse_words", "count_items",
+                                  "reading_comprehension", "nli", "summarization",
+                                  "translation", "topic_classification"])
+def test_downstream_split_disjoint_and_deterministic(name):
+    task = get_task(name)
+    train, test = task.build_train(60, 1), task.build_eval(30, 1)
+    assert len(train) == 60 and len(test) == 30
+    assert not {r.prompt for r in train} & {e.prompt for e in test}
+    assert [r.prompt for r in task.build_train(60, 1)] == [r.prompt for r in train]
+    assert [r.prompt for r in task.build_train(60, 2)] != [r.prompt for r in train]
+
+
+def test_procedural_answers_are_correct():
+    record = get_task("sort_numbers").build_train(1, 0)[0]
+    numbers = [int(x) for x in record.prompt.split(":")[1].split(",")]
+    assert record.response == ", ".join(map(str, sorted(numbers)))
+    record = get_task("arithmetic").build_train(1, 0)[0]
+    expression = record.prompt.split("Compute ")[1].split(".")[0]
+    assert record.response == str(eval(expression))  # noqa: S307 - our own generated text
+
+
+HUB_FIXTURES = {
+    "triviaqa": {"question": "Who wrote Hamlet?",
+                 "answer": {"value": "William Shakespeare", "aliases": ["Shakespeare"]}},
+    "nq_open": {"question": "where is the eiffel tower", "answer": ["Paris", "Paris, France"]},
+    "hotpotqa": {"question": "Which band was formed first?", "answer": "Queen"},
+    "rte": {"premise": "A cat sleeps.", "hypothesis": "An animal sleeps.", "label": 0},
+    "wsc": {"text": "Tom thanked Bob because he helped.", "span1_text": "Bob",
+            "span2_text": "he", "label": 1},
+    "winogrande": {"sentence": "The trophy did not fit in the case because _ was big.",
+                   "option1": "trophy", "option2": "case", "answer": "1"},
+    "record": {"passage": "Paris hosted the games.", "query": "@placeholder hosted.",
+               "entities": ["Paris", "Rome"], "answers": ["Paris"]},
+    "multirc": {"paragraph": "Ann has a dog.", "question": "What pet?", "answer": "a dog",
+                "label": 1},
+    "race": {"article": "Sam likes tea.", "question": "What does Sam like?",
+             "options": ["tea", "milk", "juice", "water"], "answer": "A"},
+    "xsum": {"document": "A long article about rain.", "summary": "It rained."},
+    "anli": {"premise": "It is sunny.", "hypothesis": "It is raining.", "label": 2},
+    "qqp": {"question1": "How old are you?", "question2": "What is your age?", "label": 1},
+    "ag_news": {"text": "The team won the cup.", "label": 1},
+    "yelp": {"text": "Great food!", "label": 1},
+    "wmt16_de_en": {"translation": {"de": "Guten Morgen", "en": "Good morning"}},
+}
+HUB_EXPECTED = {"triviaqa": "Shakespeare", "nq_open": "Paris, France", "hotpotqa": "Queen",
+                "rte": "entailment", "wsc": "yes", "winogrande": "trophy", "record": "Paris",
+                "multirc": "true", "race": "A", "xsum": "It rained.", "anli": "contradiction",
+                "qqp": "yes", "ag_news": "sports", "yelp": "positive",
+                "wmt16_de_en": "Good morning"}
+
+
+@pytest.mark.parametrize("spec", hub.HUB_TASKS, ids=lambda s: s.name)
+def test_hub_formatters_on_fixture_rows(spec):
+    row = HUB_FIXTURES[spec.name]
+    train = hub.rows_to_train(spec, [row], 5, 0)
+    evals = hub.rows_to_eval(spec, [row], 5, 0)
+    assert len(train) == len(evals) == 1
+    assert HUB_EXPECTED[spec.name] in evals[0].answers
+    assert evals[0].metric == spec.metric and train[0].task_type == spec.task_type
+    assert get_task(spec.name).source == "hub"
+
+
+def test_hub_formatters_skip_unlabeled_rows():
+    spec = next(s for s in hub.HUB_TASKS if s.name == "rte")
+    assert hub.rows_to_eval(spec, [{**HUB_FIXTURES["rte"], "label": -1}], 5, 0) == []
+
+
+def test_registry_lists_every_kind():
+    sources = {t.source for t in list_tasks()}
+    assert sources == {"builtin", "hub"}
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        get_task("nope")
+
+
+def test_nested_stratified_deterministic_scales():
+    config = MixtureConfig.from_dict(json.loads(json.dumps(SMALL)))
+    built = build_mixture(config)
+    small, large = built.train[10], built.train[30]
+    assert set(small["id"]) <= set(large["id"])
+    counts = large.groupby("task").size().to_dict()
+    assert counts == {"country_capital": 6, "element_symbol": 12, "arithmetic": 6, "nli": 6}
+    assert set(small["task_type"]) == {"knowledge", "downstream"}
+    again = build_mixture(MixtureConfig.from_dict(json.loads(json.dumps(SMALL))))
+    assert again.train[30].equals(large) and again.eval.equals(built.eval)
+    assert not set(built.eval["prompt"].map(normalize_text)) & set(
+        large["prompt"].map(normalize_text))
+
+
+def test_overlap_filter_reports_dropped_per_task():
+    train = to_frame([get_task("arithmetic").build_train(3, 0)[0]])
+    evals = to_frame(get_task("nli").build_eval(2, 0))
+    evals.loc[len(evals)] = {"id": "x", "task": "arithmetic", "task_type": "downstream",
+                             "prompt": train["prompt"][0].upper() + "  ", "answers": ["1"],
+                             "metric": "exact_match"}
+    kept, dropped = drop_overlap(evals, train)
+    assert dropped == {"arithmetic": 1} and len(kept) == 2
+
+
+def test_local_file_task_with_column_mapping(tmp_path):
+    rows = [{"question": f"who is person {i}?", "answer": [f"name {i}", f"alias {i}"]}
+            for i in range(60)]
+    (tmp_path / "nq.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "mix.yaml").write_text(
+        "scales: [20]\neval_size: 5\ntasks:\n"
+        "  - {name: my_nq, source: local, path: nq.jsonl, task_type: knowledge,\n"
+        "     columns: {prompt: question, answers: answer}}\n"
+        "  - {name: arithmetic}\n")
+    built = build_mixture(MixtureConfig.from_file(tmp_path / "mix.yaml"))
+    local = built.eval[built.eval["task"] == "my_nq"]
+    assert len(local) == 5 and all(len(a) == 2 for a in local["answers"])
+    assert set(built.train[20]["task"]) == {"my_nq", "arithmetic"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"scales": []}, "scales"),
+    ({"tasks": []}, "tasks"),
+    ({"tasks": [{"name": "arithmetic", "weight": 0}]}, "weight"),
+    ({"tasks": [{"name": "arithmetic", "task_type": "math"}]}, "task_type"),
+    ({"tasks": [{"name": "x", "source": "local"}]}, "path"),
+    ({"colour": 1}, "unknown field"),
+])
+def test_mixture_config_errors_name_the_field(change, message):
+    with pytest.raises(MixtureError, match=message):
+        MixtureConfig.from_dict({**SMALL, **change})
+
+
+def test_build_cli_writes_scales_eval_and_summary(tmp_path, capsys):
+    config = tmp_path / "mix.json"
+    config.write_text(json.dumps(SMALL))
+    assert data_cli(["build", str(config), str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"train_10.jsonl", "train_30.jsonl",
+                                               "eval.jsonl", "manifest.json", "summary.csv"}
+    assert len(read_records(out / "train_30.jsonl")) == 30
+    assert "mean_prompt_chars" in capsys.readouterr().out
+    import datasets  # noqa: F401 - the records load with datasets too
+
+    from loramoe.data.records import load_as_dataset
+
+    assert load_as_dataset(out / "eval.jsonl").num_rows == len(read_records(out / "eval.jsonl"))

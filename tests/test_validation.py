@@ -1,0 +1,104 @@
+"""great-expectations suites: each bad input trips its own expectation; a good mixture passes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from loramoe.data import MixtureConfig, build_mixture, write_mixture
+from loramoe.data.records import write_records
+from validation import validate_file, validate_frame, validate_mixture
+from validation.__main__ import main as validation_cli
+
+GOOD = {"id": "a", "task": "t", "task_type": "knowledge", "prompt": "Q?", "response": "A."}
+GOOD2 = {**GOOD, "id": "b", "task_type": "downstream", "prompt": "Sort 2, 1"}
+
+
+@pytest.fixture(scope="module")
+def mixture_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mix")
+    config = MixtureConfig.from_dict({"tasks": [{"name": "country_capital"},
+                                                {"name": "arithmetic"}],
+                                      "scales": [8, 16], "eval_size": 4})
+    write_mixture(build_mixture(config), config, out)
+    return out
+
+
+def failed(report) -> set[tuple[str, str | None]]:
+    return {(f.expectation, f.column) for f in report.failures}
+
+
+def test_good_mixture_passes_with_data_docs(mixture_dir, tmp_path):
+    reports = validate_mixture(mixture_dir, docs_dir=tmp_path / "docs")
+    assert [r.success for r in reports] == [True, True, True], [r.summary() for r in reports]
+    assert (tmp_path / "docs" / "index.html").is_file()
+
+
+@pytest.mark.parametrize(("rows", "kind", "expected"), [
+    ([{k: v for k, v in row.items() if k != "response"} for row in (GOOD, GOOD2)], "train",
+     ("expect_column_to_exist", "response")),
+    ([{**GOOD, "response": ""}, GOOD2], "train",
+     ("expect_column_value_lengths_to_be_between", "response")),
+    ([{**GOOD, "task_type": "trivia"}, GOOD2], "train",
+     ("expect_column_values_to_be_in_set", "task_type")),
+    ([GOOD, {**GOOD2, "id": "a"}], "train", ("expect_column_values_to_be_unique", "id")),
+    ([{**GOOD, "prompt": "x" * 200}, GOOD2], "train",
+     ("expect_column_value_lengths_to_be_between", "prompt")),
+    ([GOOD, {**GOOD2, "task_type": "knowledge"}], "train",
+     ("expect_column_distinct_values_to_contain_set", "task_type")),
+    ([], "train", ("expect_table_row_count_to_be_between", None)),
+])
+def test_each_bad_input_trips_its_expectation(rows, kind, expected):
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(GOOD)) if not rows else pd.DataFrame(rows)
+    report = validate_frame(frame, kind, max_chars=100)
+    assert not report.success
+    assert expected in failed(report), report.summary()
+    assert all(f.column != "id" or f.examples for f in report.failures if f.unexpected_count)
+
+
+def test_empty_answers_and_overlap_in_eval(mixture_dir):
+    import pandas as pd
+
+    row = {"id": "e", "task": "t", "task_type": "knowledge", "prompt": "Q?", "answers": [],
+           "metric": "contains"}
+    report = validate_frame(pd.DataFrame([row]), "eval")
+    assert ("expect_column_values_to_be_between", "answers") in failed(report)
+    report = validate_frame(pd.DataFrame([{**row, "answers": ["A"]}]), "eval",
+                            train_prompts={"q"})
+    assert ("expect_column_values_to_be_in_set", "prompt") in failed(report)
+    assert "overlap" in report.summary()
+
+
+def test_overlong_in_tokens_given_a_tokenizer():
+    import pandas as pd
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    rows = [{**GOOD, "prompt": "w " * 50}, GOOD2]
+    report = validate_frame(pd.DataFrame(rows), "train", tokenizer=tokenizer, max_tokens=20)
+    assert ("expect_column_values_to_be_between", "prompt") in failed(report)
+    assert "line 1" in report.summary()
+
+
+def test_unreadable_file_is_a_failure_not_a_crash(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text("{not json\n")
+    report = validate_file(path, "train")
+    assert not report.success and "not valid JSON" in report.summary()
+
+
+def test_cli_exit_codes_and_json(mixture_dir, tmp_path, capsys):
+    assert validation_cli([str(mixture_dir)]) == 0
+    bad = tmp_path / "bad.jsonl"
+    write_records(pd.DataFrame([GOOD, {**GOOD2, "id": "a"}]), bad)
+    assert validation_cli([str(bad), "--json", str(tmp_path / "r.json")]) == 1
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result[0]["failures"][0]["expectation"] == "expect_column_values_to_be_unique"
+    assert "must be unique" in capsys.readouterr().out
