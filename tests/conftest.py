@@ -59,3 +59,58 @@ def fill_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
         for _, layer in loramoe_layers(model):
             for param in layer.expert_weights():
                 param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * scale)
+
+
+def make_char_tokenizer():
+    """A character-level tokenizer (no download): printable ASCII + pad/eos."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_model_dir(path, arch: str = "llama", seed: int = 0):
+    """A tiny random model + char tokenizer saved as a folder load_base_model accepts."""
+    tokenizer = make_char_tokenizer()
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=512, pad_token_id=0, eos_token_id=2,
+                             bos_token_id=2)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                            n_positions=512, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_train_file(tmp_path_factory):
+    """A small real mixture (built-in tasks) as a train jsonl."""
+    from loramoe.data import MixtureConfig, build_mixture, write_records
+
+    config = MixtureConfig.from_dict({
+        "tasks": [{"name": "country_capital"}, {"name": "element_symbol"},
+                  {"name": "arithmetic"}, {"name": "sort_numbers"}],
+        "scales": [48], "eval_size": 6, "seed": 0})
+    built = build_mixture(config)
+    out = tmp_path_factory.mktemp("data")
+    write_records(built.train[48], out / "train.jsonl")
+    write_records(built.eval, out / "eval.jsonl")
+    return out / "train.jsonl"

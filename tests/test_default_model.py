@@ -50,6 +50,18 @@ def test_default_model_loads_answers_and_takes_the_plugin(default_model):
     assert "Paris" in answer
 
 
+@pytest.mark.slow
+@needs_default
+def test_no_default_system_prompt_in_training_examples(default_model):
+    from loramoe.collate import encode_example
+
+    _, tokenizer = default_model
+    ids, labels = encode_example(tokenizer, "What is 2+2?", "4", 128)
+    text = tokenizer.decode(ids)
+    assert "system" not in text and text.startswith("<|im_start|>user")
+    assert tokenizer.decode([t for t in labels if t != -100]) == "4<|im_end|>"
+
+
 def test_missing_package_gives_the_install_command(monkeypatch):
     from loramoe import model as model_module
 

@@ -1,0 +1,111 @@
+"""Turn records into token batches: chat template, loss only on the response, dynamic padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _apply_template(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool
+                    ) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        # Templates such as SmolLM2's insert a default system prompt (~20 tokens) when the
+        # conversation has none: render with an empty system turn and cut that turn off.
+        try:
+            system = [{"role": "system", "content": ""}]
+            head = _render(tokenizer, system, False)
+            ids = _render(tokenizer, system + messages, add_generation_prompt)
+            if ids[: len(head)] == head:
+                return ids[len(head):]
+        except Exception:  # templates that reject a system role
+            pass
+        return _render(tokenizer, messages, add_generation_prompt)
+    # No chat template (base models): "prompt\n" then the response and EOS.
+    text = messages[0]["content"] + "\n"
+    if len(messages) > 1:
+        text += messages[1]["content"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, ready for generation. No default system prompt is added."""
+    return _apply_template(tokenizer, [{"role": "user", "content": prompt}], True)
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int
+                   ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE_INDEX on the prompt; truncated to max_length."""
+    prefix = prompt_ids(tokenizer, prompt)
+    full = _apply_template(tokenizer, [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": response}], False)
+    if full[: len(prefix)] != prefix:  # templates that rewrite the prefix: fall back to concat
+        full = prefix + tokenizer(response, add_special_tokens=False)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None) and tokenizer.eos_token_id is not None:
+        full = full + [tokenizer.eos_token_id]
+    # Drop trailing newline tokens after the end-of-turn marker: they carry no signal.
+    while len(full) > len(prefix) + 1 and tokenizer.decode(full[-1:]).strip() == "":
+        full = full[:-1]
+    full = full[:max_length]
+    labels = [IGNORE_INDEX] * min(len(prefix), len(full)) + full[len(prefix):]
+    return full, labels
+
+
+@dataclass
+class EncodedDataset(torch.utils.data.Dataset):
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    sample_types: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index],
+                "sample_type": self.sample_types[index]}
+
+
+def encode_records(tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                   task_types: Sequence[str], type_names: Sequence[str], max_length: int
+                   ) -> EncodedDataset:
+    """Encode records; examples whose response is truncated away entirely are dropped."""
+    ids, labels, types = [], [], []
+    for prompt, response, task_type in zip(prompts, responses, task_types, strict=True):
+        x, y = encode_example(tokenizer, prompt, response, max_length)
+        if any(label != IGNORE_INDEX for label in y):
+            ids.append(x)
+            labels.append(y)
+            types.append(type_names.index(task_type) if task_type in type_names else -1)
+    return EncodedDataset(ids, labels, types)
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch to its own longest example (dynamic padding)."""
+
+    pad_token_id: int
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in batch)
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, item in enumerate(batch):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = torch.tensor(item["input_ids"])
+            labels[row, :n] = torch.tensor(item["labels"])
+            mask[row, :n] = 1
+        sample_types = torch.tensor([item["sample_type"] for item in batch], dtype=torch.long)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+                "sample_types": sample_types}
