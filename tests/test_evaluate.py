@@ -1,0 +1,92 @@
+"""Metrics on hand-made examples; evaluation end to end on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from loramoe.evaluate import evaluate, generate_predictions, retention
+from loramoe.metrics import accuracy, chrf, contains, exact_match, rouge_l, score, token_f1
+
+
+def test_exact_match_normalises_like_squad():
+    assert exact_match("The Paris!", ["paris"]) == 1.0
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+    assert exact_match("Lyon", ["Paris", "lyon"]) == 1.0  # aliases
+
+
+def test_token_f1_partial_overlap():
+    # "the" is dropped: pred {big, red, dog} vs gold {red, dog}: P=2/3, R=1, F1=0.8
+    assert token_f1("the big red dog", ["red dog"]) == pytest.approx(0.8)
+    assert token_f1("cat", ["red dog"]) == 0.0
+
+
+def test_contains_needs_whole_words():
+    assert contains("I think it is Paris.", ["Paris"]) == 1.0
+    assert contains("A Parisian answer", ["Paris"]) == 0.0
+    assert contains("Rome", ["Paris", "Rome"]) == 1.0
+
+
+def test_accuracy_takes_the_leading_label():
+    assert accuracy("Entailment.", ["entailment"]) == 1.0
+    assert accuracy("entailment because of X", ["entailment"]) == 1.0
+    assert accuracy("not entailment", ["entailment"]) == 0.0
+
+
+def test_rouge_l_and_chrf():
+    # LCS("a b c d", "a c d e") = 3 -> P = R = 3/4 -> F = 0.75
+    assert rouge_l("a b c d", ["a c d e"]) == pytest.approx(0.75)
+    assert chrf("Deutschland", ["Deutschland"]) == pytest.approx(1.0)
+    assert 0 < chrf("Deutschlant", ["Deutschland"]) < 1
+    with pytest.raises(ValueError, match="unknown metric"):
+        score("bleu", "a", ["a"])
+
+
+def test_retention_counts_only_base_correct_items():
+    base = pd.DataFrame({"id": list("abcd"), "task": ["t1", "t1", "t2", "t2"],
+                         "task_type": ["knowledge"] * 4, "score": [1.0, 1.0, 1.0, 0.0]})
+    tuned = pd.DataFrame({"id": list("abcd"), "score": [1.0, 0.0, 1.0, 1.0]})
+    result = retention(base, tuned)
+    assert result["overall"] == pytest.approx(2 / 3)
+    assert result["base_correct"] == 3
+    assert result["per_task"] == {"t1": 0.5, "t2": 1.0}
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir):
+    from loramoe import LoRAMoEConfig, apply_loramoe
+    from loramoe.model import load_base_model
+
+    model, tokenizer = load_base_model(str(tiny_model_dir))
+    apply_loramoe(model, LoRAMoEConfig())
+    frame = pd.DataFrame({"prompt": ["Hi", "What is 2+2? Tell me.", "Name a color"],
+                          "metric": ["exact_match"] * 3})
+    batched = generate_predictions(model, tokenizer, frame, batch_size=3)
+    single = [generate_predictions(model, tokenizer, frame.iloc[[i]], batch_size=1)[0]
+              for i in range(3)]
+    assert batched == single
+
+
+def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
+    from loramoe.train import TrainConfig, train
+
+    eval_file = tiny_train_file.parent / "eval.jsonl"
+    base = evaluate(eval_file, tmp_path / "base", model=str(tiny_model_dir), progress=False)
+    run = tmp_path / "run"
+    train(TrainConfig(model=str(tiny_model_dir), train_file=str(tiny_train_file),
+                      output_dir=str(run), max_steps=2, batch_size=8), progress=False)
+    metrics = evaluate(eval_file, tmp_path / "tuned", run=run, base_dir=tmp_path / "base",
+                       progress=False)
+    assert {"knowledge_score", "downstream_score", "per_task"} <= set(base)
+    assert "retention" in metrics and "router_type_weights" in metrics
+    for weights in metrics["router_type_weights"].values():
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
+    router = json.loads((tmp_path / "tuned" / "router.json").read_text())
+    assert len(router["layers"]) == 6
+    first = next(iter(router["tasks"].values()))
+    assert len(first["per_layer_type_weights"]) == 6 and len(first["expert_weights"]) == 6
+    assert (tmp_path / "tuned" / "router.png").stat().st_size > 1000
+    lines = (tmp_path / "tuned" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == sum(1 for _ in open(eval_file))
+    assert {"prediction", "score", "answers"} <= set(json.loads(lines[0]))
