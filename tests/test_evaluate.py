@@ -88,5 +88,5 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
     assert len(first["per_layer_type_weights"]) == 6 and len(first["expert_weights"]) == 6
     assert (tmp_path / "tuned" / "router.png").stat().st_size > 1000
     lines = (tmp_path / "tuned" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == sum(1 for _ in open(eval_file))
+    assert len(lines) == len(eval_file.read_text().splitlines())
     assert {"prediction", "score", "answers"} <= set(json.loads(lines[0]))
