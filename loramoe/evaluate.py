@@ -79,8 +79,11 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int = 16,
                          max_prompt_tokens: int = 768, recorder: RouterRecorder | None = None,
-                         progress: bool = False) -> list[str]:
-    """Greedy answers for every prompt, in the frame's order."""
+                         progress: bool = False, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers for every prompt, in the frame's order.
+
+    New tokens per batch: max_new_tokens if given, else by the items' metrics (short for QA).
+    """
     from tqdm.auto import tqdm
 
     encoded = [prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in frame["prompt"]]
@@ -93,7 +96,8 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generate", disable=not progress):
         ids, mask = _left_pad([encoded[i] for i in batch], pad_id)
-        max_new = max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24) for i in batch)
+        max_new = max_new_tokens or max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24)
+                                        for i in batch)
         if recorder is not None:
             recorder.start_batch(mask)
         with torch.no_grad():

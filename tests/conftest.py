@@ -62,18 +62,9 @@ def fill_adapters(model, seed: int = 1, scale: float = 0.5) -> None:
 
 
 def make_char_tokenizer():
-    """A character-level tokenizer (no download): printable ASCII + pad/eos."""
-    import string
+    from loramoe.model import char_tokenizer
 
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
-    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return char_tokenizer()
 
 
 def save_tiny_model_dir(path, arch: str = "llama", seed: int = 0):

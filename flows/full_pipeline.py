@@ -1,0 +1,254 @@
+"""LoRAMoE experiment pipeline: does fine-tuning keep the world knowledge the model had?
+
+    python flows/full_pipeline.py run                                   # embedded default
+    python flows/full_pipeline.py --config config flows/configs/smoke.toml run
+    python flows/full_pipeline.py run --methods loramoe,lora --scales 64,256 --max-steps 20
+    python flows/full_pipeline.py --with kubernetes run                 # GPU/cloud workers
+
+start -> ingest -> validate -> train (foreach method x scale) -> evaluate -> join -> compare
+-> register -> end. Every step calls one function of loramoe.pipeline; runs, metrics, plots
+and adapters go to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Metaflow refuses to run without a user name; CI containers often have no $USER.
+os.environ.setdefault("METAFLOW_USER", os.environ.get("USER") or "loramoe")
+
+from metaflow import (  # noqa: E402
+    Config,
+    FlowSpec,
+    Parameter,
+    card,
+    catch,
+    current,
+    resources,
+    retry,
+    schedule,
+    step,
+    timeout,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+@schedule(weekly=True)
+class LoRAMoEPipeline(FlowSpec):
+    """Vanilla SFT vs single LoRA vs LoRAMoE across data scales, tracked in MLflow."""
+
+    config = Config("config", default=str(HERE / "configs" / "default.toml"),
+                    parser="tomllib.loads")
+    scales = Parameter("scales", default="", help="comma list overriding config.mixture.scales")
+    methods = Parameter("methods", default="", help="comma list of config.methods to run")
+    max_steps = Parameter("max-steps", default=0, type=int, help="override train.max_steps")
+
+    @step
+    def start(self):
+        """Resolve and validate the config; create the MLflow experiment and the parent run
+        here, once, so parallel branches never race to create them."""
+        from loramoe.pipeline import PipelineConfig
+        from loramoe.tracking import log_params, setup, start_parent_run, tracking_uri
+
+        resolved = PipelineConfig.from_dict(dict(self.config), base_dir=HERE / "configs")
+        resolved = resolved.with_overrides(self.scales, self.methods, self.max_steps)
+        self.resolved = resolved.to_dict()
+        self.workdir = os.environ.get("LORAMOE_WORKDIR", os.getcwd())
+        self.tracking_uri = tracking_uri(self.workdir)
+        self.experiment_id = setup(resolved.mlflow_experiment, self.workdir)
+        self.parent_run_id = start_parent_run(self.experiment_id, f"{resolved.name}-"
+                                              f"{current.run_id}",
+                                              {"metaflow.pathspec": current.pathspec,
+                                               "metaflow.run_id": current.run_id,
+                                               "config": resolved.name})
+        log_params(self.parent_run_id, self.resolved)
+        self.next(self.ingest)
+
+    @step
+    def ingest(self):
+        """Build the task mixture at every data scale (nested) and the held-out eval set."""
+        from loramoe.pipeline import PipelineConfig, ingest
+
+        out = Path(tempfile.mkdtemp(prefix="loramoe-data-"))
+        data = ingest(PipelineConfig.from_dict(self.resolved), out)
+        self.train_sets, self.eval_set = data["train"], data["eval"]
+        self.dropped_overlap, self.shortfall = data["dropped_overlap"], data["shortfall"]
+        self.data_files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        self.next(self.validate)
+
+    @step
+    def validate(self):
+        """great-expectations suites on every scale and the eval set (Data Docs to MLflow);
+        a failure stops the run naming the report and the failed expectations. Then the base
+        model is evaluated once, for every branch's retention."""
+        import mlflow
+
+        from loramoe.pipeline import PipelineConfig, evaluate_base_model, validate_data
+
+        data_dir = Path(tempfile.mkdtemp(prefix="loramoe-validate-"))
+        for name, blob in self.data_files.items():
+            (data_dir / name).write_bytes(blob)
+        docs = Path(self.workdir) / "outputs" / "data_docs" / current.run_id
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            self.validation = validate_data(data_dir, docs)
+        finally:
+            if docs.exists():
+                mlflow.MlflowClient().log_artifacts(self.parent_run_id, str(docs), "data_docs")
+        base = evaluate_base_model(PipelineConfig.from_dict(self.resolved), self.eval_set,
+                                   Path(tempfile.mkdtemp(prefix="loramoe-base-")))
+        self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
+        self.branches = PipelineConfig.from_dict(self.resolved).branches()
+        self.next(self.train, foreach="branches")
+
+    @catch(var="train_error", print_exception=True)
+    @retry(times=config.retry_times)
+    @timeout(minutes=config.timeout_minutes)
+    @resources(cpu=config.resources.cpu, memory=config.resources.memory,
+               gpu=config.resources.gpu)
+    @step
+    def train(self):
+        """Train one (method, scale) branch; per-step metrics go to its nested MLflow run."""
+        import mlflow
+
+        from loramoe.pipeline import PipelineConfig, run_branch_training
+        from loramoe.tracking import start_child_run
+
+        self.branch = dict(self.input)
+        self.branch_name = f"{self.branch['method']}-{self.branch['scale']}"
+        self.train_error = None
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.mlflow_run_id = start_child_run(self.experiment_id, self.parent_run_id,
+                                             self.branch_name,
+                                             {"metaflow.pathspec": current.pathspec})
+        config = PipelineConfig.from_dict(self.resolved)
+        self.trained = run_branch_training(config, self.branch,
+                                           self.train_sets[self.branch["scale"]],
+                                           Path(tempfile.mkdtemp(prefix="loramoe-train-")),
+                                           self.mlflow_run_id)
+        self.next(self.evaluate)
+
+    @catch(var="eval_error", print_exception=True)
+    @retry(times=config.retry_times)
+    @timeout(minutes=config.timeout_minutes)
+    @resources(cpu=config.resources.cpu, memory=config.resources.memory,
+               gpu=config.resources.gpu)
+    @step
+    def evaluate(self):
+        """Knowledge + downstream metrics, retention vs the base, router analysis."""
+        import mlflow
+
+        from loramoe.pipeline import PipelineConfig, evaluate_branch
+        from loramoe.tracking import end_run
+
+        self.eval_error = None
+        self.result = None
+        mlflow.set_tracking_uri(self.tracking_uri)
+        if self.train_error is not None:
+            end_run(self.mlflow_run_id, "FAILED")
+            self.next(self.join)
+            return
+        self.result = evaluate_branch(PipelineConfig.from_dict(self.resolved), self.trained,
+                                      self.eval_set, self.base_predictions,
+                                      Path(tempfile.mkdtemp(prefix="loramoe-eval-")),
+                                      self.mlflow_run_id)
+        end_run(self.mlflow_run_id)
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        """Collect every branch, failed ones included (they are reported, not dropped)."""
+        self.merge_artifacts(inputs, include=["resolved", "workdir", "tracking_uri",
+                                              "experiment_id", "parent_run_id", "base_metrics"])
+        self.outcomes = []
+        for branch in inputs:
+            error = branch.train_error or branch.eval_error
+            outcome = {"name": branch.branch_name, "method_name": branch.branch["method"],
+                       "scale": branch.branch["scale"], "mlflow_run_id": branch.mlflow_run_id,
+                       "error": str(error) if error else None}
+            if not error:
+                outcome.update({"method": branch.result["method"],
+                                "metrics": branch.result["metrics"],
+                                "router_cv": branch.result["router_cv"],
+                                "trained": branch.trained})
+            self.outcomes.append(outcome)
+        self.next(self.compare)
+
+    @card(type="blank", id="comparison")
+    @step
+    def compare(self):
+        """Table and plots across methods and scales, on this card and the MLflow parent run:
+        retention and downstream vs scale, router type weights per task, router CV."""
+        import mlflow
+        from metaflow.cards import Image, Markdown, Table
+
+        from loramoe.pipeline import comparison_plots, results_table
+        from loramoe.tracking import log_metrics
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        table = results_table(self.outcomes, self.base_metrics)
+        self.results = table.to_dict(orient="records")
+        out = Path(tempfile.mkdtemp(prefix="loramoe-compare-"))
+        plots = comparison_plots(table, self.outcomes, out)
+        table.to_csv(out / "results.csv", index=False)
+        client = mlflow.MlflowClient()
+        for path in [*plots, out / "results.csv"]:
+            client.log_artifact(self.parent_run_id, str(path), artifact_path="compare")
+        for row in self.results:
+            if row["status"] == "ok" and row["method"] != "base":
+                log_metrics(self.parent_run_id, {f"{row['branch']}/{k}": row[k] for k in
+                                                 ("knowledge_score", "retention",
+                                                  "downstream_score") if row.get(k) is not None})
+        self.failed_branches = [r["branch"] for r in self.results if r["status"] != "ok"]
+        current.card["comparison"].append(Markdown(f"# LoRAMoE pipeline: "
+                                                   f"{self.resolved['name']}"))
+        if self.failed_branches:
+            current.card["comparison"].append(Markdown(
+                "**Failed branches:** " + ", ".join(self.failed_branches)))
+        headers = list(table.columns)
+        current.card["comparison"].append(Table(
+            [[_fmt(row[h]) for h in headers] for row in self.results], headers=headers))
+        for path in plots:
+            current.card["comparison"].append(Image(path.read_bytes(), label=path.stem))
+        self.next(self.register)
+
+    @step
+    def register(self):
+        """Log every adapter as an MLflow pyfunc model; register the best LoRAMoE (highest
+        downstream score among runs keeping the retention threshold) and move the alias
+        `champion` to it only if it beats the current champion."""
+        import mlflow
+
+        from loramoe.pipeline import PipelineConfig, register_champion
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        for outcome in self.outcomes:  # register_champion reads train files from here
+            outcome.setdefault("trained", None)
+        self.decision = register_champion(PipelineConfig.from_dict(self.resolved),
+                                          [o for o in self.outcomes if not o["error"]] +
+                                          [o for o in self.outcomes if o["error"]],
+                                          self.parent_run_id,
+                                          Path(tempfile.mkdtemp(prefix="loramoe-register-")))
+        print(f"champion decision: {self.decision['reason']}")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        """Close the MLflow parent run."""
+        import mlflow
+
+        from loramoe.tracking import end_run
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        end_run(self.parent_run_id, "FINISHED" if not self.failed_branches else "FAILED")
+
+
+def _fmt(value):
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    LoRAMoEPipeline()

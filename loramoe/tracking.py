@@ -1,0 +1,96 @@
+"""MLflow tracking: URI resolution, parent/child runs, a MetricsSink for the trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "mlflow.db"
+
+
+def tracking_uri(workdir: str | Path = ".") -> str:
+    """MLFLOW_TRACKING_URI if set, else a sqlite database in the working folder (MLflow 3's
+    file store is deprecated)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(workdir) / DEFAULT_DB).resolve()}"
+
+
+def setup(experiment: str, workdir: str | Path = ".") -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(workdir))
+    found = mlflow.get_experiment_by_name(experiment)
+    return found.experiment_id if found else mlflow.create_experiment(experiment)
+
+
+def start_parent_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    return run.info.run_id
+
+
+def start_child_run(experiment_id: str, parent_run_id: str, name: str,
+                    tags: dict[str, str] | None = None) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={"mlflow.parentRunId": parent_run_id, **(tags or {})})
+    return run.info.run_id
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient()
+    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in flatten(metrics).items()
+             if isinstance(v, (int, float)) and v is not None]
+    for start in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[start:start + 500])
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status)
+
+
+class MlflowSink:
+    """The trainer's MetricsSink, logging each step's metrics to one MLflow run."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        log_metrics(self.run_id, {f"train/{k}": v for k, v in metrics.items()}, step)

@@ -1,0 +1,269 @@
+"""The Metaflow pipeline end to end through Metaflow's Runner, with real MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tomllib
+
+os.environ.setdefault("METAFLOW_USER", "tester")  # the Client API needs a user name too
+ROOT = Path(__file__).resolve().parents[1]
+FLOW = str(ROOT / "flows" / "full_pipeline.py")
+SMOKE = ROOT / "flows" / "configs" / "smoke.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(path: Path, **changes) -> Path:
+    """The smoke config with top-level fields changed, as TOML."""
+    data = tomllib.loads(SMOKE.read_text())
+    data.update(changes)
+    lines = []
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"[{key}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in value.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def run_flow(workdir: Path, config: Path, env: dict | None = None, **params):
+    from metaflow import Runner
+
+    full_env = {"METAFLOW_USER": "tester", "LORAMOE_WORKDIR": str(workdir), **(env or {})}
+    with Runner(FLOW, show_output=False, cwd=str(workdir), env=full_env,
+                config=[("config", str(config))]).run(**params) as running:
+        return running.run, running.stdout, running.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke run with a branch forced to fail (lora-16)."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    config = write_config(workdir / "smoke.toml", fail_branches=["lora-16"])
+    run, stdout, stderr = run_flow(workdir, config)
+    return workdir, run, stdout, stderr
+
+
+def mlflow_client(workdir: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
+    workdir, run, _, stderr = smoke_run
+    assert run.successful, stderr[-3000:]
+    client = mlflow_client(workdir)
+    experiment = client.get_experiment_by_name("loramoe-smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 6
+    parent = parents[0]
+    assert parent.data.tags["metaflow.pathspec"].startswith(f"LoRAMoEPipeline/{run.id}")
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    ok = [c for c in children if c.info.run_name != "lora-16"]
+    for child in ok:
+        assert {"knowledge_score", "downstream_score", "train/lm_loss"} <= set(child.data.metrics)
+        history = client.get_metric_history(child.info.run_id, "train/lm_loss")
+        assert [m.step for m in history] == [1, 2, 3]
+    assert "loramoe-32/downstream_score" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    assert "compare/retention_downstream_vs_scale.png" in artifacts
+    assert "compare/router_type_weights.png" in artifacts and "compare/router_cv.png" in artifacts
+    assert any(a.path == "data_docs" for a in client.list_artifacts(parent.info.run_id))
+
+
+def test_failed_branch_is_reported_and_others_kept(smoke_run):
+    _, run, _, _ = smoke_run
+    results = run["compare"].task.data.results
+    by_branch = {r["branch"]: r for r in results}
+    assert by_branch["lora-16"]["status"].startswith("failed: ")
+    assert "forced to fail" in by_branch["lora-16"]["status"]
+    assert all(by_branch[b]["status"] == "ok" for b in
+               ["sft-16", "sft-32", "lora-32", "loramoe-16", "loramoe-32"])
+    assert run["compare"].task.data.failed_branches == ["lora-16"]
+
+
+def test_card_renders(smoke_run):
+    from metaflow.cards import get_cards
+
+    _, run, _, _ = smoke_run
+    cards = get_cards(run["compare"].task, id="comparison")
+    html = cards[0].get()
+    assert "LoRAMoE pipeline" in html and "lora-16" in html and "<img" in html.lower() or \
+        "data:image/png" in html
+
+
+def test_champion_alias_and_decision(smoke_run):
+    workdir, run, _, _ = smoke_run
+    client = mlflow_client(workdir)
+    version = client.get_model_version_by_alias("loramoe-smoke", "champion")
+    decision = run["register"].task.data.decision
+    assert decision["promoted"] and decision["version"] == version.version
+    assert decision["candidate"].startswith("loramoe-")
+    assert len(decision["logged_models"]) == 5  # every successful branch's adapter
+
+
+def test_resume_reruns_from_compare(smoke_run):
+    from metaflow import Runner
+
+    workdir, run, _, _ = smoke_run
+    env = {"METAFLOW_USER": "tester", "LORAMOE_WORKDIR": str(workdir)}
+    with Runner(FLOW, show_output=False, cwd=str(workdir), env=env).resume(
+            step_to_rerun="compare", origin_run_id=run.id) as running:
+        resumed = running.run
+    assert resumed.successful, running.stderr[-3000:]
+    assert resumed.id != run.id
+    # Steps before compare were cloned, not re-run: same artifacts as the origin run.
+    assert resumed["validate"].task.data.base_metrics == run["validate"].task.data.base_metrics
+    client = mlflow_client(workdir)
+    second = client.get_model_version_by_alias("loramoe-smoke", "champion")
+    decision = resumed["register"].task.data.decision
+    # Same scores as the current champion: a tie does not move the alias.
+    assert not decision["promoted"] and "does not beat" in decision["reason"]
+    assert second.version == run["register"].task.data.decision["version"]
+
+
+def test_broken_data_fails_in_validate_with_readable_message(tmp_path):
+    rows = [{"question": f"Who is person {i}?", "answer": "" if i % 3 == 0 else f"Name {i}"}
+            for i in range(80)]
+    data = tmp_path / "broken.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = write_config(tmp_path / "broken.toml")
+    text = config.read_text().replace(
+        'tasks = [{ name = "country_capital" }',
+        f'tasks = [{{ name = "people", source = "local", path = "{data}", '
+        f'task_type = "knowledge", columns = {{ prompt = "question", answers = "answer" }} }}, '
+        f'{{ name = "country_capital" }}')
+    config.write_text(text)
+    run, _, stderr = run_flow(tmp_path, config)
+    assert not run.successful
+    failed = [s.id for s in run if not s.task.successful]
+    assert failed == ["validate"]
+    log = run["validate"].task.stderr
+    assert "data validation failed" in log and "column 'response'" in log
+    assert "index.html" in log
+
+
+def test_serve_champion_over_http(smoke_run, tmp_path):
+    workdir, _, _, _ = smoke_run
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+         "models:/loramoe-smoke@champion", "--env-manager", "local", "--host", "127.0.0.1",
+         "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": {"columns": ["prompt"],
+                                               "data": [["What is the capital of France?"]]},
+                           "params": {"max_new_tokens": 8}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert isinstance(answer["predictions"][0], str)
+        assert len(answer["predictions"]) == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_pipeline_against_a_real_tracking_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(["bash", str(ROOT / "infra" / "mlflow" / "start_server.sh"),
+                               str(port), str(tmp_path / "server")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]
+                time.sleep(1)
+        uri = f"http://127.0.0.1:{port}"
+        run, _, stderr = run_flow(tmp_path, SMOKE, env={"MLFLOW_TRACKING_URI": uri},
+                                  methods="loramoe", scales="16")
+        assert run.successful, stderr[-3000:]
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient()
+        runs = client.search_runs([client.get_experiment_by_name("loramoe-smoke").experiment_id])
+        assert len(runs) == 2  # parent + loramoe-16
+        assert client.get_model_version_by_alias("loramoe-smoke", "champion")
+        assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(tmp_path / "server", ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "paper"])
+def test_shipped_configs_load_and_validate(name):
+    from loramoe.pipeline import PipelineConfig
+
+    data = tomllib.loads((ROOT / "flows" / "configs" / f"{name}.toml").read_text())
+    config = PipelineConfig.from_dict(data)
+    assert config.branches()
+    if name == "paper":
+        assert config.train["model"] == "meta-llama/Llama-2-7b-hf"
+        train = config.train_config("loramoe", Path("x"), Path("y"))
+        moe = train.loramoe
+        assert (moe.num_experts, moe.rank, moe.alpha, moe.lbc_beta, moe.lbc_delta) == \
+            (6, 4, 32.0, 0.1, 0.1)
+        assert train.learning_rate == 2e-4 and config.resources["gpu"] >= 1
+        assert config.mixture.scales[0] == 10_000 and config.mixture.scales[-1] == 3_000_000
+        nolbc = config.train_config("loramoe_nolbc", Path("x"), Path("y")).loramoe
+        assert nolbc.lbc_beta == 0.0 and nolbc.num_experts == 6  # deep-merged override
+
+
+def test_config_errors_name_the_field():
+    from loramoe.pipeline import PipelineConfig, PipelineConfigError
+
+    data = tomllib.loads(SMOKE.read_text())
+    with pytest.raises(PipelineConfigError, match=r"config\.methods\.sft: .*TrainConfig\.lr"):
+        PipelineConfig.from_dict({**data, "methods": {"sft": {"method": "sft", "lr": -1}}})
+    with pytest.raises(PipelineConfigError, match="unknown field"):
+        PipelineConfig.from_dict({**data, "colour": 1})
+    config = PipelineConfig.from_dict(data)
+    with pytest.raises(PipelineConfigError, match="--methods"):
+        config.with_overrides(methods="qlora")
+    assert config.with_overrides(scales="8", methods="lora", max_steps=2).branches() == \
+        [{"method": "lora", "scale": 8}]
