@@ -27,6 +27,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for(url: str, server: subprocess.Popen, seconds: float) -> None:
+    """Poll url until it answers; fail with the server's output if it dies first."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
 def write_config(path: Path, **changes) -> Path:
     """The smoke config with top-level fields changed, as TOML."""
     data = tomllib.loads(SMOKE.read_text())
@@ -182,14 +195,7 @@ def test_serve_champion_over_http(smoke_run, tmp_path):
          "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                time.sleep(1)
+        wait_for(f"http://127.0.0.1:{port}/ping", server, 120)
         body = json.dumps({"dataframe_split": {"columns": ["prompt"],
                                                "data": [["What is the capital of France?"]]},
                            "params": {"max_new_tokens": 8}}).encode()
@@ -209,14 +215,7 @@ def test_pipeline_against_a_real_tracking_server(tmp_path):
                                str(port), str(tmp_path / "server")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()[-3000:]
-                time.sleep(1)
+        wait_for(f"http://127.0.0.1:{port}/health", server, 90)
         uri = f"http://127.0.0.1:{port}"
         run, _, stderr = run_flow(tmp_path, SMOKE, env={"MLFLOW_TRACKING_URI": uri},
                                   methods="loramoe", scales="16")

@@ -40,22 +40,25 @@ def hotpot_qa(row: Row) -> tuple[str, str, list[str]]:
     return row["question"], row["answer"], [row["answer"]]
 
 
-def rte(row: Row) -> tuple[str, str, list[str]] | None:
-    if row["label"] not in (0, 1):
-        return None  # unlabeled test rows
-    label = ["entailment", "not_entailment"][row["label"]]
-    prompt = (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise "
-              f"entail the hypothesis? Answer entailment or not_entailment.")
-    return prompt, label, [label]
+def labelled(labels: list[str], prompt: Callable[[Row], str]) -> Formatter:
+    """A formatter for classification rows: integer `label` -> its name; rows whose label is
+    not one of them (unlabeled test rows, -1) are skipped."""
+
+    def format_row(row: Row) -> tuple[str, str, list[str]] | None:
+        if row["label"] not in range(len(labels)):
+            return None
+        label = labels[row["label"]]
+        return prompt(row), label, [label]
+
+    return format_row
 
 
-def wsc(row: Row) -> tuple[str, str, list[str]] | None:
-    if row["label"] not in (0, 1):
-        return None
-    label = ["no", "yes"][row["label"]]
-    prompt = (f"{row['text']}\nIn this sentence, does '{row['span2_text']}' refer to "
-              f"'{row['span1_text']}'? Answer yes or no.")
-    return prompt, label, [label]
+rte = labelled(["entailment", "not_entailment"], lambda row: (
+    f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise entail "
+    f"the hypothesis? Answer entailment or not_entailment."))
+wsc = labelled(["no", "yes"], lambda row: (
+    f"{row['text']}\nIn this sentence, does '{row['span2_text']}' refer to "
+    f"'{row['span1_text']}'? Answer yes or no."))
 
 
 def winogrande(row: Row) -> tuple[str, str, list[str]] | None:
@@ -75,13 +78,9 @@ def record(row: Row) -> tuple[str, str, list[str]] | None:
     return prompt, row["answers"][0], list(row["answers"])
 
 
-def multirc(row: Row) -> tuple[str, str, list[str]] | None:
-    if row["label"] not in (0, 1):
-        return None
-    label = ["false", "true"][row["label"]]
-    prompt = (f"{row['paragraph']}\nQuestion: {row['question']}\nCandidate answer: "
-              f"{row['answer']}\nIs the candidate answer correct? Answer true or false.")
-    return prompt, label, [label]
+multirc = labelled(["false", "true"], lambda row: (
+    f"{row['paragraph']}\nQuestion: {row['question']}\nCandidate answer: {row['answer']}\n"
+    f"Is the candidate answer correct? Answer true or false."))
 
 
 def race(row: Row) -> tuple[str, str, list[str]]:
@@ -93,22 +92,12 @@ def xsum(row: Row) -> tuple[str, str, list[str]]:
     return f"Summarise in one sentence: {row['document']}", row["summary"], [row["summary"]]
 
 
-def anli(row: Row) -> tuple[str, str, list[str]] | None:
-    if row["label"] not in (0, 1, 2):
-        return None
-    label = ["entailment", "neutral", "contradiction"][row["label"]]
-    prompt = (f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise "
-              f"entail the hypothesis? Answer entailment, contradiction or neutral.")
-    return prompt, label, [label]
-
-
-def qqp(row: Row) -> tuple[str, str, list[str]] | None:
-    if row["label"] not in (0, 1):
-        return None
-    label = ["no", "yes"][row["label"]]
-    prompt = (f"Question 1: {row['question1']}\nQuestion 2: {row['question2']}\nDo these two "
-              f"questions ask the same thing? Answer yes or no.")
-    return prompt, label, [label]
+anli = labelled(["entailment", "neutral", "contradiction"], lambda row: (
+    f"Premise: {row['premise']}\nHypothesis: {row['hypothesis']}\nDoes the premise entail "
+    f"the hypothesis? Answer entailment, contradiction or neutral."))
+qqp = labelled(["no", "yes"], lambda row: (
+    f"Question 1: {row['question1']}\nQuestion 2: {row['question2']}\nDo these two questions "
+    f"ask the same thing? Answer yes or no."))
 
 
 AG_NEWS_LABELS = ["world", "sports", "business", "science"]
