@@ -114,7 +114,10 @@ def apply_loramoe(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRAMoELinear(getattr(parent, child), config))
+        base = getattr(parent, child)
+        # New modules start in training mode; follow the base layer's mode instead, or an
+        # eval-mode model would silently run expert dropout.
+        setattr(parent, child, LoRAMoELinear(base, config).train(base.training))
     # Freeze by module type: everything except the adapters' own parameters.
     for _, layer in loramoe_layers(model):
         for param_name in ("router_weight", "lora_A", "lora_B"):

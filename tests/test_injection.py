@@ -105,6 +105,20 @@ def test_base_weights_bit_identical_after_optimizer_steps(tiny_model):
     assert any(layer.lora_B.abs().sum() > 0 for _, layer in loramoe_layers(tiny_model))
 
 
+def test_new_layers_follow_the_models_mode():
+    """Regression: layers created by apply_loramoe were in training mode inside an eval model,
+    so expert dropout made repeated forwards differ."""
+    model = make_tiny_llama().eval()
+    apply_loramoe(model)
+    fill_adapters(model)
+    assert not any(layer.training for _, layer in loramoe_layers(model))
+    ids = torch.randint(3, VOCAB, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    training = apply_loramoe(make_tiny_llama().train())
+    assert all(layer.training for _, layer in loramoe_layers(training))
+
+
 def test_unmatched_targets_name_the_modules_seen(tiny_llama):
     with pytest.raises(ConfigError, match=r"target_modules.*match no.*mlp\.gate_proj"):
         apply_loramoe(tiny_llama, LoRAMoEConfig(target_modules=["w_in"]))
@@ -180,15 +194,27 @@ def test_generate_with_plugin_and_no_memory_growth(arch, tiny_llama, tiny_gpt2):
     assert all(p.shape == (2, 1, 6) and not p.requires_grad for p in probs)
 
 
-def test_generate_with_bf16_base(tiny_llama):
-    model = tiny_llama.to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_generate_with_half_precision_base(tiny_llama, dtype):
+    model = tiny_llama.to(dtype)
     apply_loramoe(model)
     fill_adapters(model)
     ids = torch.randint(3, VOCAB, (1, 4))
     out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
     layer = loramoe_layers(model)[0][1]
-    assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == torch.float32 and layer.base_layer.weight.dtype == dtype
+
+
+def test_generate_with_checkpointing_enabled(tiny_llama):
+    apply_loramoe(tiny_llama)
+    fill_adapters(tiny_llama)
+    ids = torch.randint(3, VOCAB, (2, 4))
+    expected = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    enable_checkpointing(tiny_llama)
+    tiny_llama.eval()
+    out = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, expected)
 
 
 def test_gradient_checkpointing_gives_same_grads_including_lbc():
