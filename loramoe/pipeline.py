@@ -206,7 +206,7 @@ def materialize(frame: pd.DataFrame, path: Path) -> Path:
 def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_frame: pd.DataFrame,
                         workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     """Train one (method, scale) branch; metrics stream to its MLflow child run."""
-    from loramoe.tracking import MlflowSink, log_params
+    from loramoe.tracking import MlflowSink, log_params, system_metrics
     from loramoe.train import train
 
     name = f"{branch['method']}-{branch['scale']}"
@@ -217,7 +217,7 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     if mlflow_run_id:
         log_params(mlflow_run_id, {"branch": name, **train_config.to_dict()})
     with cpu_slot(Path(tempfile.gettempdir()) / "loramoe-cpu-slots",
-                  config.local_parallel_branches):
+                  config.local_parallel_branches), system_metrics(mlflow_run_id):
         result = train(train_config, sink=MlflowSink(mlflow_run_id) if mlflow_run_id else None,
                        progress=True)
     run_dir = Path(result.output_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -94,3 +96,21 @@ class MlflowSink:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         log_metrics(self.run_id, {f"train/{k}": v for k, v in metrics.items()}, step)
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str | None, interval: float = 1.0):
+    """CPU/memory (and GPU) usage logged to the run while the block runs, if psutil exists."""
+    if run_id is None or importlib.util.find_spec("psutil") is None:
+        yield
+        return
+    import mlflow
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval,
+                                   tracking_uri=mlflow.get_tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

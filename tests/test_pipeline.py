@@ -107,6 +107,7 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
         history = client.get_metric_history(child.info.run_id, "train/lm_loss")
         assert [m.step for m in history] == [1, 2, 3]
     assert "loramoe-32/downstream_score" in parent.data.metrics
+    assert any(k.startswith("system/") for c in ok for k in c.data.metrics)  # psutil present
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
     assert "compare/retention_downstream_vs_scale.png" in artifacts
     assert "compare/router_type_weights.png" in artifacts and "compare/router_cv.png" in artifacts
