@@ -7,6 +7,7 @@ tested offline on fixture rows.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -162,34 +163,24 @@ HUB_TASKS = [
 ]
 
 
-def rows_to_train(spec: HubSpec, rows: Iterable[Row], n: int, seed: int) -> list[TrainRecord]:
+def _formatted(spec: HubSpec, rows: Iterable[Row], n: int, seed: int
+               ) -> list[tuple[str, str, list[str]]]:
+    """Up to n formatted rows in a seeded shuffled order; unusable rows are skipped."""
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    out = []
-    for row in rows:
-        formatted = spec.formatter(row)
-        if formatted is not None:
-            prompt, response, _ = formatted
-            out.append(TrainRecord(f"{spec.name}-train-{len(out)}", spec.name, spec.task_type,
-                                   prompt, response))
-        if len(out) >= n:
-            break
-    return out
+    usable = (f for f in map(spec.formatter, rows) if f is not None)
+    return list(itertools.islice(usable, n))
+
+
+def rows_to_train(spec: HubSpec, rows: Iterable[Row], n: int, seed: int) -> list[TrainRecord]:
+    return [TrainRecord(f"{spec.name}-train-{i}", spec.name, spec.task_type, prompt, response)
+            for i, (prompt, response, _) in enumerate(_formatted(spec, rows, n, seed))]
 
 
 def rows_to_eval(spec: HubSpec, rows: Iterable[Row], n: int, seed: int) -> list[EvalRecord]:
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    out = []
-    for row in rows:
-        formatted = spec.formatter(row)
-        if formatted is not None:
-            prompt, _, answers = formatted
-            out.append(EvalRecord(f"{spec.name}-test-{len(out)}", spec.name, spec.task_type,
-                                  prompt, answers, spec.metric))
-        if len(out) >= n:
-            break
-    return out
+    return [EvalRecord(f"{spec.name}-test-{i}", spec.name, spec.task_type, prompt, answers,
+                       spec.metric)
+            for i, (prompt, _, answers) in enumerate(_formatted(spec, rows, n, seed))]
 
 
 def _load(spec: HubSpec, split: str):
