@@ -225,12 +225,8 @@ class LoRAMoEPipeline(FlowSpec):
         from loramoe.pipeline import PipelineConfig, register_champion
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        for outcome in self.outcomes:  # register_champion reads train files from here
-            outcome.setdefault("trained", None)
         self.decision = register_champion(PipelineConfig.from_dict(self.resolved),
-                                          [o for o in self.outcomes if not o["error"]] +
-                                          [o for o in self.outcomes if o["error"]],
-                                          self.parent_run_id,
+                                          self.outcomes, self.parent_run_id,
                                           Path(tempfile.mkdtemp(prefix="loramoe-register-")))
         print(f"champion decision: {self.decision['reason']}")
         self.next(self.end)
