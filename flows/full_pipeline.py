@@ -98,10 +98,11 @@ class LoRAMoEPipeline(FlowSpec):
         finally:
             if docs.exists():
                 mlflow.MlflowClient().log_artifacts(self.parent_run_id, str(docs), "data_docs")
-        base = evaluate_base_model(PipelineConfig.from_dict(self.resolved), self.eval_set,
+        config = PipelineConfig.from_dict(self.resolved)
+        base = evaluate_base_model(config, self.eval_set,
                                    Path(tempfile.mkdtemp(prefix="loramoe-base-")))
         self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
-        self.branches = PipelineConfig.from_dict(self.resolved).branches()
+        self.branches = config.branches()
         self.next(self.train, foreach="branches")
 
     @catch(var="train_error", print_exception=True)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loramoe.config import ConfigError, LoRAMoEConfig, default_targets
-from loramoe.layer import LoRAMoELinear, is_supported_base
+from loramoe.layer import ADAPTER_PARAM_NAMES, LoRAMoELinear, is_supported_base
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def apply_loramoe(
         setattr(parent, child, LoRAMoELinear(base, config).train(base.training))
     # Freeze by module type: everything except the adapters' own parameters.
     for _, layer in loramoe_layers(model):
-        for param_name in ("router_weight", "lora_A", "lora_B"):
+        for param_name in ADAPTER_PARAM_NAMES:
             getattr(layer, param_name).requires_grad_(True)
     model.loramoe_config = config
     summary = parameter_summary(model)

@@ -114,15 +114,18 @@ def balance_loss(
     reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Type-blind importance balance (Shazeer et al.): cv² of each expert's summed weight."""
+    return _reduce(_importance_cv_squared(router_probs, attention_mask), reduction)
+
+
+def _importance_cv_squared(router_probs, attention_mask) -> torch.Tensor:
+    """cv² per layer of each expert's router weight summed over the batch's real tokens."""
     probs = _stack_layers(router_probs)  # (L, B, T, N)
     importance = _per_sample_load(probs, attention_mask).sum(dim=2)  # (L, N)
-    return _reduce(_cv_squared(importance), reduction)
+    return _cv_squared(importance)  # (L,)
 
 
 def router_cv(router_probs: Sequence[torch.Tensor] | torch.Tensor,
               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Coefficient of variation of per-expert importance, averaged over layers (paper Fig. 5)."""
     with torch.no_grad():
-        probs = _stack_layers(router_probs)  # (L, B, T, N)
-        importance = _per_sample_load(probs, attention_mask).sum(dim=2)  # (L, N)
-        return _cv_squared(importance).sqrt().mean()
+        return _importance_cv_squared(router_probs, attention_mask).sqrt().mean()

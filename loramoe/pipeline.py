@@ -156,6 +156,12 @@ def cpu_slot(lock_dir: str | Path, slots: int):
             handle.close()
 
 
+def branch_slot(config: PipelineConfig):
+    """The machine-wide CPU slot a branch's training or evaluation runs in."""
+    return cpu_slot(Path(tempfile.gettempdir()) / "loramoe-cpu-slots",
+                    config.local_parallel_branches)
+
+
 # ---- files <-> artifacts ----------------------------------------------------------------
 
 
@@ -199,10 +205,6 @@ def validate_data(data_dir: Path, docs_dir: Path) -> list[dict[str, Any]]:
     return [r.to_dict() for r in reports]
 
 
-def materialize(frame: pd.DataFrame, path: Path) -> Path:
-    return write_records(frame, path)
-
-
 def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_frame: pd.DataFrame,
                         workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     """Train one (method, scale) branch; metrics stream to its MLflow child run."""
@@ -212,12 +214,11 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     name = f"{branch['method']}-{branch['scale']}"
     if name in config.fail_branches:
         raise RuntimeError(f"branch {name} forced to fail (config.fail_branches)")
-    train_file = materialize(train_frame, workdir / "train.jsonl")
+    train_file = write_records(train_frame, workdir / "train.jsonl")
     train_config = config.train_config(branch["method"], train_file, workdir / "run")
     if mlflow_run_id:
         log_params(mlflow_run_id, {"branch": name, **train_config.to_dict()})
-    with cpu_slot(Path(tempfile.gettempdir()) / "loramoe-cpu-slots",
-                  config.local_parallel_branches), system_metrics(mlflow_run_id):
+    with branch_slot(config), system_metrics(mlflow_run_id):
         result = train(train_config, sink=MlflowSink(mlflow_run_id) if mlflow_run_id else None,
                        progress=True)
     run_dir = Path(result.output_dir)
@@ -240,9 +241,8 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
                         ) -> dict[str, Any]:
     from loramoe.evaluate import evaluate
 
-    eval_file = materialize(eval_frame, workdir / "eval.jsonl")
-    with cpu_slot(Path(tempfile.gettempdir()) / "loramoe-cpu-slots",
-                  config.local_parallel_branches):
+    eval_file = write_records(eval_frame, workdir / "eval.jsonl")
+    with branch_slot(config):
         metrics = evaluate(eval_file, workdir / "base", model=config.train["model"],
                            batch_size=config.eval_batch_size)
     return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl")}
@@ -256,12 +256,11 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
     from loramoe.tracking import log_metrics
 
     run_dir = restore_run_dir(trained, workdir / "run")
-    eval_file = materialize(eval_frame, workdir / "eval.jsonl")
+    eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     base_dir = workdir / "base"
-    materialize(base_predictions, base_dir / "predictions.jsonl")
+    write_records(base_predictions, base_dir / "predictions.jsonl")
     out = workdir / "eval"
-    with cpu_slot(Path(tempfile.gettempdir()) / "loramoe-cpu-slots",
-                  config.local_parallel_branches):
+    with branch_slot(config):
         metrics = evaluate(eval_file, out, run=run_dir, base_dir=base_dir,
                            batch_size=config.eval_batch_size)
     if mlflow_run_id:

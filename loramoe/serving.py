@@ -55,8 +55,7 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     return staging
 
 
-def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path,
-                     registered_name: str | None = None):
+def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path):
     """Log the run's adapter as a pyfunc model on MLflow run `run_id`; returns ModelInfo."""
     import mlflow
 
@@ -66,7 +65,7 @@ def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path,
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(code / "serving_entry.py"),
             artifacts={"run": str(staged)},
-            code_paths=[str(code)], registered_model_name=registered_name,
+            code_paths=[str(code)],
             pip_requirements=serving_requirements(),
         )
 
