@@ -5,7 +5,8 @@
 Every variant is a copy of SmolLM2-135M-Instruct on FFN targets (gate/up/down_proj), one
 forward + backward + AdamW step on the same batch, interleaved in one process. "frozen base"
 has no adapters and only the input embeddings' output requires grad, so the backward still
-crosses every layer as any adapter method must: the physical floor.
+crosses every layer as any adapter method must: the physical floor. The LoRAMoE step includes
+the localized balancing loss over every layer's router, as in training.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
+from loramoe import (
+    LoRAMoEConfig,
+    apply_loramoe,
+    collect_router_probs,
+    load_base_model,
+    localized_balancing_loss,
+)
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 
@@ -32,13 +39,20 @@ def make_variants(base) -> dict[str, torch.nn.Module]:
     return {"frozen base": frozen, "PEFT LoRA r=4": lora, "LoRAMoE N=6 r=4": loramoe}
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor):
+def make_step(model: torch.nn.Module, ids: torch.Tensor, lbc: bool):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
+    config = LoRAMoEConfig()
+    sample_types = torch.arange(len(ids)) % len(config.expert_types)  # (B,)
+    expert_types = config.expert_type_ids()  # (N,)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
+        if lbc:
+            loss = loss + config.lbc_beta * localized_balancing_loss(
+                collect_router_probs(model), torch.ones_like(ids), sample_types, expert_types,
+                config.lbc_delta)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -56,7 +70,8 @@ def main() -> None:
     torch.manual_seed(0)
     base, _ = load_base_model()
     ids = torch.randint(100, base.config.vocab_size, (args.batch, args.seq))
-    steps = {name: make_step(m, ids) for name, m in make_variants(base).items()}
+    steps = {name: make_step(m, ids, lbc=name.startswith("LoRAMoE"))
+             for name, m in make_variants(base).items()}
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}

@@ -6,6 +6,11 @@ The N experts are stored stacked, A as (N, r, d_in) and B as (N, d_out, r), so a
 cost two thin matrix products: x·[A_1;…;A_N]ᵀ gives every expert's r-dim code at once, the
 router weights scale each expert's block of that code, and one product with [B_1 … B_N]
 sums the experts. No Python loop over experts runs at training or inference time.
+
+Two forward paths compute the same thing. The fused one (fused.py: one autograd node with a
+hand-written backward) runs whenever base, input and adapters share one float32/64 dtype;
+reference_forward, the formula under plain autograd, covers the rest (a bf16/fp16 base,
+autocast, hooks on the base layer) and is what the tests check the fused path against.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramoe.config import LoRAMoEConfig
+from loramoe.dropout import ExpertDropout
+from loramoe.fused import FusedLoRAMoE, dense_softmax, dropped_copy, mix, stacked_B
 
 try:  # GPT-2 style layers store the weight transposed: (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
@@ -24,44 +31,6 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = None
 
 ADAPTER_PARAM_NAMES = ("router_weight", "lora_A", "lora_B")
-_LANE_LEVELS = 1 << 15
-
-
-def cpu_dropout_unscaled(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """Dropout mask applied to x, and the 1/keep-rate scale still to apply.
-
-    The mask is cut from 15-bit lanes of int64 random words: torch's CPU bernoulli_ draws
-    one random number per element and costs more than the whole adapter; this draws a
-    quarter as many words (drop rate quantised to 1/32768). The scale is returned rather
-    than applied so the caller can fold it into a tiny tensor (the router gates).
-    """
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-    lanes = words.view(torch.int16)[:n] & (_LANE_LEVELS - 1)  # uniform in [0, 2**15)
-    threshold = round(p * _LANE_LEVELS)
-    keep = (lanes >= threshold).view(x.shape)
-    return torch.where(keep, x, 0.0), _LANE_LEVELS / (_LANE_LEVELS - threshold)
-
-
-class ExpertDropout(nn.Module):
-    """Dropout on the experts' input: the fast CPU mask on CPU, torch's kernel elsewhere.
-
-    Returns (masked x, scale still to apply); inverted dropout is masked x times scale.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if not self.training or self.p == 0:
-            return x, 1.0
-        if x.device.type == "cpu":
-            return cpu_dropout_unscaled(x, self.p)
-        return F.dropout(x, self.p, training=True), 1.0
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def is_supported_base(module: nn.Module) -> bool:
@@ -120,17 +89,23 @@ class LoRAMoELinear(nn.Module):
         return self.router_weight, self.lora_A, self.lora_B
 
     def route(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router probabilities and the gates the experts are mixed with, both (M, N).
-
-        With top_k the gates keep the k largest probabilities per token, renormalised; the
-        probabilities stay dense so a balancing loss sees (and trains) every router row.
-        """
+        """Router probabilities and the gates the experts are mixed with, both (M, N)."""
         # At least fp32 whatever the base dtype: a bf16 softmax over experts is too coarse.
         dtype = torch.promote_types(x2d.dtype, torch.float32)
-        logits = F.linear(x2d.to(dtype), self.router_weight.to(dtype))  # (M, N)
+        return self.gates_from_logits(F.linear(x2d.to(dtype), self.router_weight.to(dtype)))
+
+    @property
+    def dense(self) -> bool:
+        return self.top_k is None or self.top_k == self.num_experts
+
+    def gates_from_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax over experts; with top_k the gates keep the k largest, renormalised.
+
+        The probabilities stay dense so a balancing loss sees (and trains) every router row.
+        """
+        if self.dense:
+            return dense_softmax(logits)
         probs = logits.softmax(dim=-1)  # (M, N)
-        if self.top_k is None or self.top_k == self.num_experts:
-            return probs, probs
         top_vals, top_idx = probs.topk(self.top_k, dim=-1)  # (M, k)
         top_vals = top_vals / top_vals.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(-1, top_idx, top_vals)  # (M, N)
@@ -138,30 +113,54 @@ class LoRAMoELinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        n, r = self.num_experts, self.rank
         x2d = x.reshape(-1, self.in_features)  # (M, d_in)
+        if self.can_fuse(x2d):
+            out, probs = self.fused_forward(x2d)
+        else:
+            out, probs = self.reference_forward(x2d)
+        self.router_probs = probs.view(*lead, self.num_experts)  # (*lead, N)
+        return out.view(*lead, self.out_features)
+
+    def can_fuse(self, x2d: torch.Tensor) -> bool:
+        """The fused node (fused.py) covers one float32/64 dtype and a plain frozen base."""
+        base, weight = self.base_layer, self.base_layer.weight
+        return (
+            x2d.dtype == weight.dtype == self.lora_A.dtype
+            and x2d.dtype in (torch.float32, torch.float64)
+            and not weight.requires_grad
+            and not (base.bias is not None and base.bias.requires_grad)
+            and not base._forward_hooks and not base._forward_pre_hooks
+            and not torch.is_autocast_enabled(x2d.device.type)
+        )
+
+    def fused_forward(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dropped, keep_scale = self.dropout(x2d)
+        weight = self.base_layer.weight
+        weight_t = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out)
+        return FusedLoRAMoE.apply(
+            x2d, self.router_weight, self.lora_A, self.lora_B, weight_t, self.base_layer.bias,
+            None if self.dense else self.gates_from_logits, self.scaling * keep_scale, dropped,
+        )
+
+    def reference_forward(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The formula under plain autograd: any base dtype, autocast, hooks on the base."""
+        n, r = self.num_experts, self.rank
         # The base runs on the 2-d input so its output is a fresh tensor, not a view: the
         # in-place accumulation below then costs autograd nothing (on a view it would add
         # a CopySlices node: full-size copies in backward).
         base2d = self.base_layer(x2d)  # (M, d_out)
         probs, gates = self.route(x2d)
-        self.router_probs = probs.view(*lead, n)  # (*lead, N)
-
         adapter_dtype = self.lora_A.dtype
-        xa, dropout_scale = self.dropout(x2d.to(adapter_dtype))  # (M, d_in)
+        dropped, keep_scale = self.dropout(x2d)
+        xa = dropped_copy(x2d.to(adapter_dtype), dropped)  # (M, d_in)
         codes = F.linear(xa, self.lora_A.view(n * r, self.in_features))  # (M, N*r)
-        # Fold alpha/r (and dropout's 1/keep) into the gates: an (M, N) multiply instead
-        # of an (M, d_out) or (M, d_in) one.
-        gates = (gates * (self.scaling * dropout_scale)).to(adapter_dtype)  # (M, N)
-        mixed = (codes.view(-1, n, r) * gates.unsqueeze(-1)).view(-1, n * r)  # (M, N*r)
-        b_stack = self.lora_B.transpose(1, 2).reshape(n * r, self.out_features)  # (N*r, d_out)
+        # alpha/r and dropout's 1/keep go on the (M, N) gates, not on an (M, d) tensor.
+        mixed = mix(codes, gates.to(adapter_dtype), self.scaling * keep_scale)  # (M, N*r)
         if base2d.dtype == adapter_dtype:
             # Accumulate into the base output inside the GEMM: no extra (M, d_out) pass.
             # Safe for autograd: Linear/Conv1D do not save their output for backward.
-            out = base2d.addmm_(mixed, b_stack)  # (M, d_out)
-        else:
-            out = base2d + (mixed @ b_stack).to(base2d.dtype)  # (M, d_out)
-        return out.view(*lead, self.out_features)
+            return base2d.addmm_(mixed, stacked_B(self.lora_B)), probs
+        return base2d + (mixed @ stacked_B(self.lora_B)).to(base2d.dtype), probs
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,73 @@
+"""Expert dropout drawn as the positions it zeroes, not as a dense random mask.
+
+Dropout with p = 0.05 zeroes one element in twenty, independently. Drawing a random number
+per element (torch's CPU bernoulli_) cost more than the whole adapter. The gaps between the
+zeroed positions of such a Bernoulli(p) process are i.i.d. Geometric(p), so drawing only
+those gaps (about p·numel draws) and summing them gives the exact same distribution at a
+twentieth of the draws. Off the CPU a dense mask is cheaper than a device sync, so there the
+"positions" are a bool mask; zero_dropped_ takes either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def draw_dropped(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Flat int64 indices (CPU) or a bool mask (other devices) of the elements to zero."""
+    if device.type != "cpu":
+        return torch.rand(shape, device=device) < p
+    return bernoulli_positions(math.prod(shape), p)
+
+
+def bernoulli_positions(numel: int, p: float, chunk: int | None = None) -> torch.Tensor:
+    """Sorted positions in [0, numel) where i.i.d. Bernoulli(p) draws came out 1.
+
+    The gaps between them are Geometric(p), drawn by inversion from float32 uniforms
+    (1 + floor(log(1-u) / log(1-p)); float32 truncates gaps above ~320, which a true
+    geometric exceeds with probability (1-p)^320, 7e-8 at p = 0.05).
+    """
+    if chunk is None:  # enough gaps to reach numel with overwhelming probability (mean + 6 sd)
+        expected = numel * p
+        chunk = int(expected + 6 * math.sqrt(expected * (1 - p)) + 16)
+    inv_log_keep = 1.0 / math.log1p(-p)
+    chunks, last = [], -1
+    while last < numel - 1:
+        u = torch.rand(chunk)
+        gaps = torch.log1p(u.neg_()).mul_(inv_log_keep).floor_().to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(last)  # (chunk,)
+        chunks.append(positions)
+        last = int(positions[-1])
+    positions = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return positions[: int(torch.searchsorted(positions, numel))]
+
+
+def zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """Zero the dropped positions of a contiguous t in place and return it."""
+    if dropped.dtype == torch.bool:
+        return t.masked_fill_(dropped.view(t.shape), 0)
+    t.view(-1).index_fill_(0, dropped, 0)
+    return t
+
+
+class ExpertDropout(nn.Module):
+    """Decides which input elements the experts do not see, and the 1/keep scale.
+
+    Returns (dropped, scale): dropped is None when inactive (eval mode or p = 0). The scale
+    is returned rather than applied so the layer folds it into its (M, N) gates.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x2d: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        if not self.training or self.p == 0:
+            return None, 1.0
+        return draw_dropped(x2d.shape, self.p, x2d.device), 1.0 / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -1,0 +1,147 @@
+"""One autograd node for a whole LoRAMoE layer: frozen base + router + stacked experts.
+
+Autograd on the plain formula (LoRAMoELinear.reference_forward) records about fifteen nodes
+per layer and, in backward, materialises the input gradient three times (through the base,
+the router and the experts) before summing them. This Function computes the same values with
+one node whose backward is written out. With Win = [Wg; A] (N + N·r, d_in), the router and
+expert-input weights stacked, and h = x·Winᵀ = [logits | codes]:
+
+    grad_x        = g·W0  then  += grad_h·Win     (in place, inside the GEMM)
+    grad_Wg, grad_A = grad_hᵀ·x                   (one GEMM)
+    grad_B        = mixedᵀ·g,   grad_mixed = g·Bᵀ  (the two thin GEMMs any LoRA pays)
+
+Expert dropout arrives as the positions it zeroes (dropout.py); the dropped copy of the
+input is rebuilt in backward rather than kept alive between the passes.
+
+LoRAMoELinear uses it when base, input and adapters share one float32/float64 dtype and the
+base is a frozen nn.Linear/Conv1D without hooks; anything else (bf16 bases, autocast, hooked
+bases) takes the plain autograd path, and the tests check the two against each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from loramoe.dropout import zero_dropped_
+
+Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class FusedLoRAMoE(torch.autograd.Function):
+    """out = x·W0ᵀ + b + scale·Σ_i gate_i(x)·B_i A_i drop(x), and the router probabilities.
+
+    Inputs: x2d (M, d_in); router_weight (N, d_in); lora_A (N, r, d_in); lora_B (N, d_out, r);
+    base_weight_t, the frozen base weight seen as (d_in, d_out); base_bias (d_out) or None;
+    route: logits (M, N) -> (probs, gates), None meaning a dense softmax (gates = probs);
+    scale: alpha/r times dropout's 1/keep; dropped: see dropout.py, or None.
+    Returns out (M, d_out) and probs (M, N); probs stays differentiable for the LBC.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, router_weight, lora_A, lora_B, base_weight_t, base_bias,
+                route: Router | None, scale: float, dropped: torch.Tensor | None):
+        n, r, d_in = lora_A.shape
+        in_weight = torch.cat([router_weight, lora_A.reshape(n * r, d_in)])  # (N+N*r, d_in)
+        b_stacked = stacked_B(lora_B)  # (N*r, d_out)
+        if base_bias is None:
+            out = x2d.mm(base_weight_t)  # (M, d_out)
+        else:
+            out = torch.addmm(base_bias, x2d, base_weight_t)  # (M, d_out)
+        if dropped is None:  # router and experts read the same input: one GEMM for both
+            h = x2d.mm(in_weight.t())  # (M, N+N*r) = [logits | codes]
+        else:
+            h = torch.cat([x2d.mm(router_weight.t()),  # (M, N)
+                           dropped_copy(x2d, dropped).mm(in_weight[n:].t())], dim=1)
+        logits, codes = h[:, :n], h[:, n:]  # (M, N), (M, N*r)
+        probs, gates = dense_softmax(logits) if route is None else route(logits)
+        out.addmm_(mix(codes, gates, scale), b_stacked)  # (M, d_out), summed inside the GEMM
+
+        ctx.route, ctx.scale, ctx.rank = route, scale, r
+        ctx.has_dropped = dropped is not None
+        ctx.save_for_backward(x2d, in_weight, b_stacked, base_weight_t, h, probs, gates,
+                              *([dropped] if dropped is not None else []))
+        ctx.set_materialize_grads(False)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_probs):
+        x2d, in_weight, b_stacked, base_weight_t, h, probs, gates, *rest = ctx.saved_tensors
+        dropped = rest[0] if ctx.has_dropped else None
+        m, n = probs.shape
+        r, scale = ctx.rank, ctx.scale
+        codes = h[:, n:]  # (M, N*r)
+        if grad_out is None:
+            grad_out = h.new_zeros(m, b_stacked.shape[1])
+
+        grad_h = torch.empty_like(h)  # (M, N+N*r) = [grad_logits | grad_codes]
+        grad_mixed = grad_out.mm(b_stacked.t()).view(m, n, r)  # (M, N, r)
+        grad_gates = (grad_mixed * codes.view(m, n, r)).sum(-1).mul_(scale)  # (M, N)
+        torch.mul(grad_mixed, (gates * scale).unsqueeze(-1), out=grad_h[:, n:].view(m, n, r))
+        grad_h[:, :n] = gating_backward(ctx.route, h[:, :n], probs, grad_gates, grad_probs)
+
+        grad_x = grad_in_weight = grad_B = None
+        if ctx.needs_input_grad[3]:
+            mixed = mix(codes, gates, scale)  # (M, N*r), rebuilt rather than saved
+            grad_B = mixed.t().mm(grad_out).view(n, r, -1).transpose(1, 2)  # (N, d_out, r)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.mm(base_weight_t.t())  # (M, d_in): the frozen base's backward
+            if dropped is None:
+                grad_x.addmm_(grad_h, in_weight)
+            else:  # the experts' share passes back through the dropout mask
+                grad_x.addmm_(grad_h[:, :n], in_weight[:n])
+                grad_x.add_(zero_dropped_(grad_h[:, n:].mm(in_weight[n:]), dropped))
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            if dropped is None:
+                grad_in_weight = grad_h.t().mm(x2d)  # (N+N*r, d_in)
+            else:
+                grad_in_weight = torch.cat([grad_h[:, :n].t().mm(x2d),  # (N, d_in)
+                                            grad_h[:, n:].t().mm(dropped_copy(x2d, dropped))])
+        grad_router = grad_A = None
+        if grad_in_weight is not None:
+            grad_router, grad_A = grad_in_weight[:n], grad_in_weight[n:].view(n, r, -1)
+        return grad_x, grad_router, grad_A, grad_B, None, None, None, None, None
+
+
+def dense_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # exp / sum by hand: torch's softmax kernel is slower over a last dim of 6-16 experts.
+    # Out of place, so the reference path can differentiate it.
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # (M, N)
+    probs = e / e.sum(dim=-1, keepdim=True)
+    return probs, probs
+
+
+def gating_backward(route: Router | None, logits, probs, grad_gates, grad_probs):
+    """d loss / d logits, given the loss's gradients w.r.t. the gates and the probabilities."""
+    if route is None:  # gates = probs = softmax(logits): the softmax backward by hand
+        grad = grad_gates if grad_probs is None else grad_gates + grad_probs  # (M, N)
+        return probs * (grad - (grad * probs).sum(dim=-1, keepdim=True))
+    with torch.enable_grad():  # any other gating: re-run the (M, N) op and differentiate it
+        logits_ = logits.detach().requires_grad_(True)
+        probs_, gates_ = route(logits_)
+        outputs, grads = [gates_], [grad_gates]
+        if grad_probs is not None:
+            outputs, grads = [gates_, probs_], [grad_gates, grad_probs]
+        (grad_logits,) = torch.autograd.grad(outputs, logits_, grads)
+    return grad_logits
+
+
+def dropped_copy(x2d: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    """The experts' input: x with the dropped positions zeroed (x itself without dropout)."""
+    if dropped is None:
+        return x2d
+    return zero_dropped_(x2d.clone(memory_format=torch.contiguous_format), dropped)
+
+
+def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
+    """[B_1 … B_N] as one (N*r, d_out) matrix, so one GEMM sums every expert."""
+    n, d_out, r = lora_B.shape
+    return lora_B.transpose(1, 2).reshape(n * r, d_out)  # (N*r, d_out)
+
+
+def mix(codes: torch.Tensor, gates: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each expert's r-dim code times its gate (and the scale): (M, N*r)."""
+    m, n = gates.shape
+    weighted = codes.reshape(m, n, -1) * (gates * scale).unsqueeze(-1)  # (M, N, r)
+    return weighted.view(m, -1)  # (M, N*r)
