@@ -16,8 +16,11 @@ import os
 import tempfile
 from pathlib import Path
 
-# Metaflow refuses to run without a user name; CI containers often have no $USER.
-os.environ.setdefault("METAFLOW_USER", os.environ.get("USER") or "loramoe")
+# Metaflow refuses to run without a user name; CI containers often have no $USER (or an
+# empty one, which setdefault would keep).
+os.environ["METAFLOW_USER"] = (
+    os.environ.get("METAFLOW_USER") or os.environ.get("USER") or "loramoe"
+)
 
 from metaflow import (  # noqa: E402
     Config,
