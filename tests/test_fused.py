@@ -132,3 +132,17 @@ def test_fused_training_keeps_less_alive_than_plain_autograd():
 
     fused, plain = saved_bytes(layer.fused_forward), saved_bytes(layer.reference_forward)
     assert fused < plain - 0.9 * x.numel() * x.element_size(), (fused, plain)
+
+
+def test_a_stock_fp32_model_trains_through_the_fused_node(tiny_llama):
+    from loramoe import apply_loramoe
+    from loramoe.injection import loramoe_layers
+
+    apply_loramoe(tiny_llama, LoRAMoEConfig()).train()
+    seen = []
+    for _, layer in loramoe_layers(tiny_llama):
+        # The layer's output is a view of the node's (M, d_out) output.
+        layer.register_forward_hook(
+            lambda mod, args, out: seen.append(type(out.grad_fn.next_functions[0][0]).__name__))
+    tiny_llama(torch.randint(3, 50, (2, 5)))
+    assert seen and set(seen) == {"FusedLoRAMoEBackward"}, seen
