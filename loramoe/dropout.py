@@ -3,9 +3,10 @@
 Dropout with p = 0.05 zeroes one element in twenty, independently. Drawing a random number
 per element (torch's CPU bernoulli_) cost more than the whole adapter. The gaps between the
 zeroed positions of such a Bernoulli(p) process are i.i.d. Geometric(p), so drawing only
-those gaps (about p·numel draws) and summing them gives the exact same distribution at a
-twentieth of the draws. Off the CPU a dense mask is cheaper than a device sync, so there the
-"positions" are a bool mask; zero_dropped_ takes either.
+those gaps (about p·numel draws) and summing them gives the same distribution (to float32
+resolution, see bernoulli_positions) at a twentieth of the draws. Off the CPU a dense mask
+is cheaper than a device sync, so there the "positions" are a bool mask; zero_dropped_ takes
+either.
 """
 
 from __future__ import annotations
