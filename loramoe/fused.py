@@ -81,7 +81,7 @@ class FusedLoRAMoE(torch.autograd.Function):
         torch.mul(grad_mixed, (gates * scale).unsqueeze(-1), out=grad_h[:, n:].view(m, n, r))
         grad_h[:, :n] = gating_backward(ctx.route, h[:, :n], probs, grad_gates, grad_probs)
 
-        grad_x = grad_in_weight = grad_B = None
+        grad_x = grad_router = grad_A = grad_B = None
         if ctx.needs_input_grad[3]:
             mixed = mix(codes, gates, scale)  # (M, N*r), rebuilt rather than saved
             grad_B = mixed.t().mm(grad_out).view(n, r, -1).transpose(1, 2)  # (N, d_out, r)
@@ -95,12 +95,11 @@ class FusedLoRAMoE(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             if dropped is None:
                 grad_in_weight = grad_h.t().mm(x2d)  # (N+N*r, d_in)
+                grad_router, grad_A = grad_in_weight[:n], grad_in_weight[n:]
             else:
-                grad_in_weight = torch.cat([grad_h[:, :n].t().mm(x2d),  # (N, d_in)
-                                            grad_h[:, n:].t().mm(dropped_copy(x2d, dropped))])
-        grad_router = grad_A = None
-        if grad_in_weight is not None:
-            grad_router, grad_A = grad_in_weight[:n], grad_in_weight[n:].view(n, r, -1)
+                grad_router = grad_h[:, :n].t().mm(x2d)  # (N, d_in)
+                grad_A = grad_h[:, n:].t().mm(dropped_copy(x2d, dropped))  # (N*r, d_in)
+            grad_A = grad_A.view(n, r, -1)  # (N, r, d_in)
         return grad_x, grad_router, grad_A, grad_B, None, None, None, None, None
 
 
