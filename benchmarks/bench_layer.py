@@ -1,10 +1,13 @@
 """Layer forward+backward: fused LoRAMoE vs a per-expert loop vs frozen base vs one LoRA.
 
-    python benchmarks/bench_layer.py [--tokens 2048] [--repeats 30]
+    python benchmarks/bench_layer.py [--tokens 2048] [--repeats 30] [--dropout 0.05]
+                                     [--adapter-gemm onednn|mm]
 
 All variants run side by side in one process, interleaved, on the same input (which requires
 grad, as inside a network), in training mode with the paper's dropout 0.05. Prints median
-milliseconds and the ratios the targets are stated in.
+milliseconds and the ratios the targets are stated in. The frozen base's GEMMs are torch's
+stock ones in every variant; --adapter-gemm mm also sends the LoRAMoE adapter's thin GEMMs
+to torch's mm instead of oneDNN (loramoe/thin_gemm.py), to show what that routing buys.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from loramoe import LoRAMoEConfig
 from loramoe.layer import LoRAMoELinear
+from loramoe.thin_gemm import onednn_enabled, set_onednn
 
 
 class LoopLoRAMoE(nn.Module):
@@ -85,7 +89,11 @@ def main() -> None:
     parser.add_argument("--d-out", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dropout", type=float, default=0.05, help="paper: 0.05")
+    parser.add_argument("--adapter-gemm", choices=["onednn", "mm"], default="onednn",
+                        help="route of the adapter's thin GEMMs (oneDNN falls back to mm "
+                             "where torch lacks it)")
     args = parser.parse_args()
+    set_onednn(args.adapter_gemm == "onednn")
     torch.manual_seed(0)
     config = LoRAMoEConfig(dropout=args.dropout)  # paper: N=6, r=4, alpha=32, dropout=0.05
     base = nn.Linear(args.d_in, args.d_out, bias=False)
@@ -106,7 +114,7 @@ def main() -> None:
 
     print(f"Layer fwd+bwd, N={config.num_experts}, r={config.rank}, {args.d_in}->{args.d_out}, "
           f"{args.tokens} tokens, dropout {args.dropout}, fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, adapter GEMMs: {'oneDNN' if onednn_enabled() else 'mm'}")
     for name, value in ms.items():
         print(f"  {name:<18} {value:8.2f} ms")
     loop_ratio = ms["LoRAMoE loop"] / ms["LoRAMoE fused"]

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from loramoe.dropout import zero_dropped_
+from loramoe.thin_gemm import thin_mm
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,55 +51,59 @@ class FusedLoRAMoE(torch.autograd.Function):
         else:
             out = torch.addmm(base_bias, x2d, base_weight_t)  # (M, d_out)
         if dropped is None:  # router and experts read the same input: one GEMM for both
-            h = x2d.mm(in_weight.t())  # (M, N+N*r) = [logits | codes]
+            h = thin_mm(x2d, in_weight.t())  # (M, N+N*r) = [logits | codes]
+            logits, codes = h[:, :n], h[:, n:]  # (M, N), (M, N*r)
         else:
-            h = torch.cat([x2d.mm(router_weight.t()),  # (M, N)
-                           dropped_copy(x2d, dropped).mm(in_weight[n:].t())], dim=1)
-        logits, codes = h[:, :n], h[:, n:]  # (M, N), (M, N*r)
+            logits = thin_mm(x2d, router_weight.t())  # (M, N)
+            codes = thin_mm(dropped_copy(x2d, dropped), in_weight[n:].t())  # (M, N*r)
         probs, gates = dense_softmax(logits) if route is None else route(logits)
-        out.addmm_(mix(codes, gates, scale), b_stacked)  # (M, d_out), summed inside the GEMM
+        scaled_gates = gates * scale  # (M, N)
+        mixed = mix(codes, scaled_gates)  # (M, N*r)
+        out.addmm_(mixed, b_stacked)  # (M, d_out), summed inside the GEMM
 
         ctx.route, ctx.scale, ctx.rank = route, scale, r
         ctx.has_dropped = dropped is not None
-        ctx.save_for_backward(x2d, in_weight, b_stacked, base_weight_t, h, probs, gates,
-                              *([dropped] if dropped is not None else []))
+        # mixed and the gates are (M, 30)-sized: kept rather than rebuilt in backward.
+        ctx.save_for_backward(x2d, in_weight, b_stacked, base_weight_t, logits, codes, probs,
+                              scaled_gates, mixed, *([dropped] if dropped is not None else []))
         ctx.set_materialize_grads(False)
         return out, probs
 
     @staticmethod
     def backward(ctx, grad_out, grad_probs):
-        x2d, in_weight, b_stacked, base_weight_t, h, probs, gates, *rest = ctx.saved_tensors
+        (x2d, in_weight, b_stacked, base_weight_t, logits, codes, probs, scaled_gates, mixed,
+         *rest) = ctx.saved_tensors
         dropped = rest[0] if ctx.has_dropped else None
         m, n = probs.shape
         r, scale = ctx.rank, ctx.scale
-        codes = h[:, n:]  # (M, N*r)
         if grad_out is None:
-            grad_out = h.new_zeros(m, b_stacked.shape[1])
+            grad_out = mixed.new_zeros(m, b_stacked.shape[1])
 
-        grad_h = torch.empty_like(h)  # (M, N+N*r) = [grad_logits | grad_codes]
-        grad_mixed = grad_out.mm(b_stacked.t()).view(m, n, r)  # (M, N, r)
+        grad_B = None
+        if ctx.needs_input_grad[3]:  # next to grad_mixed: both read grad_out, which is large
+            grad_B = thin_mm(mixed.t(), grad_out).view(n, r, -1).transpose(1, 2)  # (N, d_out, r)
+        grad_mixed = thin_mm(grad_out, b_stacked.t()).view(m, n, r)  # (M, N, r)
         grad_gates = (grad_mixed * codes.view(m, n, r)).sum(-1).mul_(scale)  # (M, N)
-        torch.mul(grad_mixed, (gates * scale).unsqueeze(-1), out=grad_h[:, n:].view(m, n, r))
-        grad_h[:, :n] = gating_backward(ctx.route, h[:, :n], probs, grad_gates, grad_probs)
+        grad_codes = grad_mixed.mul_(scaled_gates.unsqueeze(-1)).view(m, n * r)  # (M, N*r)
+        grad_logits = gating_backward(ctx.route, logits, probs, grad_gates, grad_probs)
 
-        grad_x = grad_router = grad_A = grad_B = None
-        if ctx.needs_input_grad[3]:
-            mixed = mix(codes, gates, scale)  # (M, N*r), rebuilt rather than saved
-            grad_B = mixed.t().mm(grad_out).view(n, r, -1).transpose(1, 2)  # (N, d_out, r)
+        grad_x = grad_router = grad_A = None
+        if dropped is None:
+            grad_h = torch.cat([grad_logits, grad_codes], dim=1)  # (M, N+N*r)
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.mm(base_weight_t.t())  # (M, d_in): the frozen base's backward
             if dropped is None:
                 grad_x.addmm_(grad_h, in_weight)
             else:  # the experts' share passes back through the dropout mask
-                grad_x.addmm_(grad_h[:, :n], in_weight[:n])
-                grad_x.add_(zero_dropped_(grad_h[:, n:].mm(in_weight[n:]), dropped))
+                grad_x.addmm_(grad_logits, in_weight[:n])
+                grad_x.add_(zero_dropped_(thin_mm(grad_codes, in_weight[n:]), dropped))
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             if dropped is None:
-                grad_in_weight = grad_h.t().mm(x2d)  # (N+N*r, d_in)
+                grad_in_weight = thin_mm(grad_h.t(), x2d)  # (N+N*r, d_in)
                 grad_router, grad_A = grad_in_weight[:n], grad_in_weight[n:]
             else:
-                grad_router = grad_h[:, :n].t().mm(x2d)  # (N, d_in)
-                grad_A = grad_h[:, n:].t().mm(dropped_copy(x2d, dropped))  # (N*r, d_in)
+                grad_router = thin_mm(grad_logits.t(), x2d)  # (N, d_in)
+                grad_A = thin_mm(grad_codes.t(), dropped_copy(x2d, dropped))  # (N*r, d_in)
             grad_A = grad_A.view(n, r, -1)  # (N, r, d_in)
         return grad_x, grad_router, grad_A, grad_B, None, None, None, None, None
 
@@ -139,8 +144,7 @@ def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.transpose(1, 2).reshape(n * r, d_out)  # (N*r, d_out)
 
 
-def mix(codes: torch.Tensor, gates: torch.Tensor, scale: float) -> torch.Tensor:
-    """Each expert's r-dim code times its gate (and the scale): (M, N*r)."""
-    m, n = gates.shape
-    weighted = codes.reshape(m, n, -1) * (gates * scale).unsqueeze(-1)  # (M, N, r)
-    return weighted.view(m, -1)  # (M, N*r)
+def mix(codes: torch.Tensor, scaled_gates: torch.Tensor) -> torch.Tensor:
+    """Each expert's r-dim code times its gate (already times the scale): (M, N*r)."""
+    m, n = scaled_gates.shape
+    return (codes.reshape(m, n, -1) * scaled_gates.unsqueeze(-1)).view(m, -1)  # (M, N*r)

@@ -155,7 +155,7 @@ class LoRAMoELinear(nn.Module):
         xa = dropped_copy(x2d.to(adapter_dtype), dropped)  # (M, d_in)
         codes = F.linear(xa, self.lora_A.view(n * r, self.in_features))  # (M, N*r)
         # alpha/r and dropout's 1/keep go on the (M, N) gates, not on an (M, d) tensor.
-        mixed = mix(codes, gates.to(adapter_dtype), self.scaling * keep_scale)  # (M, N*r)
+        mixed = mix(codes, gates.to(adapter_dtype) * (self.scaling * keep_scale))  # (M, N*r)
         if base2d.dtype == adapter_dtype:
             # Accumulate into the base output inside the GEMM: no extra (M, d_out) pass.
             # Safe for autograd: Linear/Conv1D do not save their output for backward.
