@@ -1,10 +1,10 @@
 """Matrix products with one thin side (6–30 wide): the adapter's GEMMs, routed to oneDNN.
 
 An adapter's GEMMs have one dimension of N·r = 24 or N + N·r = 30. torch's CPU `mm` hands
-fp32 to MKL, whose kernels for such shapes run at about half the speed of its square-ish
-ones; on the AMD EPYC CI machine MKL runs all fp32 GEMMs at ≈ 110–220 GFLOP/s while
-oneDNN's JIT kernels (already inside every CPU build of torch, reachable through
-`torch.ops.mkldnn._linear_pointwise`) run the same thin shapes at ≈ 300–430. Both are plain
+fp32 to MKL; on the AMD EPYC CI machine MKL runs these thin shapes at ≈ 110–155 GFLOP/s (and
+square-ish ones at ≈ 210–220), while oneDNN's JIT kernels (already inside every CPU build of
+torch, reachable through `torch.ops.mkldnn._linear_pointwise`) run the same thin shapes at
+≈ 300–440 (docs/benchmarks.md). Both are plain
 IEEE fp32 with fp32 accumulation; only the summation order differs.
 
 Used for the adapter's own products only, never for the frozen base layer's, so the base
@@ -24,18 +24,15 @@ import torch
 MIN_MACS = 1 << 20
 
 _linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-_enabled = (
-    os.environ.get("LORAMOE_ONEDNN", "1") != "0"
-    and _linear is not None
-    and torch.backends.mkldnn.is_available()
-)
+_available = _linear is not None and torch.backends.mkldnn.is_available()
+_enabled = _available and os.environ.get("LORAMOE_ONEDNN", "1") != "0"
 
 
 def set_onednn(enabled: bool) -> bool:
     """Turn the oneDNN route on or off (e.g. to compare); returns the previous setting."""
     global _enabled
     previous = _enabled
-    _enabled = bool(enabled) and _linear is not None and torch.backends.mkldnn.is_available()
+    _enabled = _available and bool(enabled)
     return previous
 
 
