@@ -109,3 +109,16 @@ def test_fp32_fused_layer_through_onednn_matches_fp64(onednn_calls, top_k, dropo
         assert w.abs().sum() > 0, f"grad of {name} is zero: the comparison would be vacuous"
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-3 * w.abs().max().item(),
                                    msg=f"grad of {name}")
+
+
+@needs_onednn
+def test_eval_forward_under_inference_mode_goes_through_onednn(onednn_calls):
+    """Evaluation and generate run without grad: the route must hold there too."""
+    layer = make_layer(dropout=0.3, dtype=torch.float32).eval()
+    x = torch.randn(5, 7, 12)
+    with torch.inference_mode():
+        got = layer(x)
+    assert len(onednn_calls) == 1  # [logits | codes]; mixed·B is added by addmm_ (mm)
+    with torch.no_grad():
+        want = layer.reference_forward(x.reshape(-1, 12))[0].view(5, 7, 20)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
