@@ -93,6 +93,8 @@ def measure(variants: dict[str, nn.Module], x, grad, repeats: int):
             times[name].append(time.perf_counter() - start)
             faults[name] += minor_faults() - faults_before
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    if getrusage is None:  # not measurable here: say so rather than print zeros
+        return ms, dict.fromkeys(variants, float("nan"))
     return ms, {name: count / repeats for name, count in faults.items()}
 
 
