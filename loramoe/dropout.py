@@ -35,15 +35,18 @@ def bernoulli_positions(numel: int, p: float, chunk: int | None = None) -> torch
         expected = numel * p
         chunk = int(expected + 6 * math.sqrt(expected * (1 - p)) + 16)
     inv_log_keep = 1.0 / math.log1p(-p)
-    chunks, last = [], -1
-    while last < numel - 1:
-        u = torch.rand(chunk)
-        gaps = torch.log1p(u.neg_()).mul_(inv_log_keep).floor_().to(torch.int64).add_(1)
-        positions = gaps.cumsum_(0).add_(last)  # (chunk,)
+    chunks, start = [], 0  # start: the first position the next chunk's first gap counts from
+    while True:
+        # 1 + log(1-u)/log(1-p) >= 1; cumsum's int64 cast truncates each term, i.e. floors it.
+        gaps = torch.rand(chunk).neg_().log1p_().mul_(inv_log_keep).add_(1.0)  # (chunk,)
+        positions = torch.cumsum(gaps, 0, dtype=torch.int64).add_(start - 1)  # (chunk,)
+        inside = int(torch.searchsorted(positions, numel))  # how many fall below numel
+        if inside < chunk:  # this chunk ran past the end
+            chunks.append(positions[:inside])
+            break
         chunks.append(positions)
-        last = int(positions[-1])
-    positions = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    return positions[: int(torch.searchsorted(positions, numel))]
+        start = int(positions[-1]) + 1
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
