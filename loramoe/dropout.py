@@ -68,10 +68,11 @@ class ExpertDropout(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x2d: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """Positions are into x flattened (row-major), whatever its leading dims."""
         if not self.training or self.p == 0:
             return None, 1.0
-        return draw_dropped(x2d.shape, self.p, x2d.device), 1.0 / (1.0 - self.p)
+        return draw_dropped(x.shape, self.p, x.device), 1.0 / (1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

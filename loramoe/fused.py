@@ -35,30 +35,36 @@ Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 class FusedLoRAMoE(torch.autograd.Function):
     """out = x·W0ᵀ + b + scale·Σ_i gate_i(x)·B_i A_i drop(x), and the router probabilities.
 
-    Inputs: x2d (M, d_in); router_weight (N, d_in); lora_A (N, r, d_in); lora_B (N, d_out, r);
+    Inputs: x (..., d_in); router_weight (N, d_in); lora_A (N, r, d_in); lora_B (N, d_out, r);
     base_weight_t, the frozen base weight seen as (d_in, d_out); base_bias (d_out) or None;
     route: logits (M, N) -> (probs, gates), None meaning a dense softmax (gates = probs);
     scale: alpha/r times dropout's 1/keep; dropped: see dropout.py, or None.
-    Returns out (M, d_out) and probs (M, N); probs stays differentiable for the LBC.
+    Returns out (..., d_out) and probs (..., N); probs stays differentiable for the LBC.
+    Leading dimensions are flattened inside, so they cost no view nodes in the graph; out
+    is a tensor of its own (not a view), so callers may still modify it in place.
 
     Inside, the per-token adapter tensors are kept experts-major, (N, M) and (N*r, M): the
     products come out that way at the same cost, softmax and its backward over the expert
     dimension then run as one fast kernel each (over a trailing dim of 6 they are ≈ 15× slower
     or five separate ops), and every thin GEMM reads a contiguous operand (no transposed
-    copies). probs is returned as an (M, N) view.
+    copies). probs is returned as a view with the experts last.
     """
 
     @staticmethod
-    def forward(ctx, x2d, router_weight, lora_A, lora_B, base_weight_t, base_bias,
+    def forward(ctx, x, router_weight, lora_A, lora_B, base_weight_t, base_bias,
                 route: Router | None, scale: float, dropped: torch.Tensor | None):
         n, r, d_in = lora_A.shape
+        lead, d_out = x.shape[:-1], base_weight_t.shape[1]
+        x2d = x.reshape(-1, d_in)  # (M, d_in)
         m = x2d.shape[0]
         a2d = lora_A.view(n * r, d_in)  # (N*r, d_in)
         b_stacked = stacked_B(lora_B)  # (N*r, d_out)
+        out = x2d.new_empty(*lead, d_out)  # (..., d_out)
+        out2d = out.view(m, d_out)  # (M, d_out)
         if base_bias is None:
-            out = x2d.mm(base_weight_t)  # (M, d_out)
+            torch.mm(x2d, base_weight_t, out=out2d)
         else:
-            out = torch.addmm(base_bias, x2d, base_weight_t)  # (M, d_out)
+            torch.addmm(base_bias, x2d, base_weight_t, out=out2d)
         in_weight = None
         if dropped is None:  # router and experts read the same input: one GEMM for both
             in_weight = torch.cat([router_weight, a2d])  # (N+N*r, d_in)
@@ -73,16 +79,16 @@ class FusedLoRAMoE(torch.autograd.Function):
             probs, gates = route(logits_t.t())  # (M, N) each
             probs_t, gates_t = probs.t(), gates.t()  # (N, M) views
         mixed_t = (codes_t.view(n, r, m) * gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
-        out.addmm_(mixed_t.t(), b_stacked, alpha=scale)  # (M, d_out), summed inside the GEMM
+        out2d.addmm_(mixed_t.t(), b_stacked, alpha=scale)  # (M, d_out), summed inside the GEMM
 
-        ctx.route, ctx.scale = route, scale
+        ctx.route, ctx.scale, ctx.x_shape = route, scale, x.shape
         ctx.has_dropped = dropped is not None
         # The (N*r, M)-sized tensors are kept rather than rebuilt in backward.
         ctx.save_for_backward(x2d, router_weight, a2d, in_weight, b_stacked, base_weight_t,
                               logits_t, codes_t, probs_t, gates_t, mixed_t,
                               *([dropped] if dropped is not None else []))
         ctx.set_materialize_grads(False)
-        return out, probs_t.t()
+        return out, probs_t.t().view(*lead, n)
 
     @staticmethod
     def backward(ctx, grad_out, grad_probs):
@@ -91,8 +97,12 @@ class FusedLoRAMoE(torch.autograd.Function):
         dropped = rest[0] if ctx.has_dropped else None
         n, m = probs_t.shape
         r, scale = a2d.shape[0] // n, ctx.scale
+        d_out = b_stacked.shape[1]
         if grad_out is None:
-            grad_out = mixed_t.new_zeros(m, b_stacked.shape[1])
+            grad_out = mixed_t.new_zeros(m, d_out)
+        grad_out = grad_out.reshape(m, d_out)  # (M, d_out)
+        if grad_probs is not None:
+            grad_probs = grad_probs.reshape(m, n)  # (M, N)
 
         grad_B = None
         if ctx.needs_input_grad[3]:  # next to grad_mixed: both read grad_out, which is large
@@ -124,6 +134,8 @@ class FusedLoRAMoE(torch.autograd.Function):
                 grad_router = thin_mm(grad_logits_t, x2d)  # (N, d_in)
                 grad_A = thin_mm(grad_codes_t, dropped_copy(x2d, dropped))  # (N*r, d_in)
             grad_A = grad_A.view(n, r, -1)  # (N, r, d_in)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_router, grad_A, grad_B, None, None, None, None, None
 
 

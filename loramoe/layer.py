@@ -112,33 +112,34 @@ class LoRAMoELinear(nn.Module):
         return probs, gates
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)  # (M, d_in)
-        if self.can_fuse(x2d):
-            out, probs = self.fused_forward(x2d)
+        if self.can_fuse(x):
+            out, probs = self.fused_forward(x)  # takes any leading dims
         else:
-            out, probs = self.reference_forward(x2d)
-        self.router_probs = probs.view(*lead, self.num_experts)  # (*lead, N)
-        return out.view(*lead, self.out_features)
+            lead = x.shape[:-1]
+            out, probs = self.reference_forward(x.reshape(-1, self.in_features))
+            out, probs = out.view(*lead, self.out_features), probs.view(*lead, self.num_experts)
+        self.router_probs = probs  # (*lead, N)
+        return out
 
-    def can_fuse(self, x2d: torch.Tensor) -> bool:
+    def can_fuse(self, x: torch.Tensor) -> bool:
         """The fused node (fused.py) covers one float32/64 dtype and a plain frozen base."""
         base, weight = self.base_layer, self.base_layer.weight
         return (
-            x2d.dtype == weight.dtype == self.lora_A.dtype
-            and x2d.dtype in (torch.float32, torch.float64)
+            x.dtype == weight.dtype == self.lora_A.dtype
+            and x.dtype in (torch.float32, torch.float64)
             and not weight.requires_grad
             and not (base.bias is not None and base.bias.requires_grad)
             and not base._forward_hooks and not base._forward_pre_hooks
-            and not torch.is_autocast_enabled(x2d.device.type)
+            and not torch.is_autocast_enabled(x.device.type)
         )
 
-    def fused_forward(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dropped, keep_scale = self.dropout(x2d)
+    def fused_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused node on x (..., d_in): out (..., d_out) and probs (..., N)."""
+        dropped, keep_scale = self.dropout(x)
         weight = self.base_layer.weight
         weight_t = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out)
         return FusedLoRAMoE.apply(
-            x2d, self.router_weight, self.lora_A, self.lora_B, weight_t, self.base_layer.bias,
+            x, self.router_weight, self.lora_A, self.lora_B, weight_t, self.base_layer.bias,
             None if self.dense else self.gates_from_logits, self.scaling * keep_scale, dropped,
         )
 

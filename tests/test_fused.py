@@ -53,6 +53,36 @@ def test_fused_path_equals_plain_autograd_path(kind, top_k, dropout):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
 
 
+def test_fused_node_takes_leading_dims_and_a_strided_input():
+    layer = make_layer(dropout=0.3)
+    x = torch.randn(3, 12, 5, dtype=torch.float64).transpose(1, 2).requires_grad_(True)
+    assert not x.is_contiguous()  # (3, 5, 12), as a permuted activation would arrive
+    fused = run(layer.fused_forward, layer, x)
+    plain = run(lambda t: layer.reference_forward(t.reshape(-1, 12)), layer, x)
+    assert fused[0].shape == (3, 5, 20) and fused[1].shape == (3, 5, 6)
+    torch.testing.assert_close(fused[0].reshape(-1, 20), plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused[1].reshape(-1, 6), plain[1], rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(["x", "router", "A", "B"], fused[2], plain[2], strict=True):
+        assert want.abs().sum() > 0, f"grad of {name} is zero: the comparison would be vacuous"
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
+def test_the_layer_output_can_be_modified_in_place():
+    """The node's output is a tensor of its own, not a view made inside a custom Function
+    (autograd forbids in-place changes to those), so a model may scale it in place."""
+    layer = make_layer(dropout=0.0)
+    x = torch.randn(2, 4, 12, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 4, 20) and out._base is None
+    out.mul_(2.0)
+    weights = [x, *layer.expert_weights()]
+    got = torch.autograd.grad(out.square().sum(), weights)
+    want_out = layer.reference_forward(x.reshape(-1, 12))[0] * 2.0
+    want = torch.autograd.grad(want_out.square().sum(), weights)
+    for name, g, w in zip(["x", "router", "A", "B"], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
 @pytest.mark.parametrize("top_k", [None, 2])
 @pytest.mark.parametrize("with_dropout", [False, True])
 def test_fused_backward_passes_gradcheck(top_k, with_dropout):
@@ -141,8 +171,7 @@ def test_a_stock_fp32_model_trains_through_the_fused_node(tiny_llama):
     apply_loramoe(tiny_llama, LoRAMoEConfig()).train()
     seen = []
     for _, layer in loramoe_layers(tiny_llama):
-        # The layer's output is a view of the node's (M, d_out) output.
-        layer.register_forward_hook(
-            lambda mod, args, out: seen.append(type(out.grad_fn.next_functions[0][0]).__name__))
+        # The node takes the (B, T, d) input as is: no reshape/view nodes around it.
+        layer.register_forward_hook(lambda mod, args, out: seen.append(type(out.grad_fn).__name__))
     tiny_llama(torch.randint(3, 50, (2, 5)))
     assert seen and set(seen) == {"FusedLoRAMoEBackward"}, seen
