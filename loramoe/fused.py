@@ -150,8 +150,8 @@ def dense_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gating_backward(route: Router | None, logits_t, probs_t, grad_gates_t, grad_probs):
     """d loss / d logits as (N, M), given the loss's gradients w.r.t. the gates ((N, M)) and
     the probabilities ((M, N), as the caller of the node sees them, or None)."""
-    grad_t = grad_gates_t if grad_probs is None else grad_gates_t + grad_probs.t()  # (N, M)
     if route is None:  # gates = probs = softmax(logits) over the experts (dim 0 here)
+        grad_t = grad_gates_t if grad_probs is None else grad_gates_t + grad_probs.t()  # (N, M)
         return torch._softmax_backward_data(grad_t, probs_t, 0, probs_t.dtype)
     with torch.enable_grad():  # any other gating: re-run the (M, N) op and differentiate it
         logits_ = logits_t.t().detach().requires_grad_(True)  # (M, N)
