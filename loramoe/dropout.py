@@ -61,7 +61,8 @@ class ExpertDropout(nn.Module):
     """Decides which input elements the experts do not see, and the 1/keep scale.
 
     Returns (dropped, scale): dropped is None when inactive (eval mode or p = 0). The scale
-    is returned rather than applied so the layer folds it into its (M, N) gates.
+    is returned rather than applied: the layer folds it into alpha/r, a scalar, instead of
+    scaling an (M, d) tensor.
     """
 
     def __init__(self, p: float) -> None:
