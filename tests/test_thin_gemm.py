@@ -51,7 +51,7 @@ def test_thin_mm_equals_mm_for_every_layout(onednn_calls, transpose_a, transpose
 def test_thin_mm_takes_a_column_slice(onednn_calls):
     torch.manual_seed(0)
     wide, b = torch.randn(37, 30), torch.randn(24, 11)
-    codes = wide[:, 6:]  # (37, 24) with row stride 30, as [logits | codes] is sliced
+    codes = wide[:, 6:]  # (37, 24) with row stride 30: a strided operand, not a copy
     torch.testing.assert_close(thin_mm(codes, b), codes @ b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(thin_mm(codes.t(), wide), codes.t() @ wide, rtol=1e-5, atol=1e-5)
     assert len(onednn_calls) == 2
@@ -98,7 +98,7 @@ def test_fp32_fused_layer_through_onednn_matches_fp64(onednn_calls, top_k, dropo
     x32 = x64.float().requires_grad_(True)
     x64.requires_grad_(True)
     got = run(layer32.fused_forward, layer32, x32)
-    # forward: [logits | codes] (two GEMMs with dropout: different inputs); backward:
+    # forward: [logits; codes]ᵀ (two GEMMs with dropout: different inputs); backward:
     # grad_B, grad_mixed, grad of [router; A] (two with dropout) and, with dropout, the
     # experts' share of grad_x (without, it is accumulated into the base's by addmm_).
     assert len(onednn_calls) == (4 if dropout == 0 else 7), onednn_calls
@@ -118,7 +118,7 @@ def test_eval_forward_under_inference_mode_goes_through_onednn(onednn_calls):
     x = torch.randn(5, 7, 12)
     with torch.inference_mode():
         got = layer(x)
-    assert len(onednn_calls) == 1  # [logits | codes]; mixed·B is added by addmm_ (mm)
+    assert len(onednn_calls) == 1  # [logits; codes]ᵀ; mixed·B is added by addmm_ (mm)
     with torch.no_grad():
         want = layer.reference_forward(x.reshape(-1, 12))[0].view(5, 7, 20)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
