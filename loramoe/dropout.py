@@ -57,6 +57,13 @@ def zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def dropped_copy(x2d: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    """The experts' input: x with the dropped positions zeroed (x itself without dropout)."""
+    if dropped is None:
+        return x2d
+    return zero_dropped_(x2d.clone(memory_format=torch.contiguous_format), dropped)
+
+
 class ExpertDropout(nn.Module):
     """Decides which input elements the experts do not see, and the 1/keep scale.
 

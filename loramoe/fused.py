@@ -6,14 +6,14 @@ the router and the experts) before summing them. This Function computes the same
 one node whose backward is written out. With Win = [Wg; A] (N + N·r, d_in), the router and
 expert-input weights stacked, and hᵀ = Win·xᵀ = [logits; codes]ᵀ (kept experts-major):
 
-    grad_x        = g·W0  then  += grad_h·Win     (in place, inside the GEMM)
-    grad_Wg, grad_A = grad_hᵀ·x                   (one GEMM)
-    grad_B        = mixedᵀ·g,   grad_mixed = g·Bᵀ  (the two thin GEMMs any LoRA pays)
+    grad_x          = grad_h·Win  then  += g·W0   (the base's GEMM accumulates, beta = 1)
+    grad_Wg, grad_A = grad_hᵀ·x
+    grad_B = mixedᵀ·g,   grad_mixed = g·Bᵀ        (the two thin GEMMs any LoRA pays)
 
-Expert dropout arrives as the positions it zeroes (dropout.py); the dropped copy of the
-input is rebuilt in backward rather than kept alive between the passes. With dropout the
-router (which sees the clean input) and the experts read different inputs, so each of the
-GEMMs on x above is split in two.
+Expert dropout arrives as the positions it zeroes (dropout.py): the router reads x, the
+experts dropout(x). The three products with x above live in cpu_kernels.py: for float32 on
+CPU a compiled kernel does each pass in one sweep over x, with no dropped copy; elsewhere
+torch ops do it with a dropped copy, rebuilt in backward rather than kept alive.
 
 LoRAMoELinear uses it when base, input and adapters share one float32/float64 dtype and the
 base is a frozen nn.Linear/Conv1D without hooks; anything else (bf16 bases, autocast, hooked
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from loramoe.dropout import zero_dropped_
+from loramoe.cpu_kernels import input_backward, input_forward
 from loramoe.thin_gemm import thin_mm
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -65,14 +65,10 @@ class FusedLoRAMoE(torch.autograd.Function):
             torch.mm(x2d, base_weight_t, out=out2d)
         else:
             torch.addmm(base_bias, x2d, base_weight_t, out=out2d)
-        in_weight = None
-        if dropped is None:  # router and experts read the same input: one GEMM for both
-            in_weight = torch.cat([router_weight, a2d])  # (N+N*r, d_in)
-            h_t = thin_mm(in_weight, x2d.t())  # (N+N*r, M) = [logits; codes]ᵀ
-            logits_t, codes_t = h_t[:n], h_t[n:]  # (N, M), (N*r, M): contiguous row blocks
-        else:
-            logits_t = thin_mm(router_weight, x2d.t())  # (N, M)
-            codes_t = thin_mm(a2d, dropped_copy(x2d, dropped).t())  # (N*r, M)
+        in_weight = torch.cat([router_weight, a2d])  # (N+N*r, d_in)
+        # [logits; codes]ᵀ, the codes on dropout(x): one sweep over x (cpu_kernels.py)
+        h_t = input_forward(x2d, in_weight, n, dropped)  # (N+N*r, M)
+        logits_t, codes_t = h_t[:n], h_t[n:]  # (N, M), (N*r, M): contiguous row blocks
         if route is None:
             probs_t = gates_t = torch.softmax(logits_t, dim=0)  # (N, M)
         else:
@@ -84,7 +80,7 @@ class FusedLoRAMoE(torch.autograd.Function):
         ctx.route, ctx.scale, ctx.x_shape = route, scale, x.shape
         ctx.has_dropped = dropped is not None
         # The (N*r, M)-sized tensors are kept rather than rebuilt in backward.
-        ctx.save_for_backward(x2d, router_weight, a2d, in_weight, b_stacked, base_weight_t,
+        ctx.save_for_backward(x2d, in_weight, b_stacked, base_weight_t,
                               logits_t, codes_t, probs_t, gates_t, mixed_t,
                               *([dropped] if dropped is not None else []))
         ctx.set_materialize_grads(False)
@@ -92,11 +88,11 @@ class FusedLoRAMoE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_probs):
-        (x2d, router_weight, a2d, in_weight, b_stacked, base_weight_t, logits_t, codes_t,
-         probs_t, gates_t, mixed_t, *rest) = ctx.saved_tensors
+        (x2d, in_weight, b_stacked, base_weight_t, logits_t, codes_t, probs_t, gates_t,
+         mixed_t, *rest) = ctx.saved_tensors
         dropped = rest[0] if ctx.has_dropped else None
         n, m = probs_t.shape
-        r, scale = a2d.shape[0] // n, ctx.scale
+        r, scale = codes_t.shape[0] // n, ctx.scale
         d_out = b_stacked.shape[1]
         if grad_out is None:
             grad_out = mixed_t.new_zeros(m, d_out)
@@ -116,26 +112,19 @@ class FusedLoRAMoE(torch.autograd.Function):
         grad_codes_t = grad_mixed.mul_(gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
         grad_logits_t = gating_backward(ctx.route, logits_t, probs_t, grad_gates_t, grad_probs)
 
-        grad_x = grad_router = grad_A = None
-        if dropped is None:
-            grad_h_t = torch.cat([grad_logits_t, grad_codes_t])  # (N+N*r, M)
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.mm(base_weight_t.t())  # (M, d_in): the frozen base's backward
-            if dropped is None:
-                grad_x.addmm_(grad_h_t.t(), in_weight)
-            else:  # the experts' share passes back through the dropout mask
-                grad_x.addmm_(grad_logits_t.t(), router_weight)
-                grad_x.add_(zero_dropped_(thin_mm(grad_codes_t.t(), a2d), dropped))
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            if dropped is None:
-                grad_in_weight = thin_mm(grad_h_t, x2d)  # (N+N*r, d_in)
-                grad_router, grad_A = grad_in_weight[:n], grad_in_weight[n:]
-            else:
-                grad_router = thin_mm(grad_logits_t, x2d)  # (N, d_in)
-                grad_A = thin_mm(grad_codes_t, dropped_copy(x2d, dropped))  # (N*r, d_in)
-            grad_A = grad_A.view(n, r, -1)  # (N, r, d_in)
+        grad_h_t = torch.cat([grad_logits_t, grad_codes_t])  # (N+N*r, M)
+        # The adapter's share of grad_x (the experts' through the dropout mask) and the
+        # gradient of [Wg; A]: one sweep over x (cpu_kernels.py).
+        grad_x, grad_in_weight = input_backward(
+            x2d, in_weight, n, dropped, grad_h_t, need_grad_x=ctx.needs_input_grad[0],
+            need_grad_w=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        grad_router = grad_A = None
+        if grad_in_weight is not None:
+            grad_router = grad_in_weight[:n]  # (N, d_in)
+            grad_A = grad_in_weight[n:].view(n, r, -1)  # (N, r, d_in)
         if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
+            # += the frozen base's backward g·W0, accumulated inside the GEMM (beta = 1)
+            grad_x = grad_x.addmm_(grad_out, base_weight_t.t()).view(ctx.x_shape)  # (..., d_in)
         return grad_x, grad_router, grad_A, grad_B, None, None, None, None, None
 
 
@@ -161,13 +150,6 @@ def gating_backward(route: Router | None, logits_t, probs_t, grad_gates_t, grad_
             outputs, grads = [gates_, probs_], [grad_gates_t.t(), grad_probs]
         (grad_logits,) = torch.autograd.grad(outputs, logits_, grads)
     return grad_logits.t()  # (N, M)
-
-
-def dropped_copy(x2d: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
-    """The experts' input: x with the dropped positions zeroed (x itself without dropout)."""
-    if dropped is None:
-        return x2d
-    return zero_dropped_(x2d.clone(memory_format=torch.contiguous_format), dropped)
 
 
 def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramoe.config import LoRAMoEConfig
-from loramoe.dropout import ExpertDropout
-from loramoe.fused import FusedLoRAMoE, dense_softmax, dropped_copy, mix, stacked_B
+from loramoe.dropout import ExpertDropout, dropped_copy
+from loramoe.fused import FusedLoRAMoE, dense_softmax, mix, stacked_B
 
 try:  # GPT-2 style layers store the weight transposed: (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
