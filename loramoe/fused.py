@@ -6,12 +6,14 @@ the router and the experts) before summing them. This Function computes the same
 one node whose backward is written out. With Win = [Wg; A] (N + N·r, d_in), the router and
 expert-input weights stacked, and hᵀ = Win·xᵀ = [logits; codes]ᵀ (kept experts-major):
 
+    out             = mixed·B (+ b)  then  += x·W0ᵀ (the base's GEMM accumulates, beta = 1)
     grad_x          = grad_h·Win  then  += g·W0   (the base's GEMM accumulates, beta = 1)
     grad_Wg, grad_A = grad_hᵀ·x
     grad_B = mixedᵀ·g,   grad_mixed = g·Bᵀ        (the two thin GEMMs any LoRA pays)
 
 Expert dropout arrives as the positions it zeroes (dropout.py): the router reads x, the
-experts dropout(x). The three products with x above live in cpu_kernels.py: for float32 on
+experts dropout(x). The products with x (hᵀ, the adapter's share of grad_x, grad_Wg and
+grad_A) live in cpu_kernels.py: for float32 on
 CPU a compiled kernel does each pass in one sweep over x, with no dropped copy; elsewhere
 torch ops do it with a dropped copy, rebuilt in backward rather than kept alive.
 
@@ -59,12 +61,6 @@ class FusedLoRAMoE(torch.autograd.Function):
         m = x2d.shape[0]
         a2d = lora_A.view(n * r, d_in)  # (N*r, d_in)
         b_stacked = stacked_B(lora_B)  # (N*r, d_out)
-        out = x2d.new_empty(*lead, d_out)  # (..., d_out)
-        out2d = out.view(m, d_out)  # (M, d_out)
-        if base_bias is None:
-            torch.mm(x2d, base_weight_t, out=out2d)
-        else:
-            torch.addmm(base_bias, x2d, base_weight_t, out=out2d)
         in_weight = torch.cat([router_weight, a2d])  # (N+N*r, d_in)
         # [logits; codes]ᵀ, the codes on dropout(x): one sweep over x (cpu_kernels.py)
         h_t = input_forward(x2d, in_weight, n, dropped)  # (N+N*r, M)
@@ -75,7 +71,13 @@ class FusedLoRAMoE(torch.autograd.Function):
             probs, gates = route(logits_t.t())  # (M, N) each
             probs_t, gates_t = probs.t(), gates.t()  # (N, M) views
         mixed_t = (codes_t.view(n, r, m) * gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
-        out2d.addmm_(mixed_t.t(), b_stacked, alpha=scale)  # (M, d_out), summed inside the GEMM
+        # The adapter's output (+ the base's bias) first, into a fresh tensor; the base's GEMM
+        # then accumulates x·W0ᵀ onto it (beta = 1) instead of an extra pass over the output.
+        out = thin_mm((mixed_t * scale).t(), b_stacked, base_bias)  # (M, d_out)
+        out.addmm_(x2d, base_weight_t)
+        # resize_, not view: a view made inside a custom Function may not be modified in place
+        # by the model later; this only reshapes a fresh contiguous tensor.
+        out.resize_(*lead, d_out)  # (..., d_out)
 
         ctx.route, ctx.scale, ctx.x_shape = route, scale, x.shape
         ctx.has_dropped = dropped is not None

@@ -40,8 +40,8 @@ def onednn_enabled() -> bool:
     return _enabled
 
 
-def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-d a (M, K) and b (K, P), either of which may be a transposed view."""
+def thin_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias (P,)) for 2-d a (M, K) and b (K, P), either may be a transposed view."""
     if (
         _enabled
         and a.dtype == b.dtype == torch.float32
@@ -50,5 +50,5 @@ def thin_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
     ):
         # _linear_pointwise(input, weight) computes input @ weightᵀ, weight (P, K).
-        return _linear(a, b.t(), None, "none", [], "")  # (M, P)
-    return a.mm(b)
+        return _linear(a, b.t(), bias, "none", [], "")  # (M, P)
+    return a.mm(b) if bias is None else torch.addmm(bias, a, b)

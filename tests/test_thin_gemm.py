@@ -62,6 +62,19 @@ def test_thin_mm_takes_a_column_slice(onednn_calls):
 
 
 @needs_onednn
+def test_thin_mm_adds_a_bias_on_both_routes(onednn_calls, monkeypatch):
+    torch.manual_seed(0)
+    a, b = operands(False, True)
+    bias = torch.randn(b.shape[1])
+    want = (a.double() @ b.double() + bias.double()).float()
+    torch.testing.assert_close(thin_mm(a, b, bias), want, rtol=1e-5, atol=1e-5)
+    assert len(onednn_calls) == 1
+    monkeypatch.setattr(thin_gemm, "MIN_MACS", 10**9)
+    torch.testing.assert_close(thin_mm(a, b, bias), want, rtol=1e-5, atol=1e-5)
+    assert len(onednn_calls) == 1
+
+
+@needs_onednn
 def test_thin_mm_falls_back_to_mm_where_onednn_does_not_fit(onednn_calls, monkeypatch):
     torch.manual_seed(0)
     a, b = operands(False, False)
@@ -102,10 +115,10 @@ def test_fp32_fused_layer_through_onednn_matches_fp64(onednn_calls, top_k, dropo
     x32 = x64.float().requires_grad_(True)
     x64.requires_grad_(True)
     got = run(layer32.fused_forward, layer32, x32)
-    # forward: [logits; codes]ᵀ (two GEMMs with dropout: different inputs); backward:
-    # grad_B, grad_mixed, the adapter's share of grad_x (with dropout the router's part is
-    # added by addmm_) and the grad of [router; A] (two GEMMs with dropout).
-    assert len(onednn_calls) == (5 if dropout == 0 else 7), onednn_calls
+    # forward: [logits; codes]ᵀ (two GEMMs with dropout: different inputs) and mixed·B;
+    # backward: grad_B, grad_mixed, the adapter's share of grad_x (with dropout the router's
+    # part is added by addmm_) and the grad of [router; A] (two GEMMs with dropout).
+    assert len(onednn_calls) == (6 if dropout == 0 else 8), onednn_calls
     want = run(layer64.reference_forward, layer64, x64)
     torch.testing.assert_close(got[0].double(), want[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1].double(), want[1], rtol=1e-4, atol=1e-5)
@@ -122,7 +135,7 @@ def test_eval_forward_under_inference_mode_goes_through_onednn(onednn_calls):
     x = torch.randn(5, 7, 12)
     with torch.inference_mode():
         got = layer(x)
-    assert len(onednn_calls) == 1  # [logits; codes]ᵀ; mixed·B is added by addmm_ (mm)
+    assert len(onednn_calls) == 2  # [logits; codes]ᵀ and mixed·B (+ bias)
     with torch.no_grad():
         want = layer.reference_forward(x.reshape(-1, 12))[0].view(5, 7, 20)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
