@@ -13,9 +13,9 @@ expert-input weights stacked, and hᵀ = Win·xᵀ = [logits; codes]ᵀ (kept ex
 
 Expert dropout arrives as the positions it zeroes (dropout.py): the router reads x, the
 experts dropout(x). The products with x (hᵀ, the adapter's share of grad_x, grad_Wg and
-grad_A) live in cpu_kernels.py: for float32 on
-CPU a compiled kernel does each pass in one sweep over x, with no dropped copy; elsewhere
-torch ops do it with a dropped copy, rebuilt in backward rather than kept alive.
+grad_A) live in cpu_kernels.py: for float32 on CPU a compiled kernel does each pass in one
+sweep over x, with no dropped copy; elsewhere torch ops do it with a dropped copy, rebuilt in
+backward rather than kept alive.
 
 LoRAMoELinear uses it when base, input and adapters share one float32/float64 dtype and the
 base is a frozen nn.Linear/Conv1D without hooks; anything else (bf16 bases, autocast, hooked
