@@ -1,13 +1,15 @@
 """Layer forward+backward: fused LoRAMoE vs a per-expert loop vs frozen base vs one LoRA.
 
     python benchmarks/bench_layer.py [--tokens 2048] [--repeats 30] [--dropout 0.05]
-                                     [--adapter-gemm onednn|mm]
+                                     [--adapter-gemm onednn|mm] [--cpu-kernels on|off]
 
 All variants run side by side in one process, interleaved, on the same input (which requires
 grad, as inside a network), in training mode with the paper's dropout 0.05. Prints median
 milliseconds and the ratios the targets are stated in. The frozen base's GEMMs are torch's
-stock ones in every variant; --adapter-gemm mm also sends the LoRAMoE adapter's thin GEMMs
-to torch's mm instead of oneDNN (loramoe/thin_gemm.py), to show what that routing buys.
+stock ones in every variant. To show what each part buys: --cpu-kernels off computes the
+adapter's products with x with torch ops instead of the compiled kernels
+(loramoe/cpu_kernels.py), and --adapter-gemm mm sends its other thin GEMMs (and, with the
+kernels off, those too) to torch's mm instead of oneDNN (loramoe/thin_gemm.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from loramoe import LoRAMoEConfig
+from loramoe.cpu_kernels import build, set_cpu_kernels
 from loramoe.layer import LoRAMoELinear
 from loramoe.thin_gemm import onednn_enabled, set_onednn
 
@@ -108,8 +111,12 @@ def main() -> None:
     parser.add_argument("--adapter-gemm", choices=["onednn", "mm"], default="onednn",
                         help="route of the adapter's thin GEMMs (oneDNN falls back to mm "
                              "where torch lacks it)")
+    parser.add_argument("--cpu-kernels", choices=["on", "off"], default="on",
+                        help="the compiled kernels for the adapter's products with x")
     args = parser.parse_args()
     set_onednn(args.adapter_gemm == "onednn")
+    set_cpu_kernels(args.cpu_kernels == "on")
+    kernels = args.cpu_kernels == "on" and build()
     torch.manual_seed(0)
     config = LoRAMoEConfig(dropout=args.dropout)  # paper: N=6, r=4, alpha=32, dropout=0.05
     base = nn.Linear(args.d_in, args.d_out, bias=False)
@@ -130,7 +137,8 @@ def main() -> None:
 
     print(f"Layer fwd+bwd, N={config.num_experts}, r={config.rank}, {args.d_in}->{args.d_out}, "
           f"{args.tokens} tokens, dropout {args.dropout}, fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, adapter GEMMs: {'oneDNN' if onednn_enabled() else 'mm'}")
+          f"torch {torch.__version__}, adapter GEMMs: {'oneDNN' if onednn_enabled() else 'mm'}, "
+          f"products with x: {'compiled kernels' if kernels else 'torch ops'}")
     for name, value in ms.items():
         print(f"  {name:<18} {value:8.2f} ms   {faults[name]:8.0f} page faults/step")
     loop_ratio = ms["LoRAMoE loop"] / ms["LoRAMoE fused"]

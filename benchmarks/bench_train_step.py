@@ -1,6 +1,6 @@
 """Train step on the default model: LoRAMoE vs PEFT LoRA vs the frozen base alone.
 
-    python benchmarks/bench_train_step.py [--batch 16] [--seq 64] [--repeats 8]
+    python benchmarks/bench_train_step.py [--batch 16] [--seq 64] [--repeats 12]
 
 Every variant is a copy of SmolLM2-135M-Instruct on FFN targets (gate/up/down_proj), one
 forward + backward + AdamW step on the same batch, interleaved in one process. "frozen base"
@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=12)
     args = parser.parse_args()
     torch.manual_seed(0)
     base, _ = load_base_model()
@@ -86,10 +86,16 @@ def main() -> None:
           f"tokens, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for name, value in ms.items():
         print(f"  {name:<18} {value:8.1f} ms   {tokens / value * 1000:7.0f} tokens/s")
-    moe, lora, floor = ms["LoRAMoE N=6 r=4"], ms["PEFT LoRA r=4"], ms["frozen base"]
-    print(f"  LoRAMoE / PEFT LoRA     {moe / lora:5.2f}x  (target <= 1.10x)")
-    print(f"  LoRAMoE / frozen base   {moe / floor:5.2f}x  (target <= 1.15x)")
-    print(f"  PEFT LoRA / frozen base {lora / floor:5.2f}x")
+    print("  ratio of medians; in brackets the same ratio within each round (steps run seconds")
+    print("  apart, so slow machine drift cancels): median and range over the rounds")
+    moe, lora, floor = "LoRAMoE N=6 r=4", "PEFT LoRA r=4", "frozen base"
+    for label, num, den, target in [("LoRAMoE / PEFT LoRA", moe, lora, 1.10),
+                                    ("LoRAMoE / frozen base", moe, floor, 1.15),
+                                    ("PEFT LoRA / frozen base", lora, floor, None)]:
+        paired = [x / y for x, y in zip(times[num], times[den], strict=True)]
+        goal = f"  (target <= {target:.2f}x)" if target else ""
+        print(f"  {label:<23} {ms[num] / ms[den]:6.3f}x  [{statistics.median(paired):.3f}, "
+              f"{min(paired):.3f}-{max(paired):.3f}]{goal}")
 
 
 if __name__ == "__main__":

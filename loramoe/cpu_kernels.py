@@ -17,7 +17,10 @@ builds it ahead (`cpu_kernels.report()`).
 The kernel serves float32 CPU tensors above MIN_MACS multiply-adds. Everything else (fp64,
 GPUs, tiny decode-time products, a failed build, LORAMOE_CPU_KERNELS=0 or
 `set_cpu_kernels(False)`) takes the torch-op path, which computes the same quantities; the
-tests check both against a float64 reference.
+tests check both against a float64 reference. Numerically the kernel subtracts the dropped
+terms from sums over all of x, so its rounding is that of a d_in-term fp32 dot product, as in
+any GEMM; a non-finite input element makes its row non-finite even where it was dropped (as
+nn.Dropout's x * mask does, unlike the torch-op path's zeroed copy).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def use_kernel(x2d: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor | None)
         _enabled
         and x2d.device.type == "cpu"
         and x2d.dtype == w.dtype == torch.float32
-        and x2d.is_contiguous()
+        and x2d.is_contiguous() and w.is_contiguous()
         and (dropped is None or dropped.dtype == torch.int64)
         and x2d.shape[0] * x2d.shape[1] * w.shape[0] >= MIN_MACS
         # the ops have no autograd formula: inside the fused node grad mode is off, except

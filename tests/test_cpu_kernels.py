@@ -165,6 +165,7 @@ def test_where_the_kernels_do_not_apply_the_torch_ops_run(monkeypatch):
     assert use(x, w, dropped) and use(x, w, None)
     assert not use(x.double(), w.double(), dropped)  # fp64: the tests' reference dtype
     assert not use(x.t().contiguous().t(), w, dropped)  # a strided x
+    assert not use(x, w.t().contiguous().t(), dropped)  # a strided w
     assert not use(x, w, torch.zeros(8, 16, dtype=torch.bool))  # a mask (other devices)
     assert not use(x.requires_grad_(), w, dropped)  # grad mode with a graph to keep
     monkeypatch.setattr(cpu_kernels, "MIN_MACS", 10**9)  # decode-sized products

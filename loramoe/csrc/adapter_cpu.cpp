@@ -12,9 +12,11 @@
 //             position gets only the router's share
 //
 // Vectors are GCC vector extensions of 16 floats (one AVX-512 register, two AVX2 ones, four
-// NEON ones). Threads come from at::parallel_for, i.e. torch's own OpenMP pool. Every output
-// element is summed by one fixed sequence of operations whatever the thread count, so the
-// results are the same with 1 or 64 threads.
+// NEON ones). The blockings keep 16 of them as accumulators, sized for AVX-512's 32 registers;
+// other builds are correct (the tests run wherever the kernels build) but not tuned here.
+// Threads come from at::parallel_for, i.e. torch's own OpenMP pool. Every output element is
+// summed by one fixed sequence of operations whatever the thread count, so the results are
+// the same with 1 or 64 threads.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
