@@ -210,3 +210,24 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     for name, got, expected in zip(["h_t", "grad_x", "grad_w"], [h_t, grad_x, grad_w], want,
                                    strict=True):
         assert_close32(got, expected, name)
+
+
+def test_fp32_output_through_onednn_and_the_kernels_can_be_modified_in_place(monkeypatch):
+    """The fp32 route writes the output with oneDNN and reshapes it; it must still be a
+    tensor of its own (autograd forbids in-place changes to views made inside a Function)."""
+    from loramoe import thin_gemm
+
+    monkeypatch.setattr(cpu_kernels, "MIN_MACS", 0)
+    monkeypatch.setattr(thin_gemm, "MIN_MACS", 0)
+    layer = make_layer(dtype=torch.float32)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    torch.manual_seed(1)
+    out = layer(x)
+    assert out.shape == (2, 5, 20) and out._base is None
+    out.mul_(2.0)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), [x])
+    torch.manual_seed(1)  # the same dropped positions
+    want = layer.reference_forward(x.reshape(-1, 12))[0] * 2.0
+    (want_grad_x,) = torch.autograd.grad(want.square().sum(), [x])
+    torch.testing.assert_close(out.reshape(-1, 20), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_x, want_grad_x, rtol=1e-4, atol=1e-3)
