@@ -103,8 +103,11 @@ def use_kernel(x2d: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor | None)
     )
 
 
+_NOTHING_DROPPED = torch.empty(0, dtype=torch.int64)
+
+
 def _positions(dropped: torch.Tensor | None) -> torch.Tensor:
-    return dropped if dropped is not None else torch.empty(0, dtype=torch.int64)
+    return dropped if dropped is not None else _NOTHING_DROPPED
 
 
 def input_forward(x2d: torch.Tensor, w: torch.Tensor, n_clean: int,

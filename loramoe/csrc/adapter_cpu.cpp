@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -138,7 +139,8 @@ at::Tensor weight_grad(const float* xp, const std::vector<float>& gh, int64_t M,
                        const at::TensorOptions& options) {
   constexpr int64_t CH = 256, KB = 8;  // rows per chunk; input columns per block (16 accumulators)
   const int64_t chunks = (M + CH - 1) / CH;
-  std::vector<float> partial((size_t)chunks * d * Q);  // per chunk: grad_Wᵀ (d, Q)
+  // per chunk: grad_Wᵀ (d, Q); left uninitialised, the main loop writes every element
+  std::unique_ptr<float[]> partial(new float[(size_t)chunks * d * Q]);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> g_experts(Q);  // one token's gradients, the router's lanes zeroed
     for (int64_t ch = c0; ch < c1; ++ch) {
