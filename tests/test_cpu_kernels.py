@@ -180,6 +180,9 @@ def test_the_op_rejects_what_it_cannot_compute():
         ops().adapter_in_forward(x, w, 11, dropped)
     with pytest.raises(RuntimeError, match="gh_t"):
         ops().adapter_in_backward(x, w, 2, dropped, gh_t.t(), True, True)
+    for bad in (dropped.flip(0), dropped + x.numel(), dropped - dropped[0] - 1):
+        with pytest.raises(RuntimeError, match="sorted positions inside"):
+            ops().adapter_in_forward(x, w, 2, bad)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")

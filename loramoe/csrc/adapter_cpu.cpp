@@ -56,7 +56,11 @@ Dropped check(const at::Tensor& x, const at::Tensor& w, int64_t n_clean, const a
   TORCH_CHECK(dropped.scalar_type() == at::kLong && dropped.dim() == 1 && dropped.is_contiguous(),
               "loramoe_cpu: dropped must be 1-d int64 positions");
   const int64_t* p = dropped.data_ptr<int64_t>();
-  return {p, p + dropped.numel()};
+  const int64_t n = dropped.numel();
+  // The kernels index x and their buffers through these positions: check rather than trust.
+  TORCH_CHECK(n == 0 || (p[0] >= 0 && p[n - 1] < x.numel() && std::is_sorted(p, p + n)),
+              "loramoe_cpu: dropped must be sorted positions inside x's ", x.numel(), " elements");
+  return {p, p + n};
 }
 
 // (d, Q): w transposed, lanes P..Q zero, so one input column's weights are contiguous lanes.
