@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from loramoe.dropout import dropped_copy, zero_dropped_
-from loramoe.thin_gemm import MIN_MACS, thin_mm
+from loramoe.thin_gemm import MIN_MACS, fp32_cpu_outside_autograd, thin_mm
 
 SOURCE = Path(__file__).parent / "csrc" / "adapter_cpu.cpp"
 BUILD_NAME = "loramoe_cpu"  # + the ISA level, so builds for different CPUs do not collide
@@ -89,16 +89,14 @@ def cpu_kernels_enabled() -> bool:
 
 
 def use_kernel(x2d: torch.Tensor, w: torch.Tensor, dropped: torch.Tensor | None) -> bool:
+    # Inside the fused node grad mode is off, except under create_graph, where the torch-op
+    # path keeps the graph.
     return (
         _enabled
-        and x2d.device.type == "cpu"
-        and x2d.dtype == w.dtype == torch.float32
+        and fp32_cpu_outside_autograd(x2d, w, x2d.shape[0] * x2d.shape[1] * w.shape[0],
+                                      MIN_MACS)
         and x2d.is_contiguous() and w.is_contiguous()
         and (dropped is None or dropped.dtype == torch.int64)
-        and x2d.shape[0] * x2d.shape[1] * w.shape[0] >= MIN_MACS
-        # the ops have no autograd formula: inside the fused node grad mode is off, except
-        # under create_graph, where the torch-op path keeps the graph
-        and not (torch.is_grad_enabled() and (x2d.requires_grad or w.requires_grad))
         and build()
     )
 

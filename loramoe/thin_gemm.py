@@ -40,15 +40,23 @@ def onednn_enabled() -> bool:
     return _enabled
 
 
+def fp32_cpu_outside_autograd(a: torch.Tensor, b: torch.Tensor, macs: int,
+                              min_macs: int) -> bool:
+    """Whether a product of a and b (macs multiply-adds) may leave torch's stock ops: both
+    fp32 on CPU, at least min_macs, and no graph being recorded through them (neither
+    oneDNN's op nor loramoe's compiled kernels have an autograd formula)."""
+    return (
+        a.dtype == b.dtype == torch.float32
+        and a.device.type == "cpu"
+        and macs >= min_macs
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    )
+
+
 def thin_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b (+ bias (P,)) for 2-d a (M, K) and b (K, P), either may be a transposed view."""
-    if (
-        _enabled
-        and a.dtype == b.dtype == torch.float32
-        and a.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-        and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
-    ):
+    if _enabled and fp32_cpu_outside_autograd(a, b, a.shape[0] * a.shape[1] * b.shape[1],
+                                              MIN_MACS):
         # _linear_pointwise(input, weight) computes input @ weightᵀ, weight (P, K).
         return _linear(a, b.t(), bias, "none", [], "")  # (M, P)
     return a.mm(b) if bias is None else torch.addmm(bias, a, b)
