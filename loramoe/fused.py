@@ -130,14 +130,6 @@ class FusedLoRAMoE(torch.autograd.Function):
         return grad_x, grad_router, grad_A, grad_B, None, None, None, None, None
 
 
-def dense_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # exp / sum by hand: torch's softmax kernel is slower over a last dim of 6-16 experts.
-    # Out of place, so the reference path can differentiate it.
-    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # (M, N)
-    probs = e / e.sum(dim=-1, keepdim=True)
-    return probs, probs
-
-
 def gating_backward(route: Router | None, logits_t, probs_t, grad_gates_t, grad_probs):
     """d loss / d logits as (N, M), given the loss's gradients w.r.t. the gates ((N, M)) and
     the probabilities ((M, N), as the caller of the node sees them, or None)."""
@@ -158,9 +150,3 @@ def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
     """[B_1 … B_N] as one (N*r, d_out) matrix, so one GEMM sums every expert."""
     n, d_out, r = lora_B.shape
     return lora_B.transpose(1, 2).reshape(n * r, d_out)  # (N*r, d_out)
-
-
-def mix(codes: torch.Tensor, scaled_gates: torch.Tensor) -> torch.Tensor:
-    """Each expert's r-dim code times its gate (already times the scale): (M, N*r)."""
-    m, n = scaled_gates.shape
-    return (codes.reshape(m, n, -1) * scaled_gates.unsqueeze(-1)).view(m, -1)  # (M, N*r)

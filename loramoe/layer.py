@@ -23,7 +23,7 @@ from torch import nn
 
 from loramoe.config import LoRAMoEConfig
 from loramoe.dropout import ExpertDropout, dropped_copy
-from loramoe.fused import FusedLoRAMoE, dense_softmax, mix, stacked_B
+from loramoe.fused import FusedLoRAMoE, stacked_B
 
 try:  # GPT-2 style layers store the weight transposed: (d_in, d_out).
     from transformers.pytorch_utils import Conv1D
@@ -31,6 +31,20 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = None
 
 ADAPTER_PARAM_NAMES = ("router_weight", "lora_A", "lora_B")
+
+
+def dense_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # exp / sum by hand: torch's softmax kernel is slower over a last dim of 6-16 experts.
+    # Out of place, so reference_forward can differentiate it.
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # (M, N)
+    probs = e / e.sum(dim=-1, keepdim=True)
+    return probs, probs
+
+
+def mix(codes: torch.Tensor, scaled_gates: torch.Tensor) -> torch.Tensor:
+    """Each expert's r-dim code times its gate (already times the scale): (M, N*r)."""
+    m, n = scaled_gates.shape
+    return (codes.reshape(m, n, -1) * scaled_gates.unsqueeze(-1)).view(m, -1)  # (M, N*r)
 
 
 def is_supported_base(module: nn.Module) -> bool:

@@ -8,8 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loramoe import LoRAMoEConfig
-from loramoe.fused import FusedLoRAMoE, dense_softmax
-from loramoe.layer import LoRAMoELinear
+from loramoe.fused import FusedLoRAMoE
+from loramoe.layer import LoRAMoELinear, dense_softmax
 
 
 def make_layer(kind="linear", top_k=None, dropout=0.3, bias=True, dtype=torch.float64):
