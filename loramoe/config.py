@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramoe.fields import check_fields
+
 # FFN linears per architecture (model.config.model_type). A target matches a module whose
 # qualified name equals it or ends with "." + target, so "mlp.c_proj" picks GPT-2's FFN
 # projection and not the attention's c_proj.
@@ -65,44 +67,32 @@ class LoRAMoEConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
-        if self.target_modules is not None:
+        if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        self.expert_types = dict(self.expert_types)
+        if isinstance(self.expert_types, dict):
+            self.expert_types = dict(self.expert_types)
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            _fail("num_experts", f"must be an integer >= 1, got {self.num_experts!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            _fail("rank", f"must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            _fail("alpha", f"must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None and (
-            not self.target_modules
-            or not all(isinstance(t, str) and t for t in self.target_modules)
-        ):
-            _fail("target_modules", f"must be None or non-empty module names, got "
-                  f"{self.target_modules!r}")
-        if not self.expert_types:
-            _fail("expert_types", "needs at least one type, e.g. {'knowledge': 3, 'downstream': 3}")
-        for name, count in self.expert_types.items():
-            if not isinstance(count, int) or count < 1:
-                _fail("expert_types", f"type {name!r} has count {count!r}; counts must be >= 1")
+        check_fields(self, [
+            ("num_experts", lambda v: v >= 1, "an integer >= 1"),
+            ("rank", lambda v: v >= 1, "an integer >= 1"),
+            ("alpha", lambda v: v > 0, "> 0"),
+            ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+            ("target_modules", lambda v: v is None or (v and all(v)),
+             "None or non-empty module names"),
+            ("expert_types", bool, "at least one type, e.g. {'knowledge': 3, 'downstream': 3}"),
+            ("expert_types", lambda v: all(c >= 1 for c in v.values()),
+             "counts >= 1 for every type"),
+            ("lbc_delta", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+            ("lbc_beta", lambda v: v >= 0, ">= 0 (0 disables the LBC)"),
+            ("top_k", lambda v: v is None or 1 <= v <= self.num_experts,
+             f"None (dense) or an integer in [1, num_experts={self.num_experts}]"),
+        ], ConfigError)
         total = sum(self.expert_types.values())
         if total != self.num_experts:
             _fail("expert_types", f"counts {self.expert_types} sum to {total}, but "
                   f"num_experts is {self.num_experts}")
-        if not 0.0 <= self.lbc_delta <= 1.0:
-            _fail("lbc_delta", f"must be in [0, 1], got {self.lbc_delta!r}")
-        if self.lbc_beta < 0:
-            _fail("lbc_beta", f"must be >= 0 (0 disables the LBC), got {self.lbc_beta!r}")
-        if self.top_k is not None and not (
-            isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts
-        ):
-            _fail("top_k", f"must be None (dense) or an integer in [1, num_experts="
-                  f"{self.num_experts}], got {self.top_k!r}")
 
     @property
     def scaling(self) -> float:

@@ -121,9 +121,18 @@ def _inverse(order: list[int]) -> list[int]:
 
 
 def score_predictions(frame: pd.DataFrame, predictions: list[str]) -> pd.DataFrame:
+    """Score each prediction against its item's answers (a list of strings, as read_records
+    and the task builders give them; a bare string would be scored per character)."""
+    from loramoe.data.records import RecordsError
+
     scored = frame.copy()
     scored["prediction"] = predictions
-    scored["score"] = [score(m, p, list(a)) for m, p, a in
+    for row, answers in enumerate(scored["answers"]):
+        if not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise RecordsError(f"answers of item {scored['id'].iloc[row]!r} (row {row}) must be "
+                               f"a list of strings, got {answers!r}; read eval files with "
+                               f"loramoe.data.read_records, which normalises them")
+    scored["score"] = [score(m, p, a) for m, p, a in
                        zip(scored["metric"], predictions, scored["answers"], strict=True)]
     return scored
 
@@ -236,11 +245,12 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
              run: str | Path | None = None, base_dir: str | Path | None = None,
              batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
     """Evaluate and write predictions.jsonl, metrics.json (and router.json/.png)."""
-    from loramoe.data.records import read_records, write_records
+    from loramoe.data.records import check_records, read_records, write_records
 
+    frame = read_records(Path(eval_file)).reset_index(drop=True)
+    check_records(frame, "eval", eval_file)  # before any model is loaded
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    frame = read_records(Path(eval_file)).reset_index(drop=True)
     hf_model, tokenizer, config = load_for_eval(model, run)
     recorder = None
     if config is not None and config["method"] == "loramoe":
@@ -279,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="folder of the base model's evaluation, for retention")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
-                       base_dir=args.base, batch_size=args.batch_size)
+    from loramoe.data.records import RecordsError
+
+    try:
+        metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
+                           base_dir=args.base, batch_size=args.batch_size)
+    except (RecordsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_task"}, indent=2))
     return 0
 

@@ -24,7 +24,7 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
 
 
 class ModelNotAvailableError(RuntimeError):
-    """The embedded model's package is not installed."""
+    """The model cannot be loaded: its package is not installed or its folder is missing."""
 
 
 def cache_root() -> Path:
@@ -125,6 +125,24 @@ def save_tiny_random_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def looks_like_path(name: str) -> bool:
+    """A folder, not a hub id: hub ids are `name` or `org/name`, never `./x`, `/x`, `~/x`,
+    `a/b/c` or `x/`."""
+    return (name.startswith(("/", "./", "../", "~", "."))
+            or os.sep in name.replace("/", "", 1) or name.endswith(("/", os.sep))
+            or name.count("/") > 1)
+
+
+def check_local_path(name_or_path: str) -> None:
+    """A missing local model folder is reported as such (not as a malformed hub id)."""
+    path = Path(name_or_path).expanduser()
+    if looks_like_path(name_or_path) and not path.exists():
+        raise ModelNotAvailableError(f"model {name_or_path!r}: no such folder ({path.resolve()})")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelNotAvailableError(f"model {name_or_path!r}: {path} has no config.json; a "
+                                     f"model folder is what save_pretrained writes")
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A folder or hub id from_pretrained understands; embedded names are converted once."""
     if name_or_path.lower() == TINY_RANDOM:
@@ -138,6 +156,7 @@ def resolve_model_path(name_or_path: str) -> str:
                 shutil.rmtree(tmp, ignore_errors=True)
         return str(target)
     if name_or_path.lower() not in EMBEDDED_MODELS:
+        check_local_path(name_or_path)
         return name_or_path
     name = name_or_path.lower()
     gguf = find_embedded_gguf(name)

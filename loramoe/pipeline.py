@@ -19,6 +19,7 @@ import pandas as pd
 
 from loramoe.data import MixtureConfig, build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
+from loramoe.fields import check_fields, matches
 from loramoe.train import TrainConfig
 
 
@@ -57,18 +58,23 @@ class PipelineConfig:
                 self.mixture = MixtureConfig.from_dict(self.mixture)
             except ValueError as err:
                 raise PipelineConfigError(f"config.mixture: {err}") from None
-        if not self.methods:
-            raise PipelineConfigError("config.methods: at least one method is needed")
+        check_fields(self, [
+            ("methods", bool, "at least one method"),
+            ("retention_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+            ("retry_times", lambda v: v >= 0, ">= 0"),
+            ("timeout_minutes", lambda v: v >= 1, ">= 1"),
+            ("local_parallel_branches", lambda v: v >= 1, ">= 1"),
+            ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1 and gpu >= 0, "
+             "each a number (gpu an integer)"),
+        ], PipelineConfigError, prefix="config")
         for name, overrides in self.methods.items():
             try:
-                TrainConfig.from_dict(deep_merge(self.train, overrides))
+                train = TrainConfig.from_dict(deep_merge(self.train, overrides))
             except ValueError as err:
                 raise PipelineConfigError(f"config.methods.{name}: {err}") from None
-        if not 0 <= self.retention_threshold <= 1:
-            raise PipelineConfigError(f"config.retention_threshold: in [0, 1], got "
-                                      f"{self.retention_threshold}")
-        if self.local_parallel_branches < 1:
-            raise PipelineConfigError("config.local_parallel_branches: must be >= 1")
+            if train.method == "loramoe":
+                _check_task_types(name, train, self.mixture.task_types)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> PipelineConfig:
@@ -116,6 +122,26 @@ class PipelineConfig:
         return TrainConfig.from_dict(deep_merge(self.train, {
             **self.methods[method], "train_file": str(train_file),
             "output_dir": str(output_dir)}))
+
+
+def _resources_ok(resources: dict[str, Any]) -> bool:
+    wanted = {"cpu": float, "memory": int, "gpu": int}
+    return set(resources) <= set(wanted) and all(
+        matches(value, wanted[key]) and value >= (0 if key == "gpu" else 1e-9)
+        for key, value in resources.items())
+
+
+def _check_task_types(method: str, train: TrainConfig, task_types: list[str]) -> None:
+    """Every mixture task type must be an expert type, or be declared untyped on purpose:
+    otherwise its samples would silently train with the LBC off."""
+    experts = train.loramoe.type_names
+    unknown = [t for t in task_types if t not in experts and t not in train.untyped_task_types]
+    if unknown:
+        raise PipelineConfigError(
+            f"config.mixture.task_types {task_types} has {unknown}, which "
+            f"config.methods.{method}.loramoe.expert_types {experts} does not name: their "
+            f"samples would get no LBC term. Rename the types to match, add them to "
+            f"loramoe.expert_types, or list them in train.untyped_task_types on purpose")
 
 
 # ---- CPU slots: parallel local branches must not oversubscribe the cores ----------------

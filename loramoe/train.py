@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from loramoe.collate import IGNORE_INDEX, Collator, encode_records
 from loramoe.config import LoRAMoEConfig
+from loramoe.fields import check_fields
 
 Method = Literal["sft", "lora", "loramoe"]
 DEFAULT_LR = {"sft": 2e-5, "lora": 2e-4, "loramoe": 2e-4}
@@ -62,28 +63,31 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
 
+    # task types trained with no LBC term on purpose (their samples match no expert type);
+    # any other type the experts do not know is an error, not a silently untyped sample
+    untyped_task_types: list[str] = field(default_factory=list)
+
     def __post_init__(self) -> None:
         if isinstance(self.loramoe, dict):
             self.loramoe = LoRAMoEConfig.from_dict(self.loramoe)
-        checks = [
-            ("method", self.method in ("sft", "lora", "loramoe"), "one of sft, lora, loramoe"),
-            ("lr", self.lr is None or self.lr > 0, "> 0 (or unset for the method default)"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or unset"),
-            ("epochs", self.epochs > 0, "> 0"),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("max_length", self.max_length >= 8, ">= 8"),
-            ("mixed_precision", self.mixed_precision in ("auto", "no", "bf16", "fp16"),
-             "auto, no, bf16 or fp16"),
-            ("save_every", self.save_every >= 0, ">= 0"),
-            ("lora_rank", self.lora_rank >= 1, ">= 1"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise TrainConfigError(f"TrainConfig.{name}: must be {rule}, got "
-                                       f"{getattr(self, name)!r}")
+        check_fields(self, [
+            ("model", bool, "a model name, hub id or folder"),
+            ("lr", lambda v: v is None or v > 0, "> 0 (or unset for the method default)"),
+            ("batch_size", lambda v: v >= 1, ">= 1"),
+            ("grad_accum", lambda v: v >= 1, ">= 1"),
+            ("max_steps", lambda v: v is None or v >= 1, ">= 1 or unset"),
+            ("epochs", lambda v: v > 0, "> 0"),
+            ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("max_length", lambda v: v >= 8, ">= 8"),
+            ("save_every", lambda v: v >= 0, ">= 0"),
+            ("log_every", lambda v: v >= 1, ">= 1"),
+            ("lora_rank", lambda v: v >= 1, ">= 1"),
+            ("lora_alpha", lambda v: v > 0, "> 0"),
+            ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("untyped_task_types", lambda v: not set(v) & set(self.loramoe.type_names),
+             f"task types that are not expert types {self.loramoe.type_names}"),
+        ], TrainConfigError)
 
     @property
     def learning_rate(self) -> float:
@@ -106,8 +110,14 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         path = Path(path)
+        if not path.is_file():
+            raise TrainConfigError(f"--config: {path} does not exist")
         text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except ValueError as err:
+            kind = "TOML" if path.suffix == ".toml" else "JSON"
+            raise TrainConfigError(f"--config: {path} is not valid {kind}: {err}") from None
         data = data.get("train", data)
         for item in overrides or []:
             key, _, raw = item.partition("=")
@@ -224,15 +234,46 @@ def _mixed_precision(config: TrainConfig) -> str:
     return "no"  # CPU autocast to bf16 is slower than fp32 on most laptops
 
 
-def _load_dataset(config: TrainConfig, tokenizer):
-    from loramoe.data.records import read_records
+def read_train_frame(config: TrainConfig):
+    """The train file's records, checked before any model is loaded: text columns hold
+    non-empty strings, and (LoRAMoE) every task type is an expert type or declared untyped."""
+    from loramoe.data.records import is_text, line_number, read_records
 
-    frame = read_records(Path(config.train_file))
+    path = config.train_file
+    frame = read_records(Path(path))
     missing = [c for c in ("prompt", "response", "task_type") if c not in frame.columns]
     if missing:
-        raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} lacks column(s) "
-                               f"{missing}; validate it with: python -m validation "
-                               f"{config.train_file}")
+        raise TrainConfigError(f"TrainConfig.train_file: {path} lacks column(s) {missing}; "
+                               f"validate it with: python -m validation {path}")
+
+    def rows(bad: list[int]) -> str:
+        ids = frame.get("id")
+        return ", ".join(f"line {line_number(i, path)}"
+                         + (f" (id {ids.iloc[i]!r})" if ids is not None else "")
+                         for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+
+    for column in ("prompt", "response", "task_type"):
+        bad = [i for i, v in enumerate(frame[column]) if not is_text(v)]
+        if bad:
+            value = frame[column].iloc[bad[0]]
+            raise TrainConfigError(
+                f"TrainConfig.train_file: {path}: column '{column}' must hold non-empty "
+                f"strings; {len(bad)} row(s) do not: {rows(bad)}, e.g. {value!r} "
+                f"({type(value).__name__})")
+    if config.method == "loramoe":
+        known = set(config.loramoe.type_names) | set(config.untyped_task_types)
+        bad = [i for i, v in enumerate(frame["task_type"]) if v not in known]
+        if bad:
+            found = sorted(set(frame["task_type"].iloc[bad]))
+            raise TrainConfigError(
+                f"TrainConfig.train_file: {path} has task type(s) {found} ({rows(bad)}) that "
+                f"TrainConfig.loramoe.expert_types {config.loramoe.type_names} does not name, "
+                f"so those samples would train with no LBC term. Fix the data, add the types "
+                f"to loramoe.expert_types, or list them in untyped_task_types on purpose")
+    return frame
+
+
+def _encode(config: TrainConfig, frame, tokenizer):
     return encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
                           frame["task_type"].tolist(), config.loramoe.type_names,
                           config.max_length)
@@ -252,12 +293,6 @@ def _cosine_with_warmup(optimizer, warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _last_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"),
-                         key=lambda p: int(p.name.split("_")[1]))
-    return checkpoints[-1] if checkpoints else None
 
 
 def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path) -> Path:
@@ -285,8 +320,11 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
                               mixed_precision=_mixed_precision(config))
     set_seed(config.seed)
+    frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
+    checkpoint = _start_state(config, output_dir, resume) if accelerator.is_main_process \
+        else None
     model, tokenizer = build_model(config)
-    dataset = _load_dataset(config, tokenizer)
+    dataset = _encode(config, frame, tokenizer)
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
                                f"examples (empty, or every response truncated by max_length)")
@@ -306,13 +344,13 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
     local_sink = JsonlSink(output_dir / "metrics.jsonl")
-    checkpoint = _last_checkpoint(output_dir) if resume else None
+    checkpoint = _shared_checkpoint(accelerator, checkpoint)
     if checkpoint is not None:
+        from loramoe.checkpoints import read_progress
+
         accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "progress.json").read_text())
+        state = read_progress(checkpoint)
         step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-    elif accelerator.is_main_process and (output_dir / "metrics.jsonl").exists():
-        (output_dir / "metrics.jsonl").unlink()
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and
@@ -337,13 +375,14 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
                 lbc, cv = lbc_term(model, batch, config)
                 loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
                 if not torch.isfinite(loss.detach()):
-                    kept = _last_checkpoint(output_dir)
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {step} (lm {lm_loss.item()}, lbc "
-                        f"{None if lbc is None else lbc.item()}); stopped before the update. "
-                        f"Last good checkpoint: {kept or 'none yet'}. Lower the learning rate "
-                        f"({config.learning_rate}) or check the data.")
+                    raise _diverged("non-finite loss", step, output_dir, config,
+                                    f"lm {lm_loss.item()}, lbc "
+                                    f"{None if lbc is None else lbc.item()}")
                 accelerator.backward(loss)
+                # A huge but finite loss can still give inf/nan gradients: check them
+                # before AdamW turns them into NaN weights.
+                if accelerator.sync_gradients and not _gradients_finite(params):
+                    raise _diverged("non-finite gradients", step, output_dir, config)
                 optimizer.step()
                 scheduler.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad(set_to_none=True)
@@ -365,7 +404,8 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
             bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             bar.update(1)
             if config.save_every and step % config.save_every == 0:
-                _save_checkpoint(accelerator, output_dir, step, epoch, batches_in_epoch)
+                _checkpoint(accelerator, params, output_dir, config,
+                            {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch})
             if step >= total_steps:
                 break
         else:
@@ -382,14 +422,74 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     return TrainResult(output_dir, step, last, artifact, last.get("tokens_per_s", 0.0))
 
 
-def _save_checkpoint(accelerator, output_dir: Path, step: int, epoch: int,
-                     batches_in_epoch: int) -> None:
-    path = output_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / "progress.json").write_text(json.dumps(
-            {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}))
-    accelerator.wait_for_everyone()
+def _shared_checkpoint(accelerator, checkpoint: Path | None) -> Path | None:
+    """The main process's choice of checkpoint, for every process."""
+    if accelerator.num_processes == 1:
+        return checkpoint
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [str(checkpoint) if checkpoint is not None else None]
+    broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0]) if chosen[0] else None
+
+
+def _checkpoint(accelerator, params: list[torch.nn.Parameter], output_dir: Path,
+                config: TrainConfig, progress: dict[str, int]) -> None:
+    """Save a checkpoint only if every trainable weight is finite (never a 'good' NaN one)."""
+    from loramoe.checkpoints import save_checkpoint
+
+    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))):
+        raise _diverged("non-finite weights", progress["step"], output_dir, config)
+    save_checkpoint(accelerator, output_dir, progress)
+
+
+def _gradients_finite(params: list[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def _diverged(what: str, step: int, output_dir: Path, config: TrainConfig,
+              detail: str = "") -> TrainingDiverged:
+    from loramoe.checkpoints import last_good_checkpoint
+
+    kept = last_good_checkpoint(output_dir)
+    detail = f" ({detail})" if detail else ""
+    return TrainingDiverged(
+        f"{what} at step {step}{detail}; stopped before the update. Last good checkpoint: "
+        f"{kept or 'none yet'}. Lower the learning rate ({config.learning_rate}) or check "
+        f"the data.")
+
+
+def _start_state(config: TrainConfig, output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (or None), after checking that a fresh run would not
+    overwrite an earlier one; earlier metrics are kept, never deleted."""
+    from loramoe.checkpoints import (
+        complete_checkpoints,
+        keep_metrics_until,
+        last_good_checkpoint,
+        read_progress,
+        set_aside,
+    )
+
+    metrics = output_dir / "metrics.jsonl"
+    if not resume:
+        earlier = complete_checkpoints(output_dir)
+        if earlier or (output_dir / "final_metrics.json").exists():
+            raise TrainConfigError(
+                f"TrainConfig.output_dir: {output_dir} holds an earlier run "
+                f"({earlier[-1].name if earlier else 'final_metrics.json'}); continue it with "
+                f"--resume, or choose another output_dir")
+        set_aside(metrics)
+        return None
+    checkpoint = last_good_checkpoint(output_dir)
+    if checkpoint is None:
+        kept = set_aside(metrics)
+        print(f"warning: --resume: no complete checkpoint under {output_dir / 'checkpoints'}; "
+              f"starting from step 0" + (f" (earlier metrics kept in {kept})" if kept else ""),
+              file=sys.stderr)
+        return None
+    keep_metrics_until(metrics, read_progress(checkpoint)["step"])
+    return checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,12 +500,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a field, e.g. --set method=lora --set loramoe.lbc_beta=0")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
+    from loramoe.data.records import RecordsError
+    from loramoe.model import ModelNotAvailableError
+
     try:
         config = TrainConfig.from_file(args.config, args.set)
-    except (TrainConfigError, ValueError, OSError) as err:
+        result = train(config, resume=args.resume)
+    except (TrainConfigError, RecordsError, ModelNotAvailableError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(config, resume=args.resume)
     print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps,
                       "artifact": str(result.artifact), **result.final_metrics}))
     return 0

@@ -16,7 +16,17 @@ from typing import Any
 
 import pandas as pd
 
-from loramoe.data.records import EVAL_COLUMNS, METRICS, TRAIN_COLUMNS, normalize_text, read_records
+from loramoe.data.records import (
+    EVAL_COLUMNS,
+    METRICS,
+    TRAIN_COLUMNS,
+    is_text,
+    line_number,
+    looks_like_serialized_list,
+    normalize_answers,
+    normalize_text,
+    read_records,
+)
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -81,9 +91,17 @@ def _expectations(frame: pd.DataFrame, kind: str, task_types: list[str], max_cha
     for col in text_columns:
         if col in present:
             out.append((gxe.ExpectColumnValuesToNotBeNull(column=col), "must not be empty/null"))
+            out.append((gxe.ExpectColumnValuesToBeInSet(column=f"_is_text_{col}",
+                                                        value_set=[True]),
+                        "must be a non-empty string (not a number, list or null)"))
             out.append((gxe.ExpectColumnValueLengthsToBeBetween(
-                column=col, min_value=1, max_value=max_chars),
+                column=f"_str_{col}", min_value=1, max_value=max_chars),
                 f"must be 1..{max_chars} characters long"))
+    if kind == "train" and "response" in present:
+        out.append((gxe.ExpectColumnValuesToBeInSet(column="_serialized_list_response",
+                                                    value_set=[False]),
+                    "must be the answer text, not a serialised list such as \"['42' '42.0']\" "
+                    "(map a list column to `answers`, or store one answer per row)"))
     if "id" in present:
         out.append((gxe.ExpectColumnValuesToBeUnique(column="id"), "must be unique"))
     if "task_type" in present:
@@ -110,15 +128,20 @@ def _expectations(frame: pd.DataFrame, kind: str, task_types: list[str], max_cha
 
 
 def _n_answers(value: Any) -> int:
-    if isinstance(value, str) or not hasattr(value, "__iter__"):
-        return 0
-    items = list(value)
-    return len(items) if items and all(isinstance(a, str) and a.strip() for a in items) else 0
+    answers = normalize_answers(value)
+    return len(answers) if answers is not None else 0
 
 
 def _with_derived(frame: pd.DataFrame, kind: str, tokenizer, train_prompts: set[str] | None
                   ) -> pd.DataFrame:
     frame = frame.reset_index(drop=True).copy()
+    for col in ("id", "task", "task_type", "prompt", "response"):
+        if col in frame:
+            frame[f"_is_text_{col}"] = frame[col].map(is_text)
+            # None for non-strings: the length rule skips them, the type rule reports them
+            frame[f"_str_{col}"] = frame[col].map(lambda v: v if isinstance(v, str) else None)
+    if kind == "train" and "response" in frame:
+        frame["_serialized_list_response"] = frame["response"].map(looks_like_serialized_list)
     if kind == "eval" and "answers" in frame:
         frame["_n_answers"] = frame["answers"].map(_n_answers)
     if kind == "eval" and train_prompts is not None and "prompt" in frame:
@@ -130,16 +153,28 @@ def _with_derived(frame: pd.DataFrame, kind: str, tokenizer, train_prompts: set[
     return frame
 
 
-def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None) -> list[str]:
+def _shown_column(column: str | None) -> str | None:
+    """The user's column behind a derived one (`_is_text_response` -> `response`)."""
+    if column is None or not column.startswith("_"):
+        return column
+    for prefix in ("_is_text_", "_str_", "_serialized_list_"):
+        if column.startswith(prefix):
+            return column[len(prefix):]
+    return {"_n_answers": "answers", "_in_train": "prompt", "_n_tokens": "prompt"}[column]
+
+
+def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None,
+              source: Path | None) -> list[str]:
     out = []
+    shown = _shown_column(column)
     for index in (indices or [])[:3]:
         row = frame.iloc[index]
-        ident = f" id={row['id']!r}" if "id" in frame and column != "id" else ""
+        ident = f" id={row['id']!r}" if "id" in frame and shown != "id" else ""
         value = ""
-        if column and column in frame and not column.startswith("_"):
-            text = repr(row[column])
+        if shown and shown in frame:
+            text = repr(row[shown])
             value = f" value={text[:60]}{'…' if len(text) > 60 else ''}"
-        out.append(f"line {index + 1}{ident}{value}")
+        out.append(f"line {line_number(index, source)}{ident}{value}")
     return out
 
 
@@ -167,6 +202,7 @@ def validate_frame(
     max_tokens: int | None = None,
     train_prompts: set[str] | None = None,
     docs_dir: str | Path | None = None,
+    source: Path | None = None,
 ) -> ValidationReport:
     """Run the train or eval suite on a DataFrame of records."""
     import great_expectations as gx
@@ -198,7 +234,7 @@ def validate_frame(
     else:
         result = definition.run(batch_parameters={"dataframe": data},
                                 result_format={"result_format": "COMPLETE"})
-    failures = _failures(result, data, rules)
+    failures = _failures(result, data, rules, source)
     docs_path = None
     if docs is not None:
         context.build_data_docs()
@@ -213,7 +249,7 @@ def _key(expectation) -> str:
     return f"{config.type}:{json.dumps(kwargs, sort_keys=True, default=str)}"
 
 
-def _failures(result, data: pd.DataFrame, rules: dict) -> list[Failure]:
+def _failures(result, data: pd.DataFrame, rules: dict, source: Path | None) -> list[Failure]:
     missing_columns = {r.expectation_config.kwargs.get("column") for r in result.results
                        if r.expectation_config.type == "expect_column_to_exist" and not r.success}
     failures = []
@@ -224,13 +260,12 @@ def _failures(result, data: pd.DataFrame, rules: dict) -> list[Failure]:
         column = config.kwargs.get("column")
         if column in missing_columns and config.type != "expect_column_to_exist":
             continue  # one message per missing column is enough
-        shown = {"_n_answers": "answers", "_in_train": "prompt", "_n_tokens": "prompt"}.get(
-            column, column)
+        shown = _shown_column(column)
         res_dict = res.result or {}
         failures.append(Failure(
             expectation=config.type, column=shown, rule=rules.get(_key(config), config.type),
             unexpected_count=res_dict.get("unexpected_count"),
-            examples=_examples(data, res_dict.get("unexpected_index_list"), column),
+            examples=_examples(data, res_dict.get("unexpected_index_list"), column, source),
         ))
     return failures
 
@@ -241,7 +276,7 @@ def validate_file(path: str | Path, kind: str, **kwargs) -> ValidationReport:
         frame = read_records(path)
     except (FileNotFoundError, ValueError) as err:
         return ValidationReport(path.name, kind, 0, [Failure("read_file", None, str(err), None)])
-    return validate_frame(frame, kind, name=path.stem, **kwargs)
+    return validate_frame(frame, kind, name=path.stem, source=path, **kwargs)
 
 
 def validate_mixture(outdir: str | Path, task_types: list[str] | None = None,

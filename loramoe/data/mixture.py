@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,16 @@ from loramoe.data.records import (
     METRICS,
     EvalRecord,
     TrainRecord,
+    is_text,
+    line_number,
+    normalize_answers,
     normalize_text,
     read_records,
     to_frame,
     write_records,
 )
 from loramoe.data.registry import Task, get_task
+from loramoe.fields import check_fields
 
 
 class MixtureError(ValueError):
@@ -43,10 +47,10 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         where = f"tasks[{self.name!r}]"
-        if not self.weight > 0:
-            raise MixtureError(f"{where}.weight: must be > 0, got {self.weight!r}")
-        if self.source not in ("registry", "local"):
-            raise MixtureError(f"{where}.source: 'registry' or 'local', got {self.source!r}")
+        check_fields(self, [("name", bool, "a task name"),
+                            ("weight", lambda v: v > 0, "> 0"),
+                            ("source", lambda v: v in ("registry", "local"),
+                             "'registry' or 'local'")], MixtureError, prefix=where)
         if self.source == "local":
             if not self.path:
                 raise MixtureError(f"{where}.path: a local task needs a file path")
@@ -60,6 +64,20 @@ class TaskSpec:
                                    f"prompt/response/answers to your file's column names")
 
 
+def _task_spec(value: Any, index: int) -> TaskSpec:
+    if isinstance(value, TaskSpec):
+        return value
+    if not isinstance(value, dict):
+        raise MixtureError(f"mixture.tasks[{index}]: must be a table such as "
+                           f"{{ name = \"arithmetic\" }}, got {value!r}")
+    known = {f.name for f in fields(TaskSpec)}
+    unknown = sorted(set(value) - known)
+    if unknown or "name" not in value:
+        raise MixtureError(f"mixture.tasks[{index}]: unknown field(s) {unknown} or no name; "
+                           f"known: {sorted(known)}")
+    return TaskSpec(**value)
+
+
 @dataclass
 class MixtureConfig:
     tasks: list[TaskSpec]
@@ -69,17 +87,17 @@ class MixtureConfig:
     task_types: list[str] = field(default_factory=lambda: ["knowledge", "downstream"])
 
     def __post_init__(self) -> None:
-        self.tasks = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in self.tasks]
-        if not self.tasks:
-            raise MixtureError("tasks: the mixture needs at least one task")
-        names = [t.name for t in self.tasks]
-        if len(set(names)) != len(names):
-            raise MixtureError(f"tasks: duplicate task names in {names}")
-        if not self.scales or any(not isinstance(s, int) or s < 1 for s in self.scales):
-            raise MixtureError(f"scales: positive integers, got {self.scales!r}")
+        if isinstance(self.tasks, list):
+            self.tasks = [_task_spec(t, i) for i, t in enumerate(self.tasks)]
+        check_fields(self, [
+            ("tasks", bool, "at least one task"),
+            ("tasks", lambda v: len({t.name for t in v}) == len(v), "tasks with distinct names"),
+            ("scales", lambda v: v and all(s >= 1 for s in v), "a list of positive integers"),
+            ("eval_size", lambda v: v >= 1, ">= 1"),
+            ("task_types", lambda v: v and all(v) and len(set(v)) == len(v),
+             "a list of distinct, non-empty type names"),
+        ], MixtureError, prefix="mixture")
         self.scales = sorted(set(self.scales))
-        if self.eval_size < 1:
-            raise MixtureError(f"eval_size: must be >= 1, got {self.eval_size!r}")
         for spec in self.tasks:
             task_type = spec.task_type or (get_task(spec.name).task_type
                                            if spec.source == "registry" else None)
@@ -117,6 +135,11 @@ class MixtureConfig:
         return cls.from_dict(data)
 
 
+def _bad_row(spec: TaskSpec, index: int, column: str, value: Any, rule: str) -> None:
+    raise MixtureError(f"tasks[{spec.name!r}]: {spec.path} line {line_number(index, spec.path)}:"
+                       f" column '{column}' must hold {rule}, got {value!r}")
+
+
 def _local_task(spec: TaskSpec) -> Task:
     """A task over a local file; rows split train/test by a stable hash of the prompt."""
     columns = {"prompt": "prompt", "response": "response", "answers": "answers", **spec.columns}
@@ -129,10 +152,14 @@ def _local_task(spec: TaskSpec) -> Task:
                                f"found {list(frame.columns)}")
         out = []
         answer_column = columns["answers"] if columns["answers"] in frame else columns["response"]
-        for _, row in frame.iterrows():
-            prompt = str(row[columns["prompt"]])
-            raw = row[answer_column]
-            answers = [str(a) for a in raw] if isinstance(raw, list) else [str(raw)]
+        for index, (prompt, raw) in enumerate(zip(frame[columns["prompt"]], frame[answer_column],
+                                                  strict=True)):
+            # Whatever the column's name and the file's format, a list stays a list.
+            answers = normalize_answers(raw)
+            if not is_text(prompt):
+                _bad_row(spec, index, columns["prompt"], prompt, "a non-empty string")
+            if answers is None:
+                _bad_row(spec, index, answer_column, raw, "an answer or a list of answers")
             digest = hashlib.sha256(f"{spec.name}:{prompt}".encode()).digest()
             if (int.from_bytes(digest[:4], "big") % 100 < 20) == (split == "test"):
                 out.append((prompt, answers))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -41,6 +43,106 @@ def normalize_text(text: str) -> str:
     text = "".join(ch for ch in text if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
+
+
+class RecordsError(ValueError):
+    """A records file breaks the schema; the message names the column, lines and ids."""
+
+
+def normalize_answers(value: Any) -> list[str] | None:
+    """Gold answers as a list of strings, from any of the ways files store them.
+
+    A plain string is *one* answer (CSV cells, jsonl written by hand), a JSON list inside a
+    string is parsed, and list-likes (lists, tuples, the numpy arrays parquet gives back)
+    become lists. Numbers become their text. Anything else (None, dicts, bools, nested
+    lists, empty strings) returns None: the caller reports the row.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, list):
+                return normalize_answers(parsed)
+        return [value] if text else None
+    if _is_number(value):
+        return [str(value)]
+    if hasattr(value, "tolist") and not hasattr(value, "keys"):  # numpy arrays and scalars
+        value = value.tolist()
+        if not isinstance(value, list):
+            return normalize_answers(value) if _is_number(value) else None
+    if isinstance(value, (list, tuple)) and value:
+        items = [a if isinstance(a, str) else str(a) if _is_number(a) else None for a in value]
+        if all(a is not None and a.strip() for a in items):
+            return items
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def is_text(value: Any) -> bool:
+    """A non-empty string: what every text column of a record must hold."""
+    return isinstance(value, str) and bool(value.strip())
+
+
+def looks_like_serialized_list(text: Any) -> bool:
+    """A string such as "['42' '42.0']" or '["a", "b"]': a list written out as its repr,
+    which a list column read through the wrong path turns into."""
+    return isinstance(text, str) and re.fullmatch(
+        r"\s*\[\s*(['\"]).*\1\s*\]\s*", text, flags=re.S) is not None
+
+
+def line_number(index: int, path: Path | str | None) -> int:
+    """1-based line of a record in its file (CSV files have a header line)."""
+    return index + (2 if path is not None and Path(path).suffix == ".csv" else 1)
+
+
+def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = None) -> None:
+    """Raise RecordsError naming columns, lines and ids when records break the schema.
+
+    The light twin of the great-expectations suites (validation/): the same row rules
+    (is_text, normalize_answers, METRICS), cheap enough to run before any model is loaded.
+    """
+    columns = TRAIN_COLUMNS if kind == "train" else EVAL_COLUMNS
+    where = f"{source}: " if source is not None else ""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise RecordsError(f"{where}missing column(s) {missing}; found {list(frame.columns)}")
+    if not len(frame):
+        raise RecordsError(f"{where}no records")
+    problems = []
+    text_columns = [c for c in columns if c not in ("answers", "metric")]
+    for column in text_columns:
+        bad = [i for i, v in enumerate(frame[column]) if not is_text(v)]
+        problems += _describe(frame, bad, column, "must be a non-empty string", source)
+    if kind == "eval":
+        bad = [i for i, v in enumerate(frame["answers"]) if normalize_answers(v) is None]
+        problems += _describe(frame, bad, "answers",
+                              "must be a non-empty list of non-empty strings", source)
+        bad = [i for i, v in enumerate(frame["metric"]) if v not in METRICS]
+        problems += _describe(frame, bad, "metric", f"must be one of {list(METRICS)}", source)
+    if problems:
+        raise RecordsError(f"{where}{len(problems)} schema problem(s):\n" + "\n".join(
+            f"  - {p}" for p in problems))
+
+
+def _describe(frame: pd.DataFrame, rows: list[int], column: str, rule: str,
+              source: Path | str | None) -> list[str]:
+    if not rows:
+        return []
+    examples = []
+    for i in rows[:3]:
+        value = repr(frame[column].iloc[i])
+        value = value[:60] + ("…" if len(value) > 60 else "")
+        ident = f" id={frame['id'].iloc[i]!r}" if "id" in frame and column != "id" else ""
+        examples.append(f"line {line_number(i, source)}{ident} value={value} "
+                        f"({type(frame[column].iloc[i]).__name__})")
+    return [f"column '{column}' {rule}: {len(rows)} row(s) fail, e.g. {'; '.join(examples)}"]
 
 
 def to_frame(records: Iterable[TrainRecord | EvalRecord]) -> pd.DataFrame:
@@ -79,16 +181,17 @@ def read_records(path: Path) -> pd.DataFrame:
         try:
             frame = pd.read_json(path, lines=True, dtype=False)
         except ValueError as err:
-            raise ValueError(f"{path}: not valid JSON lines ({err})") from None
+            raise RecordsError(f"{path}: not valid JSON lines ({err})") from None
     elif path.suffix == ".json":
         frame = pd.read_json(path, dtype=False)
     elif path.suffix == ".csv":
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     else:
-        raise ValueError(f"{path}: unsupported format (use .jsonl, .json, .csv or .parquet)")
+        raise RecordsError(f"{path}: unsupported format (use .jsonl, .json, .csv or .parquet)")
     if "answers" in frame.columns:
+        # Invalid values stay as they were, for check_records / the suites to report.
         frame["answers"] = frame["answers"].map(
-            lambda v: list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v)
+            lambda v: a if (a := normalize_answers(v)) is not None else v)
     return frame
 
 

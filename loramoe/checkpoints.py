@@ -1,0 +1,102 @@
+"""Training checkpoints that are complete and finite, or not there at all.
+
+A checkpoint is written to a hidden `.step_N.partial` folder and renamed to `step_N` only
+once every file (accelerate's state and our progress.json) is on disk, so a worker killed
+mid-save never leaves a `step_N` that blocks `--resume`. A folder is a *good* checkpoint
+only if it is complete and its weights are finite: the trainer checks the parameters
+before writing, and `last_good_checkpoint` checks the files before naming one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+PROGRESS = "progress.json"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step_") or not name[5:].isdigit():
+        return None
+    return int(name[5:])
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """`step_N` folders with their progress file, oldest first (half-written ones skipped)."""
+    folder = Path(output_dir) / "checkpoints"
+    found = [p for p in folder.glob("step_*") if _step_of(p) is not None
+             and (p / PROGRESS).is_file()] if folder.is_dir() else []
+    return sorted(found, key=_step_of)
+
+
+def weights_are_finite(checkpoint: Path) -> bool:
+    """Every tensor in the checkpoint's safetensors files is finite."""
+    from safetensors import safe_open
+
+    files = sorted(Path(checkpoint).rglob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    return False
+    return bool(files)
+
+
+def last_good_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose weights are finite, or None."""
+    for checkpoint in reversed(complete_checkpoints(output_dir)):
+        if weights_are_finite(checkpoint):
+            return checkpoint
+        print(f"warning: skipping checkpoint {checkpoint}: its weights are not finite",
+              file=sys.stderr)
+    return None
+
+
+def save_checkpoint(accelerator, output_dir: Path, progress: dict[str, int]) -> Path:
+    """Write accelerate's state + progress under `.step_N.partial`, then rename it."""
+    folder = Path(output_dir) / "checkpoints"
+    final = folder / f"step_{progress['step']}"
+    partial = folder / f".step_{progress['step']}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / PROGRESS).write_text(json.dumps(progress))
+        if final.exists():  # an earlier attempt of this very run got this far
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_progress(checkpoint: Path) -> dict[str, int]:
+    return json.loads((checkpoint / PROGRESS).read_text())
+
+
+def keep_metrics_until(metrics_file: Path, step: int) -> None:
+    """On resume from `step`: drop logged rows after it, which the resumed run logs again."""
+    if not metrics_file.exists():
+        return
+    rows = [line for line in metrics_file.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    metrics_file.write_text("".join(line + "\n" for line in kept))
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename an earlier file to `NAME.previous-K` (first free K) instead of deleting it."""
+    if not path.exists():
+        return None
+    k = 1
+    while (target := path.with_name(f"{path.name}.previous-{k}")).exists():
+        k += 1
+    os.replace(path, target)
+    return target
