@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,12 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     """
     from tqdm.auto import tqdm
 
-    encoded = [prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in frame["prompt"]]
+    encoded = [prompt_ids(tokenizer, p) for p in frame["prompt"]]
+    cut = sum(len(e) > max_prompt_tokens for e in encoded)
+    if cut:
+        warnings.warn(f"{cut} prompt(s) longer than {max_prompt_tokens} tokens keep only their "
+                      f"last {max_prompt_tokens} tokens", stacklevel=2)
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
     # Batches of similar length waste less compute on padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     predictions: dict[int, str] = {}

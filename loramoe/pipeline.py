@@ -20,6 +20,7 @@ import pandas as pd
 from loramoe.data import MixtureConfig, build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
 from loramoe.fields import check_fields, matches
+from loramoe.model import ModelNotAvailableError, check_local_path
 from loramoe.train import TrainConfig
 
 
@@ -75,6 +76,10 @@ class PipelineConfig:
                 raise PipelineConfigError(f"config.methods.{name}: {err}") from None
             if train.method == "loramoe":
                 _check_task_types(name, train, self.mixture.task_types)
+            try:
+                check_local_path(train.model)
+            except ModelNotAvailableError as err:
+                raise PipelineConfigError(f"config.methods.{name}.model: {err}") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> PipelineConfig:

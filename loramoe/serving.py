@@ -2,7 +2,9 @@
 
 The logged model holds only the adapter (or, for full SFT, the model folder) and the train
 config; the base model is loaded by name at serving time (the embedded default needs no
-network). Input: a DataFrame with a "prompt" column, or a list of strings.
+network). Input: a list of prompt strings (MLflow checks it against predict's type hints); param
+`max_new_tokens` (1..512, default 64). Bad requests raise MlflowException
+(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400.
 """
 
 from __future__ import annotations
@@ -12,6 +14,61 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS_CAP = 512  # per request; more is an error, not a silent cut
+MAX_PROMPTS = 64  # prompts per request
+MAX_PROMPT_TOKENS = 2048  # prompts are never cut from the left without a word
+
+
+class ServingInputError(ValueError):
+    """A request breaks the model's contract; the server answers it with HTTP 400."""
+
+
+def _bad_request(message: str) -> Exception:
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    except ImportError:  # used without MLflow: a plain ValueError
+        return ServingInputError(message)
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def prompts_from(model_input: Any) -> list[str]:
+    """The request's prompts, each a non-empty string, or a 400-style error."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "prompt" in model_input.columns:
+            values = model_input["prompt"].tolist()
+        elif model_input.shape[1] == 1:
+            values = model_input.iloc[:, 0].tolist()
+        else:
+            raise _bad_request(f"input has columns {list(model_input.columns)}: send a list of "
+                               f"prompt strings, or one column named 'prompt'")
+    elif isinstance(model_input, str):
+        values = [model_input]  # one prompt, not one per character
+    elif isinstance(model_input, (list, tuple)):
+        values = list(model_input)
+    else:
+        raise _bad_request(f"input must be a list of prompt strings, got "
+                           f"{type(model_input).__name__}")
+    bad = [i for i, v in enumerate(values) if not (isinstance(v, str) and v.strip())]
+    if bad:
+        raise _bad_request(f"prompt(s) at index {bad[:10]} are not non-empty strings "
+                           f"(got {values[bad[0]]!r})")
+    if not values or len(values) > MAX_PROMPTS:
+        raise _bad_request(f"send 1..{MAX_PROMPTS} prompts per request, got {len(values)}")
+    return values
+
+
+def max_new_tokens_from(params: dict[str, Any] | None, default: int) -> int:
+    value = (params or {}).get("max_new_tokens", default)
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 1 <= value <= MAX_NEW_TOKENS_CAP:
+        raise _bad_request(f"params.max_new_tokens must be an integer in "
+                           f"1..{MAX_NEW_TOKENS_CAP}, got {value!r}")
+    return value
 
 
 class AnswerModel(mlflow.pyfunc.PythonModel):
@@ -23,23 +80,30 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(json.loads((run_dir / "serving.json").read_text())
                                   .get("max_new_tokens", 64))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    # The type hints make MLflow check each request (a list of strings) before predict runs.
+    def predict(self, context, model_input: list[str],
+                params: dict[str, Any] | None = None) -> list[str]:
         import pandas as pd
 
+        from loramoe.collate import prompt_ids
         from loramoe.evaluate import generate_predictions
 
-        if isinstance(model_input, pd.DataFrame):
-            prompts = model_input["prompt"].astype(str).tolist()
-        else:
-            prompts = [str(p) for p in model_input]
-        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        prompts = prompts_from(model_input)
+        max_new = max_new_tokens_from(params, self.max_new_tokens)
+        lengths = [len(prompt_ids(self.tokenizer, p)) for p in prompts]
+        too_long = [i for i, n in enumerate(lengths) if n > MAX_PROMPT_TOKENS]
+        if too_long:
+            raise _bad_request(f"prompt(s) at index {too_long[:10]} have "
+                               f"{lengths[too_long[0]]} tokens; the limit is "
+                               f"{MAX_PROMPT_TOKENS}")
         frame = pd.DataFrame({"prompt": prompts, "metric": ["contains"] * len(prompts)})
         return generate_predictions(self.model, self.tokenizer, frame, batch_size=8,
+                                    max_prompt_tokens=MAX_PROMPT_TOKENS,
                                     max_new_tokens=max_new)
 
 
 def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
-                          max_new_tokens: int = 64) -> Path:
+                          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
     """A folder with just what serving needs: train config + adapter (or SFT model)."""
     import shutil
 
@@ -62,10 +126,15 @@ def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path):
     staged = stage_run_for_serving(run_dir, staging)
     code = Path(__file__).resolve().parent
     with mlflow.start_run(run_id=run_id):
+        # The signature comes from predict's type hints (so MLflow checks every request is a
+        # list of strings) plus the example's params (typed, with defaults). MLflow runs the
+        # example once here, which loads the model once.
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(code / "serving_entry.py"),
             artifacts={"run": str(staged)},
             code_paths=[str(code)],
+            input_example=(["What is the capital of Peru?"],
+                           {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}),
             pip_requirements=serving_requirements(),
         )
 

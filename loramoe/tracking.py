@@ -20,13 +20,45 @@ def tracking_uri(workdir: str | Path = ".") -> str:
     return f"sqlite:///{(Path(workdir) / DEFAULT_DB).resolve()}"
 
 
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; the message names where its URI came from."""
+
+
+def _origin(uri: str) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return f"MLFLOW_TRACKING_URI={uri!r}"
+    return f"the default tracking store {uri!r} (set MLFLOW_TRACKING_URI to use another)"
+
+
+def check_store(uri: str) -> None:
+    """A local store's folder must exist (or be creatable) and be writable."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = Path(uri[len(scheme):])
+            folder = path.parent if scheme == "sqlite:///" else path
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise TrackingError(f"{_origin(uri)}: cannot create {folder}: "
+                                    f"{err.strerror}") from None
+            if not os.access(folder, os.W_OK):
+                raise TrackingError(f"{_origin(uri)}: {folder} is not writable")
+
+
 def setup(experiment: str, workdir: str | Path = ".") -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(workdir))
-    found = mlflow.get_experiment_by_name(experiment)
-    return found.experiment_id if found else mlflow.create_experiment(experiment)
+    uri = tracking_uri(workdir)
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        return found.experiment_id if found else mlflow.create_experiment(experiment)
+    except Exception as err:  # sqlalchemy, HTTP and MLflow errors alike
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise TrackingError(f"{_origin(uri)}: the tracking store cannot be used: {first}"
+                            ) from None
 
 
 def start_parent_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:

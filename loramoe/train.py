@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from loramoe.collate import IGNORE_INDEX, Collator, encode_records
-from loramoe.config import LoRAMoEConfig
+from loramoe.config import ConfigError, LoRAMoEConfig
 from loramoe.fields import check_fields
 
 Method = Literal["sft", "lora", "loramoe"]
@@ -69,7 +69,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.loramoe, dict):
-            self.loramoe = LoRAMoEConfig.from_dict(self.loramoe)
+            try:
+                self.loramoe = LoRAMoEConfig.from_dict(self.loramoe)
+            except ConfigError as err:
+                raise TrainConfigError(f"TrainConfig.loramoe: {err}") from None
         check_fields(self, [
             ("model", bool, "a model name, hub id or folder"),
             ("lr", lambda v: v is None or v > 0, "> 0 (or unset for the method default)"),

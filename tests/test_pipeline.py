@@ -198,8 +198,7 @@ def test_serve_champion_over_http(smoke_run, tmp_path):
         stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, 120)
-        body = json.dumps({"dataframe_split": {"columns": ["prompt"],
-                                               "data": [["What is the capital of France?"]]},
+        body = json.dumps({"inputs": ["What is the capital of France?"],
                            "params": {"max_new_tokens": 8}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})

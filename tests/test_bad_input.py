@@ -1,0 +1,509 @@
+"""Ordinary bad input, walked end to end through the CLIs and the library (issue: numbers you
+can trust). Each case must give a clear error naming the field or rows, or the right result,
+and nothing already written (datasets, checkpoints, metrics, MLflow runs) may be lost."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loramoe.train import TrainConfig, TrainConfigError, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def eval_rows() -> list[dict]:
+    return [{"id": "q1", "task": "capitals", "task_type": "knowledge",
+             "prompt": "What is the capital of Taiwan?", "answers": "Taipei",
+             "metric": "contains"},
+            {"id": "q2", "task": "capitals", "task_type": "knowledge",
+             "prompt": "What is the capital of Peru?", "answers": ["Lima"],
+             "metric": "contains"}]
+
+
+def config_for(model_dir, train_file, out: Path, **overrides) -> TrainConfig:
+    base = dict(model=str(model_dir), train_file=str(train_file), output_dir=str(out),
+                batch_size=8, max_steps=6, lr=5e-3, max_length=128, warmup_ratio=0.0, seed=0,
+                method="loramoe")
+    return TrainConfig(**{**base, **overrides})
+
+
+# ---- 1. string answers are one answer, not characters ------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_string_answers_are_one_answer_in_every_format(tmp_path, suffix):
+    from loramoe.data.records import read_records
+    from loramoe.evaluate import score_predictions
+
+    path = tmp_path / f"eval{suffix}"
+    if suffix == ".csv":
+        pd.DataFrame(eval_rows()).assign(answers=["Taipei", '["Lima", "Lima, Peru"]']).to_csv(
+            path, index=False)
+    else:
+        write_jsonl(path, eval_rows())
+    frame = read_records(path)
+    assert frame["answers"].iloc[0] == ["Taipei"]
+    # Before the fix "T" contained the gold answer "T" (one of Taipei's characters).
+    scored = score_predictions(frame, ["T", "I believe it is Lima"])
+    assert scored["score"].tolist() == [0.0, 1.0]
+
+
+def test_score_predictions_refuses_a_bare_string(tmp_path):
+    from loramoe.data.records import RecordsError
+    from loramoe.evaluate import score_predictions
+
+    frame = pd.DataFrame(eval_rows())  # not read through read_records: "Taipei" is a string
+    with pytest.raises(RecordsError, match="q1.*list of strings"):
+        score_predictions(frame, ["T", "Lima"])
+
+
+def test_evaluate_cli_checks_the_eval_schema_before_loading_a_model(tmp_path):
+    rows = eval_rows()
+    rows[1]["answers"] = None
+    rows[0]["metric"] = "bleu"
+    path = write_jsonl(tmp_path / "eval.jsonl", rows)
+    done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
+               str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "column 'answers'" in done.stderr and "line 2 id='q2'" in done.stderr
+    assert "column 'metric'" in done.stderr and "line 1 id='q1'" in done.stderr
+    assert not (tmp_path / "out").exists()  # stopped before anything ran
+
+
+def test_evaluate_scores_csv_answers_as_whole_strings(tiny_model_dir, tmp_path):
+    from loramoe.evaluate import evaluate
+    from loramoe.metrics import contains
+
+    path = tmp_path / "eval.csv"
+    pd.DataFrame(eval_rows()).assign(answers=["Taipei", "Lima"]).to_csv(path, index=False)
+    evaluate(path, tmp_path / "out", model=str(tiny_model_dir), progress=False)
+    written = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").open()]
+    assert [r["answers"] for r in written] == [["Taipei"], ["Lima"]]
+    for row in written:
+        assert row["score"] == contains(row["prediction"], row["answers"])
+
+
+def test_validation_cli_reads_eval_csv_answers(tmp_path):
+    good = tmp_path / "good.csv"
+    pd.DataFrame(eval_rows()).assign(answers=["Taipei", "Lima"]).to_csv(good, index=False)
+    assert cli("-m", "validation", str(good), "--kind", "eval").returncode == 0
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame(eval_rows()).assign(answers=["Taipei", ""]).to_csv(bad, index=False)
+    done = cli("-m", "validation", str(bad), "--kind", "eval")
+    assert done.returncode == 1
+    assert "column 'answers'" in done.stdout and "line 3 id='q2'" in done.stdout  # CSV header
+
+
+# ---- 2. list columns stay lists whatever their name and format ---------------------------
+
+
+def test_parquet_list_column_mapped_through_columns_stays_a_list(tmp_path):
+    from loramoe.data import MixtureConfig, build_mixture
+
+    file = tmp_path / "qa.parquet"
+    pd.DataFrame({"question": [f"Question {i}?" for i in range(40)],
+                  "golds": [np.array(["42", "42.0"])] * 40}).to_parquet(file)
+    config = MixtureConfig.from_dict({
+        "tasks": [{"name": "mine", "source": "local", "path": str(file),
+                   "task_type": "knowledge", "columns": {"prompt": "question",
+                                                         "answers": "golds"}}],
+        "scales": [8], "eval_size": 4})
+    built = build_mixture(config)
+    assert set(built.train[8]["response"]) == {"42"}
+    assert all(a == ["42", "42.0"] for a in built.eval["answers"])
+
+
+def test_validation_rejects_a_serialised_list_response(tmp_path):
+    rows = [{"id": f"r{i}", "task": "t", "task_type": t, "prompt": f"p{i}",
+             "response": "['42' '42.0']" if i == 1 else "42"}
+            for i, t in enumerate(["knowledge", "downstream", "knowledge"])]
+    done = cli("-m", "validation", str(write_jsonl(tmp_path / "train.jsonl", rows)))
+    assert done.returncode == 1
+    assert "serialised list" in done.stdout and "line 2 id='r1'" in done.stdout
+
+
+def test_a_local_task_with_an_unusable_answer_names_the_line(tmp_path):
+    from loramoe.data import MixtureConfig, MixtureError, build_mixture
+
+    file = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "Q?", "answers": ["A"]},
+                                               {"prompt": "R?", "answers": {"x": 1}}])
+    config = MixtureConfig.from_dict({
+        "tasks": [{"name": "mine", "source": "local", "path": str(file),
+                   "task_type": "knowledge"}], "scales": [1], "eval_size": 1})
+    with pytest.raises(MixtureError, match=r"qa\.jsonl line 2: column 'answers'"):
+        build_mixture(config)
+
+
+# ---- 3. a checkpoint named good is finite ------------------------------------------------
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward, inf gradient: a huge-but-finite loss in miniature."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def test_non_finite_gradients_stop_before_the_update(tiny_model_dir, tiny_train_file, tmp_path,
+                                                     monkeypatch):
+    import loramoe.train as train_module
+    from loramoe.checkpoints import complete_checkpoints, weights_are_finite
+
+    real, calls = train_module.response_loss, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return InfGrad.apply(loss) if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(train_module, "response_loss", poisoned)
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path / "run", save_every=1)
+    # Before the fix the update applied NaN and step_4 was written and named good.
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradients at step 3.*step_3"):
+        train(config, progress=False)
+    saved = complete_checkpoints(tmp_path / "run")
+    assert [p.name for p in saved] == ["step_1", "step_2", "step_3"]
+    assert all(weights_are_finite(p) for p in saved)
+
+
+def test_last_good_checkpoint_skips_one_with_nan_weights(tiny_model_dir, tiny_train_file,
+                                                         tmp_path):
+    from loramoe.checkpoints import last_good_checkpoint
+
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path / "run", save_every=2,
+                        max_steps=4)
+    train(config, progress=False)
+    newest = tmp_path / "run" / "checkpoints" / "step_4"
+    weights = next(newest.glob("*.safetensors"))
+    tensors = load_file(weights)
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, weights)
+    assert last_good_checkpoint(tmp_path / "run").name == "step_2"
+
+
+# ---- 4. task types the experts don't know ------------------------------------------------
+
+
+def test_mixture_task_type_unknown_to_the_experts_is_a_config_error():
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig, PipelineConfigError
+
+    data = tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text())
+    data["mixture"]["task_types"] = ["knowledge", "skill"]
+    data["mixture"]["tasks"] = [{"name": "country_capital"},
+                                {"name": "arithmetic", "task_type": "skill"}]
+    with pytest.raises(PipelineConfigError, match=r"\['skill'\].*expert_types \['knowledge', "
+                                                  r"'downstream'\]"):
+        PipelineConfig.from_dict(data)
+    data["train"]["untyped_task_types"] = ["skill"]  # on purpose: accepted
+    assert PipelineConfig.from_dict(data).mixture.task_types == ["knowledge", "skill"]
+
+
+def test_train_file_with_unknown_task_type_fails_before_loading_the_model(
+        tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    import loramoe.train as train_module
+    from loramoe.data.records import read_records
+
+    frame = read_records(tiny_train_file)
+    frame.loc[frame["task_type"] == "knowledge", "task_type"] = "Knowledge"
+    path = tmp_path / "train.jsonl"
+    frame.to_json(path, orient="records", lines=True)
+
+    def no_model(config):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(train_module, "build_model", no_model)
+    with pytest.raises(TrainConfigError, match=r"\['Knowledge'\].*line 1.*expert_types "
+                                               r"\['knowledge', 'downstream'\]"):
+        train(config_for(tiny_model_dir, path, tmp_path / "run"), progress=False)
+    # sft and lora have no experts: the types do not matter there
+    with pytest.raises(AssertionError, match="model was loaded"):
+        train(config_for(tiny_model_dir, path, tmp_path / "sft", method="sft"), progress=False)
+
+
+# ---- 5. non-text responses ---------------------------------------------------------------
+
+
+def test_numeric_or_list_response_named_by_line_and_id(tiny_model_dir, tmp_path):
+    rows = [{"id": "a", "task": "t", "task_type": "knowledge", "prompt": "p1", "response": "x"},
+            {"id": "b", "task": "t", "task_type": "downstream", "prompt": "p2", "response": 42},
+            {"id": "c", "task": "t", "task_type": "knowledge", "prompt": "p3",
+             "response": ["y"]}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    done = cli("-m", "validation", str(path))
+    assert done.returncode == 1
+    assert "must be a non-empty string" in done.stdout
+    assert "line 2 id='b' value=42" in done.stdout and "line 3 id='c'" in done.stdout
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"model": str(tiny_model_dir), "train_file": str(path),
+                                  "output_dir": str(tmp_path / "run"), "max_steps": 1}))
+    done = cli("-m", "loramoe.train", "--config", str(config))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "column 'response'" in done.stderr and "line 2 (id 'b')" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ---- 6. serving validates its input ------------------------------------------------------
+
+
+def test_serving_input_rules():
+    from mlflow.exceptions import MlflowException
+
+    from loramoe.serving import MAX_NEW_TOKENS_CAP, max_new_tokens_from, prompts_from
+
+    assert prompts_from("What is the capital of Peru?") == ["What is the capital of Peru?"]
+    assert prompts_from(pd.DataFrame({"prompt": ["a", "b"]})) == ["a", "b"]
+    for bad in ([1, 2], [None], [{"a": 1}], [""], [], ["x"] * 1000, 3):
+        with pytest.raises(MlflowException):
+            prompts_from(bad)
+    assert max_new_tokens_from({"max_new_tokens": 5}, 64) == 5
+    assert max_new_tokens_from(None, 64) == 64
+    for bad in (0, -1, 10**7, MAX_NEW_TOKENS_CAP + 1, 2.5, True, "8"):
+        with pytest.raises(MlflowException, match="max_new_tokens"):
+            max_new_tokens_from({"max_new_tokens": bad}, 64)
+
+
+@pytest.fixture(scope="module")
+def logged_model(tiny_model_dir, tiny_train_file, tmp_path_factory):
+    import mlflow
+
+    from loramoe.serving import log_answer_model
+
+    root = tmp_path_factory.mktemp("serve")
+    result = train(config_for(tiny_model_dir, tiny_train_file, root / "run", max_steps=2),
+                   progress=False)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    run_id = mlflow.MlflowClient().create_run(
+        mlflow.create_experiment("serve-test")).info.run_id
+    info = log_answer_model(run_id, result.output_dir, root / "staged")
+    return uri, info, root
+
+
+def test_logged_model_has_a_signature_with_params(logged_model):
+    _, info, _ = logged_model
+    signature = info.signature
+    assert signature is not None
+    assert [p.name for p in signature.params.params] == ["max_new_tokens"]
+    assert signature.params.params[0].default == 64
+
+
+def test_serving_over_http_answers_bad_requests_with_400(logged_model, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from test_pipeline import free_port, wait_for
+
+    uri, info, root = logged_model
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri,
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+
+    def post(payload: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, 120)
+        status, body = post({"inputs": ["What is the capital of Peru?", "2+2?"],
+                             "params": {"max_new_tokens": 3}})
+        assert status == 200 and len(body["predictions"]) == 2
+        # Before: a bare string got 28 answers, one per character; numbers came back as text.
+        for payload, words in [({"inputs": "What is the capital of Peru?"}, "Expected list"),
+                               ({"inputs": [1, None]}, "Expected type str"),
+                               ({"inputs": [{"a": 1}]}, "Expected type str"),
+                               ({"inputs": [""]}, "non-empty strings"),
+                               ({"inputs": ["q"], "params": {"max_new_tokens": 0}},
+                                "max_new_tokens"),
+                               ({"inputs": ["q"], "params": {"max_new_tokens": 10**7}},
+                                "max_new_tokens"),
+                               ({"inputs": ["word " * 5000]}, "tokens; the limit")]:
+            status, body = post(payload)
+            assert status == 400, (payload, status, body)
+            assert words in body["message"], body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# ---- 7. resume ---------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def test_kill_during_a_save_falls_back_to_the_last_complete_checkpoint(
+        tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    common = dict(save_every=2, max_steps=6)
+    straight = train(config_for(tiny_model_dir, tiny_train_file, tmp_path / "a", **common),
+                     progress=False)
+    real_save = Accelerator.save_state
+
+    def dies_mid_save(self, output_dir=None, **kwargs):
+        if "step_4" in str(output_dir):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise Crash
+        return real_save(self, output_dir, **kwargs)
+
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path / "b", **common)
+    monkeypatch.setattr(Accelerator, "save_state", dies_mid_save)
+    with pytest.raises(Crash):
+        train(config, progress=False)
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    # An old-style half-written folder must not block resume either.
+    (tmp_path / "b" / "checkpoints" / "step_5").mkdir()
+    resumed = train(config, resume=True, progress=False)
+    a = load_file(straight.artifact / "adapter_model.safetensors")
+    b = load_file(resumed.artifact / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 were logged before the crash, not twice
+
+
+def test_resume_without_a_checkpoint_says_so_and_keeps_metrics(tiny_model_dir,
+                                                               tiny_train_file, tmp_path,
+                                                               capfd):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "lm_loss": 9.0}\n')
+    train(config_for(tiny_model_dir, tiny_train_file, out, max_steps=2), resume=True,
+          progress=False)
+    assert "no complete checkpoint" in capfd.readouterr().err
+    assert (out / "metrics.jsonl.previous-1").read_text() == '{"step": 1, "lm_loss": 9.0}\n'
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps == [1, 2]
+
+
+def test_a_fresh_run_does_not_overwrite_an_earlier_one(tiny_model_dir, tiny_train_file,
+                                                       tmp_path):
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path / "run", max_steps=2,
+                        save_every=1)
+    train(config, progress=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(TrainConfigError, match=r"output_dir.*earlier run.*--resume"):
+        train(config, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+# ---- 8. config values of the wrong type --------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", '"fast"', r"TrainConfig\.lr: must be a finite number or unset, got 'fast'"),
+    ("max_steps", "2.5", r"TrainConfig\.max_steps: must be an integer or unset, got 2\.5"),
+    ("loramoe.alpha", '"32"', r"LoRAMoEConfig\.alpha: must be a finite number, got '32'"),
+    ("loramoe.lbc_beta", "NaN", r"LoRAMoEConfig\.lbc_beta: must be a finite number, got nan"),
+    ("batch_size", "true", r"TrainConfig\.batch_size: must be an integer, got True"),
+])
+def test_train_cli_names_the_field_of_a_wrong_type(tmp_path, field, value, message):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"train_file": "x.jsonl"}))
+    done = cli("-m", "loramoe.train", "--config", str(config), "--set", f"{field}={value}")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    import re
+
+    assert re.search(message, done.stderr), done.stderr
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"mixture": {"scales": [True]}}, r"mixture\.scales: must be a list \(each item an "
+                                      r"integer\), got \[True\]"),
+    ({"mixture": {"tasks": [{"name": "arithmetic", "weight": "2"}]}},
+     r"tasks\['arithmetic'\]\.weight: must be a finite number, got '2'"),
+    ({"mixture": {"tasks": [{"name": "arithmetic", "weight": math.inf}]}},
+     r"tasks\['arithmetic'\]\.weight: must be a finite number, got inf"),
+    ({"eval_batch_size": 0}, r"config\.eval_batch_size: must be >= 1, got 0"),
+    ({"timeout_minutes": -1}, r"config\.timeout_minutes: must be >= 1, got -1"),
+    ({"retention_threshold": "high"}, r"config\.retention_threshold: must be a finite number"),
+    ({"train": {"model": "./models/not-here"}}, r"model.*not-here.*no such folder"),
+])
+def test_pipeline_config_names_the_field_of_a_wrong_value(change, message):
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig, PipelineConfigError
+
+    data = tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text())
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(PipelineConfigError, match=message):
+        PipelineConfig.from_dict(data)
+
+
+def test_missing_local_model_is_a_missing_path(tmp_path):
+    from loramoe.model import ModelNotAvailableError, load_base_model
+
+    with pytest.raises(ModelNotAvailableError, match="no such folder"):
+        load_base_model(str(tmp_path / "my-model"))
+    with pytest.raises(ModelNotAvailableError, match="no such folder"):
+        load_base_model("./checkpoints/final")
+
+
+def test_unwritable_tracking_uri_is_named(tmp_path):
+    from loramoe.tracking import TrackingError, setup
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{blocker}/sub/mlflow.db"
+    try:
+        with pytest.raises(TrackingError, match=r"MLFLOW_TRACKING_URI='sqlite:///.*cannot"):
+            setup("x")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_unwritable_tracking_uri_stops_the_flow_in_start(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = cli(str(ROOT / "flows" / "full_pipeline.py"), "--config", "config",
+               str(ROOT / "flows" / "configs" / "smoke.toml"), "run", cwd=tmp_path,
+               env={"MLFLOW_TRACKING_URI": f"sqlite:///{blocker}/mlflow.db",
+                    "METAFLOW_USER": "tester", "LORAMOE_WORKDIR": str(tmp_path)})
+    assert done.returncode != 0
+    text = done.stdout + done.stderr
+    assert "MLFLOW_TRACKING_URI" in text and "start" in text
+    assert "ingest" not in text.split("MLFLOW_TRACKING_URI")[-1]  # never got past start
