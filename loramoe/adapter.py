@@ -1,4 +1,8 @@
-"""Adapter files: router + expert weights as safetensors, plus adapter_config.json.
+"""Adapter files: router + expert weights as safetensors, plus loramoe_config.json.
+
+The names are our own, so neither PEFT nor loramoe mistakes the other's folder for its
+own: `load_adapter` on a PEFT folder says it is one, and PEFT finds no adapter_config.json
+here. Adapters written by loramoe 0.1.0 (under PEFT's file names) still load.
 
 Loading checks everything before touching the model (config, checksum, base fingerprint,
 tensor names, shapes, finiteness), so a bad file fails with a clear error and no partial load.
@@ -22,8 +26,9 @@ from loramoe.config import ConfigError, LoRAMoEConfig
 from loramoe.injection import apply_loramoe, find_target_modules, loramoe_layers
 from loramoe.layer import ADAPTER_PARAM_NAMES, in_out_features
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "loramoe_config.json"
+WEIGHTS_NAME = "loramoe_adapter.safetensors"
+LEGACY_CONFIG_NAME = "adapter_config.json"  # loramoe 0.1.0, and PEFT's name
 FORMAT_VERSION = 1
 _SAMPLES_PER_TENSOR = 512
 
@@ -134,11 +139,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     return out
 
 
+def adapter_config_path(directory: str | os.PathLike) -> Path:
+    """The folder's LoRAMoE config file: ours, or a 0.1.0 one under PEFT's name."""
+    directory = Path(directory)
+    if (directory / CONFIG_NAME).is_file():
+        return directory / CONFIG_NAME
+    legacy = directory / LEGACY_CONFIG_NAME
+    if not legacy.is_file():
+        raise AdapterError(f"{directory / CONFIG_NAME} not found: not a LoRAMoE adapter folder")
+    try:
+        peft_type = json.loads(legacy.read_text()).get("peft_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        peft_type = None
+    if peft_type:
+        raise AdapterError(f"{directory} is a PEFT adapter (peft_type {peft_type}), not a "
+                           f"LoRAMoE one: load it with peft.PeftModel.from_pretrained")
+    return legacy
+
+
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed adapter_config.json, with its LoRAMoEConfig validated."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"{path} not found: not a LoRAMoE adapter folder")
+    """The parsed adapter config, with its LoRAMoEConfig validated."""
+    path = adapter_config_path(directory)
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -188,7 +209,7 @@ def _read_tensors(meta: dict[str, Any], directory: Path) -> dict[str, torch.Tens
         raise AdapterError(f"{path} not found")
     if _file_sha256(path) != meta["weights_sha256"]:
         raise AdapterError(
-            f"{path} does not match the checksum in {CONFIG_NAME}: the file is corrupt or "
+            f"{path} does not match the checksum in its adapter config: the file is corrupt or "
             f"was replaced"
         )
     try:
@@ -221,7 +242,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, check_base
     """Rebuild the LoRAMoE plugin on ``base_model`` and load the saved weights strictly."""
     directory = Path(directory)
     meta = read_adapter_config(directory)
-    config_path = directory / CONFIG_NAME
+    config_path = adapter_config_path(directory)
     if loramoe_layers(base_model):
         raise AdapterError("model already has LoRAMoE layers; load an adapter onto a clean base")
     config: LoRAMoEConfig = meta["loramoe_config"]
@@ -237,7 +258,8 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, check_base
             f"target layers {names[:3]}…"
         )
     tensors = _read_tensors(meta, directory)
-    _check_tensors(tensors, _expected_shapes(base_model, config, names), directory / WEIGHTS_NAME)
+    _check_tensors(tensors, _expected_shapes(base_model, config, names),
+                   directory / meta.get("weights_file", WEIGHTS_NAME))
     apply_loramoe(base_model, config)
     with torch.no_grad():
         for name, layer in loramoe_layers(base_model):

@@ -6,8 +6,12 @@ whether expert n's type matches sample m's task type,
 
     Z = I ∘ Q,        L_lbc = var(Z) / mean(Z)²      (squared coefficient of variation)
 
-Minimising it pushes each sample's weight towards experts of its own type while keeping the
-experts within a type balanced. balance_loss is the type-blind cv² of Shazeer et al. (2017).
+The paper's text says this should push each sample's weight towards experts of its own type.
+Taken literally it does the opposite: L_lbc is zero when Z is uniform, i.e. Q ∝ 1/I, where a
+sample gives the experts of its own type (1-δ)/(1+δ) times the weight of the others
+(docs/method.md; tests/test_loss.py pins the direction). The official code computes the same
+formula. Within a type the experts are kept balanced. balance_loss is the type-blind cv² of
+Shazeer et al. (2017).
 """
 
 from __future__ import annotations

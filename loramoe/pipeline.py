@@ -51,7 +51,6 @@ class PipelineConfig:
     retry_times: int = 0
     timeout_minutes: int = 120
     local_parallel_branches: int = 1  # CPU slots for concurrent local training/evaluation
-    fail_branches: list[str] = field(default_factory=list)  # testing: force these to fail
 
     def __post_init__(self) -> None:
         if isinstance(self.mixture, dict):
@@ -243,8 +242,6 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     from loramoe.train import train
 
     name = f"{branch['method']}-{branch['scale']}"
-    if name in config.fail_branches:
-        raise RuntimeError(f"branch {name} forced to fail (config.fail_branches)")
     train_file = write_records(train_frame, workdir / "train.jsonl")
     train_config = config.train_config(branch["method"], train_file, workdir / "run")
     if mlflow_run_id:

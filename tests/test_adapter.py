@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_round_trip_gives_identical_logits(tmp_path, make):
 
 def test_folder_holds_only_safetensors_and_json(saved):
     _, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     meta = json.loads((folder / CONFIG_NAME).read_text())
     assert meta["loramoe_config"]["num_experts"] == 4
     assert meta["library_version"]
@@ -164,3 +165,44 @@ def test_missing_folder_and_double_load(saved, tmp_path):
 def test_save_without_adapters_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="no LoRAMoE layers"):
         save_adapter(make_tiny_llama(), tmp_path)
+
+
+# ---- file names of our own, not PEFT's --------------------------------------------------
+
+LEGACY = Path(__file__).parent / "data" / "adapter_v0_1_0"
+
+
+def test_adapter_written_by_0_1_0_still_loads():
+    expected = json.loads((LEGACY / "expected.json").read_text())
+    model = load_adapter(make_tiny_llama(0), LEGACY).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(expected["input_ids"])).logits
+    # Reference logits were written by loramoe 0.1.0 when it saved the fixture.
+    assert out.double().sum().item() == pytest.approx(expected["logits_sum"], rel=1e-5)
+    torch.testing.assert_close(out[0, -1, :8], torch.tensor(expected["logits_first"]))
+    base = make_tiny_llama(0).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=torch.tensor(expected["input_ids"])).logits,
+                                  out)
+
+
+def test_new_adapters_do_not_use_peft_file_names(saved):
+    from peft import PeftModel
+
+    _, folder = saved
+    assert not (folder / "adapter_config.json").exists()
+    assert not (folder / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="adapter_config.json"):  # PEFT: not one of ours
+        PeftModel.from_pretrained(make_tiny_llama(), folder)
+
+
+def test_loading_a_peft_folder_says_what_it_is(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["up_proj"]))
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = make_tiny_llama()
+    with pytest.raises(AdapterError, match=r"is a PEFT adapter \(peft_type LORA\).*"
+                                           r"PeftModel\.from_pretrained"):
+        load_adapter(model, tmp_path / "peft")
+    assert_untouched(model)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loramoe.adapter import WEIGHTS_NAME
 from loramoe.train import TrainConfig, TrainConfigError, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,8 +303,9 @@ def logged_model(tiny_model_dir, tiny_train_file, tmp_path_factory):
                    progress=False)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    run_id = mlflow.MlflowClient().create_run(
-        mlflow.create_experiment("serve-test")).info.run_id
+    experiment = mlflow.create_experiment("serve-test",
+                                          artifact_location=(root / "artifacts").as_uri())
+    run_id = mlflow.MlflowClient().create_run(experiment).info.run_id
     info = log_answer_model(run_id, result.output_dir, root / "staged")
     return uri, info, root
 
@@ -394,8 +396,8 @@ def test_kill_during_a_save_falls_back_to_the_last_complete_checkpoint(
     # An old-style half-written folder must not block resume either.
     (tmp_path / "b" / "checkpoints" / "step_5").mkdir()
     resumed = train(config, resume=True, progress=False)
-    a = load_file(straight.artifact / "adapter_model.safetensors")
-    b = load_file(resumed.artifact / "adapter_model.safetensors")
+    a = load_file(straight.artifact / WEIGHTS_NAME)
+    b = load_file(resumed.artifact / WEIGHTS_NAME)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").open()]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loramoe.adapter import WEIGHTS_NAME
 from loramoe.collate import IGNORE_INDEX, encode_example
 from loramoe.train import TrainConfig, TrainConfigError, TrainingDiverged, train
 
@@ -127,8 +128,8 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tiny_train_file, tmp_p
     with pytest.raises(Crash):  # dies after step 4; the last checkpoint is step 3
         train(config, sink=CrashAtStep(4), progress=False)
     result = train(config, resume=True, progress=False)
-    a = load_file(straight.artifact / "adapter_model.safetensors")
-    b = load_file(result.artifact / "adapter_model.safetensors")
+    a = load_file(straight.artifact / WEIGHTS_NAME)
+    b = load_file(result.artifact / WEIGHTS_NAME)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert result.steps == 8
@@ -182,5 +183,5 @@ def test_two_process_ddp_run_completes(tiny_model_dir, tiny_train_file, tmp_path
            "-m", "loramoe.train", "--config", str(config)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "ddp" / "adapter" / WEIGHTS_NAME).is_file()
     assert json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())["steps"] == 3

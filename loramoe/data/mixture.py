@@ -158,7 +158,9 @@ def _local_task(spec: TaskSpec) -> Task:
             answers = normalize_answers(raw)
             if not is_text(prompt):
                 _bad_row(spec, index, columns["prompt"], prompt, "a non-empty string")
-            if answers is None:
+            if answers is None and isinstance(raw, str):
+                answers = [raw]  # an empty answer: the validate step reports it by line and id
+            elif answers is None:
                 _bad_row(spec, index, answer_column, raw, "an answer or a list of answers")
             digest = hashlib.sha256(f"{spec.name}:{prompt}".encode()).digest()
             if (int.from_bytes(digest[:4], "big") % 100 < 20) == (split == "test"):
