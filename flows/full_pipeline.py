@@ -58,7 +58,8 @@ class LoRAMoEPipeline(FlowSpec):
 
         resolved = PipelineConfig.from_dict(dict(self.config), base_dir=HERE / "configs")
         resolved = resolved.with_overrides(self.scales, self.methods, self.max_steps)
-        self.resolved = resolved.to_dict()
+        self.pipeline_config = resolved  # parsed and validated once, here
+        self.resolved = resolved.to_dict()  # the same, as plain data for the card and MLflow
         self.workdir = os.environ.get("LORAMOE_WORKDIR", os.getcwd())
         self.tracking_uri = tracking_uri(self.workdir)
         self.experiment_id = setup(resolved.mlflow_experiment, self.workdir)
@@ -73,10 +74,10 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def ingest(self):
         """Build the task mixture at every data scale (nested) and the held-out eval set."""
-        from loramoe.pipeline import PipelineConfig, ingest
+        from loramoe.pipeline import ingest
 
         out = Path(tempfile.mkdtemp(prefix="loramoe-data-"))
-        data = ingest(PipelineConfig.from_dict(self.resolved), out)
+        data = ingest(self.pipeline_config, out)
         self.train_sets, self.eval_set = data["train"], data["eval"]
         self.dropped_overlap, self.shortfall = data["dropped_overlap"], data["shortfall"]
         self.data_files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -89,7 +90,7 @@ class LoRAMoEPipeline(FlowSpec):
         model is evaluated once, for every branch's retention."""
         import mlflow
 
-        from loramoe.pipeline import PipelineConfig, evaluate_base_model, validate_data
+        from loramoe.pipeline import evaluate_base_model, validate_data
 
         data_dir = Path(tempfile.mkdtemp(prefix="loramoe-validate-"))
         for name, blob in self.data_files.items():
@@ -101,7 +102,7 @@ class LoRAMoEPipeline(FlowSpec):
         finally:
             if docs.exists():
                 mlflow.MlflowClient().log_artifacts(self.parent_run_id, str(docs), "data_docs")
-        config = PipelineConfig.from_dict(self.resolved)
+        config = self.pipeline_config
         base = evaluate_base_model(config, self.eval_set,
                                    Path(tempfile.mkdtemp(prefix="loramoe-base-")))
         self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
@@ -118,7 +119,7 @@ class LoRAMoEPipeline(FlowSpec):
         """Train one (method, scale) branch; per-step metrics go to its nested MLflow run."""
         import mlflow
 
-        from loramoe.pipeline import PipelineConfig, run_branch_training
+        from loramoe.pipeline import run_branch_training
         from loramoe.tracking import start_child_run
 
         self.branch = dict(self.input)
@@ -128,8 +129,7 @@ class LoRAMoEPipeline(FlowSpec):
         self.mlflow_run_id = start_child_run(self.experiment_id, self.parent_run_id,
                                              self.branch_name,
                                              {"metaflow.pathspec": current.pathspec})
-        config = PipelineConfig.from_dict(self.resolved)
-        self.trained = run_branch_training(config, self.branch,
+        self.trained = run_branch_training(self.pipeline_config, self.branch,
                                            self.train_sets[self.branch["scale"]],
                                            Path(tempfile.mkdtemp(prefix="loramoe-train-")),
                                            self.mlflow_run_id)
@@ -145,7 +145,7 @@ class LoRAMoEPipeline(FlowSpec):
         """Knowledge + downstream metrics, retention vs the base, router analysis."""
         import mlflow
 
-        from loramoe.pipeline import PipelineConfig, evaluate_branch
+        from loramoe.pipeline import evaluate_branch
         from loramoe.tracking import end_run
 
         self.eval_error = None
@@ -155,7 +155,7 @@ class LoRAMoEPipeline(FlowSpec):
             end_run(self.mlflow_run_id, "FAILED")
             self.next(self.join)
             return
-        self.result = evaluate_branch(PipelineConfig.from_dict(self.resolved), self.trained,
+        self.result = evaluate_branch(self.pipeline_config, self.trained,
                                       self.eval_set, self.base_predictions,
                                       Path(tempfile.mkdtemp(prefix="loramoe-eval-")),
                                       self.mlflow_run_id)
@@ -165,8 +165,9 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def join(self, inputs):
         """Collect every branch, failed ones included (they are reported, not dropped)."""
-        self.merge_artifacts(inputs, include=["resolved", "workdir", "tracking_uri",
-                                              "experiment_id", "parent_run_id", "base_metrics"])
+        self.merge_artifacts(inputs, include=["pipeline_config", "resolved", "workdir",
+                                              "tracking_uri", "experiment_id", "parent_run_id",
+                                              "base_metrics"])
         self.outcomes = []
         for branch in inputs:
             error = branch.train_error or branch.eval_error
@@ -226,10 +227,10 @@ class LoRAMoEPipeline(FlowSpec):
         `champion` to it only if it beats the current champion."""
         import mlflow
 
-        from loramoe.pipeline import PipelineConfig, register_champion
+        from loramoe.pipeline import register_champion
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        self.decision = register_champion(PipelineConfig.from_dict(self.resolved),
+        self.decision = register_champion(self.pipeline_config,
                                           self.outcomes, self.parent_run_id,
                                           Path(tempfile.mkdtemp(prefix="loramoe-register-")))
         print(f"champion decision: {self.decision['reason']}")

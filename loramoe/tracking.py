@@ -114,6 +114,28 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         client.log_batch(run_id, metrics=items[start:start + 500])
 
 
+def store_folder(run_id: str, paths: list[Path], artifact_path: str) -> str:
+    """Log files and folders under `artifact_path` of the run; returns that path."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for path in paths:
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=f"{artifact_path}/{path.name}")
+        else:
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    return artifact_path
+
+
+def fetch_folder(run_id: str, artifact_path: str, destination: Path) -> Path:
+    """Download a folder logged with store_folder; returns its local copy."""
+    import mlflow
+
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(destination)))
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     import mlflow
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -117,6 +119,22 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
     assert any(a.path == "data_docs" for a in client.list_artifacts(parent.info.run_id))
 
 
+def test_branches_pass_references_not_weights(smoke_run):
+    workdir, run, _, _ = smoke_run
+    client = mlflow_client(workdir)
+    for task in run["train"]:
+        if task.data.train_error is not None:
+            continue
+        trained = task.data.trained
+        assert "files" not in trained and set(trained["store"]) == {"mlflow_run_id",
+                                                                    "artifact_path"}
+        assert task["trained"].size < 20_000, task["trained"].size  # bytes: no weights
+        logged = {a.path for a in client.list_artifacts(trained["store"]["mlflow_run_id"],
+                                                        "trained")}
+        part = "model" if trained["train_config"]["method"] == "sft" else "adapter"
+        assert f"trained/{part}" in logged and "trained/train_config.json" in logged
+
+
 def test_failed_branch_is_reported_and_others_kept(smoke_run):
     _, run, _, _ = smoke_run
     results = run["compare"].task.data.results
@@ -135,8 +153,13 @@ def test_card_renders(smoke_run):
     _, run, _, _ = smoke_run
     cards = get_cards(run["compare"].task, id="comparison")
     html = cards[0].get()
-    assert "LoRAMoE pipeline" in html and "lora-16" in html
-    assert "data:image/png" in html or "<img" in html.lower()
+    # The card's content is a base64 JSON blob that the page's script renders.
+    blob = re.search(r'window\.__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"', html).group(1)
+    data = json.loads(base64.b64decode(blob))
+    text = json.dumps(data)
+    assert "LoRAMoE pipeline: smoke" in text and "lora-16" in text and "failed: " in text
+    images = re.findall(r'"type": "image", "src": "data:image/png;base64,', text)
+    assert len(images) == 3  # retention/downstream, router type weights, router CV
 
 
 def test_champion_alias_and_decision(smoke_run):

@@ -1,0 +1,142 @@
+"""The pipeline's config: one typed tree (mixture, shared train fields, methods), validated
+once when it is built."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from loramoe.data import MixtureConfig
+from loramoe.fields import check_fields, matches
+from loramoe.model import ModelNotAvailableError, check_local_path
+from loramoe.train import TrainConfig
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = (deep_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+class PipelineConfigError(ValueError):
+    """The pipeline config is invalid; the message names the field."""
+
+
+@dataclass
+class PipelineConfig:
+    name: str
+    mixture: MixtureConfig
+    train: dict[str, Any]  # TrainConfig fields shared by every method
+    methods: dict[str, dict[str, Any]]  # method name -> TrainConfig overrides
+    mlflow_experiment: str = "loramoe"
+    registered_model: str = "loramoe"
+    retention_threshold: float = 0.9  # champion rule: best downstream among runs keeping this
+    eval_batch_size: int = 16
+    resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 2, "memory": 8000,
+                                                               "gpu": 0})
+    retry_times: int = 0
+    timeout_minutes: int = 120
+    local_parallel_branches: int = 1  # CPU slots for concurrent local training/evaluation
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mixture, dict):
+            try:
+                self.mixture = MixtureConfig.from_dict(self.mixture)
+            except ValueError as err:
+                raise PipelineConfigError(f"config.mixture: {err}") from None
+        check_fields(self, [
+            ("methods", bool, "at least one method"),
+            ("retention_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+            ("retry_times", lambda v: v >= 0, ">= 0"),
+            ("timeout_minutes", lambda v: v >= 1, ">= 1"),
+            ("local_parallel_branches", lambda v: v >= 1, ">= 1"),
+            ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1 and gpu >= 0, "
+             "each a number (gpu an integer)"),
+        ], PipelineConfigError, prefix="config")
+        # Each method's TrainConfig is built and validated here, once; steps reuse these
+        # objects (the config travels between steps as this object, not as a dict).
+        self._trainers: dict[str, TrainConfig] = {}
+        for name, overrides in self.methods.items():
+            try:
+                train = TrainConfig.from_dict(deep_merge(self.train, overrides))
+            except ValueError as err:
+                raise PipelineConfigError(f"config.methods.{name}: {err}") from None
+            self._trainers[name] = train
+            if train.method == "loramoe":
+                _check_task_types(name, train, self.mixture.task_types)
+            try:
+                check_local_path(train.model)
+            except ModelNotAvailableError as err:
+                raise PipelineConfigError(f"config.methods.{name}.model: {err}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> PipelineConfig:
+        data = json.loads(json.dumps(dict(data)))  # plain, mutable copy (Metaflow ConfigValue)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PipelineConfigError(f"config: unknown field(s) {unknown}; known: "
+                                      f"{sorted(known)}")
+        for task in data.get("mixture", {}).get("tasks", []):
+            if task.get("path") and not Path(task["path"]).is_absolute():
+                task["path"] = str(Path(base_dir) / task["path"])
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise PipelineConfigError(f"config: {err}") from None
+
+    def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0
+                       ) -> PipelineConfig:
+        """Apply the flow's Parameters (comma lists; empty/0 = keep the config's)."""
+        data = self.to_dict()
+        if scales:
+            data["mixture"]["scales"] = [int(s) for s in scales.split(",")]
+        if methods:
+            wanted = [m.strip() for m in methods.split(",")]
+            unknown = [m for m in wanted if m not in self.methods]
+            if unknown:
+                raise PipelineConfigError(f"--methods: {unknown} not in config.methods "
+                                          f"{sorted(self.methods)}")
+            data["methods"] = {m: self.methods[m] for m in wanted}
+        if max_steps:
+            data["train"]["max_steps"] = max_steps
+        return PipelineConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mixture"]["tasks"] = [asdict(t) for t in self.mixture.tasks]
+        return data
+
+    def branches(self) -> list[dict[str, Any]]:
+        return [{"method": name, "scale": scale} for scale in self.mixture.scales
+                for name in self.methods]
+
+    def train_config(self, method: str, train_file: Path, output_dir: Path) -> TrainConfig:
+        """The method's TrainConfig (validated once, at construction) for one branch."""
+        return replace(self._trainers[method], train_file=str(train_file),
+                       output_dir=str(output_dir))
+
+
+def _resources_ok(resources: dict[str, Any]) -> bool:
+    wanted = {"cpu": float, "memory": int, "gpu": int}
+    return set(resources) <= set(wanted) and all(
+        matches(value, wanted[key]) and value >= (0 if key == "gpu" else 1e-9)
+        for key, value in resources.items())
+
+
+def _check_task_types(method: str, train: TrainConfig, task_types: list[str]) -> None:
+    """Every mixture task type must be an expert type, or be declared untyped on purpose:
+    otherwise its samples would silently train with the LBC off."""
+    experts = train.loramoe.type_names
+    unknown = [t for t in task_types if t not in experts and t not in train.untyped_task_types]
+    if unknown:
+        raise PipelineConfigError(
+            f"config.mixture.task_types {task_types} has {unknown}, which "
+            f"config.methods.{method}.loramoe.expert_types {experts} does not name: their "
+            f"samples would get no LBC term. Rename the types to match, add them to "
+            f"loramoe.expert_types, or list them in train.untyped_task_types on purpose")

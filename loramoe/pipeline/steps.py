@@ -1,0 +1,129 @@
+"""The pipeline's steps as plain functions; flows/full_pipeline.py calls one per step.
+
+Trained weights live in one store, the branch's MLflow run (artifact path `trained/`); the
+steps pass each other a reference to it (run id + path), never the weights themselves, so a
+cloud run does not copy an adapter or a full SFT model through the Metaflow datastore.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from loramoe.data import build_mixture, write_mixture
+from loramoe.data.records import read_records, write_records
+from loramoe.pipeline.config import PipelineConfig
+from loramoe.pipeline.slots import branch_slot
+
+
+def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
+    """Build every scale's train set and the eval set; returns them as DataFrames too."""
+    built = build_mixture(config.mixture)
+    write_mixture(built, config.mixture, out_dir)
+    return {"train": {int(s): f for s, f in built.train.items()}, "eval": built.eval,
+            "dropped_overlap": built.dropped_overlap, "shortfall": built.shortfall}
+
+
+class DataValidationError(RuntimeError):
+    """great-expectations rejected the data; the message lists the failed expectations."""
+
+
+def validate_data(data_dir: Path, docs_dir: Path) -> list[dict[str, Any]]:
+    from validation import validate_mixture
+
+    reports = validate_mixture(data_dir, docs_dir=docs_dir)
+    failed = [r for r in reports if not r.success]
+    if failed:
+        details = "\n".join(r.summary() for r in failed)
+        raise DataValidationError(f"data validation failed (report: {docs_dir / 'index.html'}):"
+                                  f"\n{details}")
+    return [r.to_dict() for r in reports]
+
+
+def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_frame: pd.DataFrame,
+                        workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
+    """Train one (method, scale) branch; metrics stream to its MLflow child run, and the
+    trained folder goes to that run under `trained/`. Returns a small reference to it."""
+    from loramoe.tracking import MlflowSink, log_params, store_folder, system_metrics
+    from loramoe.train import train
+
+    name = f"{branch['method']}-{branch['scale']}"
+    train_file = write_records(train_frame, workdir / "train.jsonl")
+    train_config = config.train_config(branch["method"], train_file, workdir / "run")
+    if mlflow_run_id:
+        log_params(mlflow_run_id, {"branch": name, **train_config.to_dict()})
+    with branch_slot(config), system_metrics(mlflow_run_id):
+        result = train(train_config, sink=MlflowSink(mlflow_run_id) if mlflow_run_id else None,
+                       progress=True)
+    run_dir = Path(result.output_dir)
+    part = "model" if train_config.method == "sft" else "adapter"
+    if mlflow_run_id:
+        files = [run_dir / "train_config.json", run_dir / "metrics.jsonl", run_dir / part]
+        store = {"mlflow_run_id": mlflow_run_id,
+                 "artifact_path": store_folder(mlflow_run_id, files, TRAINED)}
+    else:  # no tracking: the folder stays where it is (same machine only)
+        store = {"local_dir": str(run_dir)}
+    return {"name": name, "store": store, "train_config": train_config.to_dict(),
+            "steps": result.steps, "final": result.final_metrics,
+            "router_cv": _router_cv_series((run_dir / "metrics.jsonl").read_text())}
+
+
+TRAINED = "trained"  # artifact path of a branch's trained folder in its MLflow run
+
+
+def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:
+    """The branch's run folder (train_config.json, metrics.jsonl, adapter/ or model/), fetched
+    from the store its reference names."""
+    from loramoe.tracking import fetch_folder
+
+    store = trained["store"]
+    if "local_dir" in store:
+        return Path(store["local_dir"])
+    return fetch_folder(store["mlflow_run_id"], store["artifact_path"], path)
+
+
+def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path
+                        ) -> dict[str, Any]:
+    from loramoe.evaluate import evaluate
+
+    eval_file = write_records(eval_frame, workdir / "eval.jsonl")
+    with branch_slot(config):
+        metrics = evaluate(eval_file, workdir / "base", model=config.train["model"],
+                           batch_size=config.eval_batch_size)
+    return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl")}
+
+
+def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame: pd.DataFrame,
+                    base_predictions: pd.DataFrame, workdir: Path, mlflow_run_id: str | None
+                    ) -> dict[str, Any]:
+    """Metrics, retention vs the base, router analysis; logged to the branch's MLflow run."""
+    from loramoe.evaluate import evaluate
+    from loramoe.tracking import log_metrics, store_folder
+
+    run_dir = restore_run_dir(trained, workdir / "run")
+    eval_file = write_records(eval_frame, workdir / "eval.jsonl")
+    base_dir = workdir / "base"
+    write_records(base_predictions, base_dir / "predictions.jsonl")
+    out = workdir / "eval"
+    with branch_slot(config):
+        metrics = evaluate(eval_file, out, run=run_dir, base_dir=base_dir,
+                           batch_size=config.eval_batch_size)
+    if mlflow_run_id:
+        summary = {"knowledge_score": metrics.get("knowledge_score"),
+                   "downstream_score": metrics.get("downstream_score"),
+                   "retention": metrics.get("retention", {}).get("overall"),
+                   **{f"task/{t}": v["score"] for t, v in metrics["per_task"].items()}}
+        log_metrics(mlflow_run_id, {k: v for k, v in summary.items() if v is not None})
+        store_folder(mlflow_run_id, [p for p in [out / "metrics.json", out / "predictions.jsonl",
+                                                 out / "router.json", out / "router.png"]
+                                     if p.exists()], "eval")
+    return {"name": trained["name"], "method": trained["train_config"]["method"],
+            "metrics": metrics, "router_cv": trained["router_cv"]}
+
+
+def _router_cv_series(metrics_log: str) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in metrics_log.splitlines() if line.strip()]
+    return [(r["step"], r["router_cv"]) for r in rows if "router_cv" in r]
