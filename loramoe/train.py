@@ -11,129 +11,21 @@ of variation through a MetricsSink (no-op by default; the pipeline plugs MLflow 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-import tomllib
 import torch
 import torch.nn.functional as F
 
-from loramoe.collate import IGNORE_INDEX, Collator, encode_records
-from loramoe.config import ConfigError, LoRAMoEConfig
-from loramoe.fields import check_fields
-
-Method = Literal["sft", "lora", "loramoe"]
-DEFAULT_LR = {"sft": 2e-5, "lora": 2e-4, "loramoe": 2e-4}
-
-
-class TrainConfigError(ValueError):
-    """A training config value is invalid; the message names the field."""
-
-
-@dataclass
-class TrainConfig:
-    method: Method = "loramoe"
-    model: str = "smollm2-135m-instruct"
-    train_file: str = ""
-    output_dir: str = "outputs/train"
-    lr: float | None = None  # None: 2e-5 for sft, 2e-4 for lora/loramoe (the paper's)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None  # optimizer steps; None: run `epochs`
-    epochs: float = 1.0
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_length: int = 256
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    log_every: int = 1
-    # LoRAMoE (method="loramoe"); lbc_beta=0 is the no-LBC ablation
-    loramoe: LoRAMoEConfig = field(default_factory=LoRAMoEConfig)
-    # single LoRA (method="lora"), on the same target modules
-    lora_rank: int = 4
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-
-    # task types trained with no LBC term on purpose (their samples match no expert type);
-    # any other type the experts do not know is an error, not a silently untyped sample
-    untyped_task_types: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.loramoe, dict):
-            try:
-                self.loramoe = LoRAMoEConfig.from_dict(self.loramoe)
-            except ConfigError as err:
-                raise TrainConfigError(f"TrainConfig.loramoe: {err}") from None
-        check_fields(self, [
-            ("model", bool, "a model name, hub id or folder"),
-            ("lr", lambda v: v is None or v > 0, "> 0 (or unset for the method default)"),
-            ("batch_size", lambda v: v >= 1, ">= 1"),
-            ("grad_accum", lambda v: v >= 1, ">= 1"),
-            ("max_steps", lambda v: v is None or v >= 1, ">= 1 or unset"),
-            ("epochs", lambda v: v > 0, "> 0"),
-            ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("weight_decay", lambda v: v >= 0, ">= 0"),
-            ("max_length", lambda v: v >= 8, ">= 8"),
-            ("save_every", lambda v: v >= 0, ">= 0"),
-            ("log_every", lambda v: v >= 1, ">= 1"),
-            ("lora_rank", lambda v: v >= 1, ">= 1"),
-            ("lora_alpha", lambda v: v > 0, "> 0"),
-            ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("untyped_task_types", lambda v: not set(v) & set(self.loramoe.type_names),
-             f"task types that are not expert types {self.loramoe.type_names}"),
-        ], TrainConfigError)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["learning_rate"] = self.learning_rate
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {k: v for k, v in data.items() if k != "learning_rate"}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"TrainConfig: unknown field(s) {unknown}")
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise TrainConfigError(f"--config: {path} does not exist")
-        text = path.read_text()
-        try:
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except ValueError as err:
-            kind = "TOML" if path.suffix == ".toml" else "JSON"
-            raise TrainConfigError(f"--config: {path} is not valid {kind}: {err}") from None
-        data = data.get("train", data)
-        for item in overrides or []:
-            key, _, raw = item.partition("=")
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            target = data
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[leaf] = value
-        return cls.from_dict(data)
+from loramoe.collate import IGNORE_INDEX, Collator
+from loramoe.train_config import TrainConfig, TrainConfigError
+from loramoe.train_data import encode_frame, read_train_frame
 
 
 class MetricsSink(Protocol):
@@ -237,51 +129,6 @@ def _mixed_precision(config: TrainConfig) -> str:
     return "no"  # CPU autocast to bf16 is slower than fp32 on most laptops
 
 
-def read_train_frame(config: TrainConfig):
-    """The train file's records, checked before any model is loaded: text columns hold
-    non-empty strings, and (LoRAMoE) every task type is an expert type or declared untyped."""
-    from loramoe.data.records import is_text, line_number, read_records
-
-    path = config.train_file
-    frame = read_records(Path(path))
-    missing = [c for c in ("prompt", "response", "task_type") if c not in frame.columns]
-    if missing:
-        raise TrainConfigError(f"TrainConfig.train_file: {path} lacks column(s) {missing}; "
-                               f"validate it with: python -m validation {path}")
-
-    def rows(bad: list[int]) -> str:
-        ids = frame.get("id")
-        return ", ".join(f"line {line_number(i, path)}"
-                         + (f" (id {ids.iloc[i]!r})" if ids is not None else "")
-                         for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-
-    for column in ("prompt", "response", "task_type"):
-        bad = [i for i, v in enumerate(frame[column]) if not is_text(v)]
-        if bad:
-            value = frame[column].iloc[bad[0]]
-            raise TrainConfigError(
-                f"TrainConfig.train_file: {path}: column '{column}' must hold non-empty "
-                f"strings; {len(bad)} row(s) do not: {rows(bad)}, e.g. {value!r} "
-                f"({type(value).__name__})")
-    if config.method == "loramoe":
-        known = set(config.loramoe.type_names) | set(config.untyped_task_types)
-        bad = [i for i, v in enumerate(frame["task_type"]) if v not in known]
-        if bad:
-            found = sorted(set(frame["task_type"].iloc[bad]))
-            raise TrainConfigError(
-                f"TrainConfig.train_file: {path} has task type(s) {found} ({rows(bad)}) that "
-                f"TrainConfig.loramoe.expert_types {config.loramoe.type_names} does not name, "
-                f"so those samples would train with no LBC term. Fix the data, add the types "
-                f"to loramoe.expert_types, or list them in untyped_task_types on purpose")
-    return frame
-
-
-def _encode(config: TrainConfig, frame, tokenizer):
-    return encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
-                          frame["task_type"].tolist(), config.loramoe.type_names,
-                          config.max_length)
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)
@@ -327,7 +174,7 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     checkpoint = _start_state(config, output_dir, resume) if accelerator.is_main_process \
         else None
     model, tokenizer = build_model(config)
-    dataset = _encode(config, frame, tokenizer)
+    dataset = encode_frame(config, frame, tokenizer)
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
                                f"examples (empty, or every response truncated by max_length)")

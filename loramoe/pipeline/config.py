@@ -11,7 +11,7 @@ from typing import Any
 from loramoe.data import MixtureConfig
 from loramoe.fields import check_fields, matches
 from loramoe.model import ModelNotAvailableError, check_local_path
-from loramoe.train import TrainConfig
+from loramoe.train_config import TrainConfig
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
