@@ -13,14 +13,42 @@ and adapters go to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+import tomllib
 
 # Metaflow refuses to run without a user name; CI containers often have no $USER (or an
 # empty one, which setdefault would keep).
 os.environ["METAFLOW_USER"] = (
     os.environ.get("METAFLOW_USER") or os.environ.get("USER") or "loramoe"
 )
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "configs" / "default.toml"
+
+
+def set_max_workers_from_config(argv: list[str]) -> None:
+    """Metaflow runs at most METAFLOW_RUN_MAX_WORKERS (resume: ..._RESUME_...) tasks at once;
+    set it from the config's local_parallel_branches, unless the user gave --max-workers or
+    the variable, so parallel local branches never oversubscribe the cores. Each branch then
+    takes cores // local_parallel_branches torch threads (loramoe.pipeline.threads)."""
+    if "--max-workers" in argv:
+        return
+    path = DEFAULT_CONFIG
+    for i, arg in enumerate(argv[:-2]):
+        if arg == "--config" and argv[i + 1] == "config":
+            path = Path(argv[i + 2])
+    try:
+        workers = tomllib.loads(Path(path).read_text()).get("local_parallel_branches", 1)
+    except (OSError, ValueError):
+        return  # Metaflow and PipelineConfig report a missing or broken config themselves
+    for command in ("RUN", "RESUME"):
+        os.environ.setdefault(f"METAFLOW_{command}_MAX_WORKERS", str(workers))
+
+
+set_max_workers_from_config(sys.argv)
 
 from metaflow import (  # noqa: E402
     Config,
@@ -36,14 +64,12 @@ from metaflow import (  # noqa: E402
     timeout,
 )
 
-HERE = Path(__file__).resolve().parent
-
 
 @schedule(weekly=True)
 class LoRAMoEPipeline(FlowSpec):
     """Vanilla SFT vs single LoRA vs LoRAMoE across data scales, tracked in MLflow."""
 
-    config = Config("config", default=str(HERE / "configs" / "default.toml"),
+    config = Config("config", default=str(DEFAULT_CONFIG),
                     parser="tomllib.loads")
     scales = Parameter("scales", default="", help="comma list overriding config.mixture.scales")
     methods = Parameter("methods", default="", help="comma list of config.methods to run")

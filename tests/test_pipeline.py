@@ -135,6 +135,33 @@ def test_branches_pass_references_not_weights(smoke_run):
         assert f"trained/{part}" in logged and "trained/train_config.json" in logged
 
 
+def peak_concurrency(tasks) -> int:
+    """Most tasks running at the same moment, from Metaflow's own task timestamps."""
+    events = sorted([(t.created_at, 1) for t in tasks] + [(t.finished_at, -1) for t in tasks],
+                    key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def branch_tasks(run) -> list:
+    return [t for name in ("train", "evaluate") for t in run[name]]
+
+
+def test_parallel_branches_overlap_up_to_the_configured_limit(smoke_run):
+    workdir, run, _, _ = smoke_run
+    # smoke.toml: local_parallel_branches = 2, so Metaflow's max-workers is 2
+    assert peak_concurrency(branch_tasks(run)) == 2
+    client = mlflow_client(workdir)
+    children = [r for r in client.search_runs(
+        [client.get_experiment_by_name("loramoe-smoke").experiment_id])
+        if "mlflow.parentRunId" in r.data.tags]
+    cores = len(os.sched_getaffinity(0))
+    assert {r.data.params["torch_threads"] for r in children} == {str(max(1, cores // 2))}
+
+
 def test_failed_branch_is_reported_and_others_kept(smoke_run):
     _, run, _, _ = smoke_run
     results = run["compare"].task.data.results
@@ -244,15 +271,17 @@ def test_pipeline_against_a_real_tracking_server(tmp_path):
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server, 90)
         uri = f"http://127.0.0.1:{port}"
-        run, _, stderr = run_flow(tmp_path, SMOKE, env={"MLFLOW_TRACKING_URI": uri},
-                                  methods="loramoe", scales="16")
+        config = write_config(tmp_path / "serial.toml", local_parallel_branches=1)
+        run, _, stderr = run_flow(tmp_path, config, env={"MLFLOW_TRACKING_URI": uri},
+                                  methods="loramoe", scales="16,32")
         assert run.successful, stderr[-3000:]
+        assert peak_concurrency(branch_tasks(run)) == 1  # one branch at a time
         import mlflow
 
         mlflow.set_tracking_uri(uri)
         client = mlflow.MlflowClient()
         runs = client.search_runs([client.get_experiment_by_name("loramoe-smoke").experiment_id])
-        assert len(runs) == 2  # parent + loramoe-16
+        assert len(runs) == 3  # parent + loramoe-16 + loramoe-32
         assert client.get_model_version_by_alias("loramoe-smoke", "champion")
         assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default
     finally:

@@ -3,7 +3,6 @@
 from loramoe.pipeline.config import PipelineConfig, PipelineConfigError, deep_merge
 from loramoe.pipeline.registry import choose_candidate, register_champion
 from loramoe.pipeline.report import comparison_plots, results_table
-from loramoe.pipeline.slots import branch_slot, cpu_slot
 from loramoe.pipeline.steps import (
     DataValidationError,
     evaluate_base_model,
@@ -13,10 +12,11 @@ from loramoe.pipeline.steps import (
     run_branch_training,
     validate_data,
 )
+from loramoe.pipeline.threads import use_branch_threads
 
 __all__ = [
-    "DataValidationError", "PipelineConfig", "PipelineConfigError", "branch_slot",
-    "choose_candidate", "comparison_plots", "cpu_slot", "deep_merge", "evaluate_base_model",
-    "evaluate_branch", "ingest", "register_champion", "restore_run_dir", "results_table",
-    "run_branch_training", "validate_data",
+    "DataValidationError", "PipelineConfig", "PipelineConfigError", "choose_candidate",
+    "comparison_plots", "deep_merge", "evaluate_base_model", "evaluate_branch", "ingest",
+    "register_champion", "restore_run_dir", "results_table", "run_branch_training",
+    "use_branch_threads", "validate_data",
 ]

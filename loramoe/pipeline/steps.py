@@ -16,7 +16,7 @@ import pandas as pd
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
 from loramoe.pipeline.config import PipelineConfig
-from loramoe.pipeline.slots import branch_slot
+from loramoe.pipeline.threads import use_branch_threads
 
 
 def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
@@ -53,9 +53,11 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     name = f"{branch['method']}-{branch['scale']}"
     train_file = write_records(train_frame, workdir / "train.jsonl")
     train_config = config.train_config(branch["method"], train_file, workdir / "run")
+    threads = use_branch_threads(config)
     if mlflow_run_id:
-        log_params(mlflow_run_id, {"branch": name, **train_config.to_dict()})
-    with branch_slot(config), system_metrics(mlflow_run_id):
+        log_params(mlflow_run_id, {"branch": name, "torch_threads": threads,
+                                   **train_config.to_dict()})
+    with system_metrics(mlflow_run_id):
         result = train(train_config, sink=MlflowSink(mlflow_run_id) if mlflow_run_id else None,
                        progress=True)
     run_dir = Path(result.output_dir)
@@ -90,9 +92,8 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     from loramoe.evaluate import evaluate
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
-    with branch_slot(config):
-        metrics = evaluate(eval_file, workdir / "base", model=config.train["model"],
-                           batch_size=config.eval_batch_size)
+    metrics = evaluate(eval_file, workdir / "base", model=config.train["model"],
+                       batch_size=config.eval_batch_size)  # runs alone: every core
     return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl")}
 
 
@@ -108,9 +109,9 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
     base_dir = workdir / "base"
     write_records(base_predictions, base_dir / "predictions.jsonl")
     out = workdir / "eval"
-    with branch_slot(config):
-        metrics = evaluate(eval_file, out, run=run_dir, base_dir=base_dir,
-                           batch_size=config.eval_batch_size)
+    use_branch_threads(config)
+    metrics = evaluate(eval_file, out, run=run_dir, base_dir=base_dir,
+                       batch_size=config.eval_batch_size)
     if mlflow_run_id:
         summary = {"knowledge_score": metrics.get("knowledge_score"),
                    "downstream_score": metrics.get("downstream_score"),

@@ -1,0 +1,24 @@
+"""Threads for a branch: Metaflow's local runtime runs at most `local_parallel_branches`
+tasks at once (flows/full_pipeline.py sets its max-workers from the config), and each task
+takes its share of the cores, so parallel branches never oversubscribe the machine."""
+
+from __future__ import annotations
+
+import os
+
+from loramoe.pipeline.config import PipelineConfig
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def use_branch_threads(config: PipelineConfig) -> int:
+    """Set torch's intra-op threads to this task's share of the cores; returns it."""
+    import torch
+
+    threads = max(1, available_cores() // config.local_parallel_branches)
+    torch.set_num_threads(threads)
+    return threads
