@@ -168,3 +168,8 @@ def system_metrics(run_id: str | None, interval: float = 1.0):
         yield
     finally:
         monitor.finish()
+        # The monitor publishes once per interval: a block shorter than that would log
+        # nothing, so one closing sample is always published.
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()

@@ -290,7 +290,7 @@ def test_pipeline_against_a_real_tracking_server(tmp_path):
         shutil.rmtree(tmp_path / "server", ignore_errors=True)
 
 
-@pytest.mark.parametrize("name", ["default", "smoke", "paper"])
+@pytest.mark.parametrize("name", ["default", "smoke", "paper", "experiment"])
 def test_shipped_configs_load_and_validate(name):
     from loramoe.pipeline import PipelineConfig
 
