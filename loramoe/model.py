@@ -108,20 +108,33 @@ def char_tokenizer():
                                    unk_token="<unk>")
 
 
-def save_tiny_random_llama(path: Path, seed: int = 0) -> Path:
-    """A 2-layer random Llama (hidden 32) + char tokenizer, deterministic in seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_random_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
+                      max_positions: int = 512, bos_token_id: int = 2) -> PreTrainedModel:
+    """A 2-layer random Llama or GPT-2 (hidden 32) built from a config, deterministic in seed:
+    the model of the smoke config, users' dry runs and the tests. vocab_size defaults to the
+    character tokenizer's."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = char_tokenizer()
+    vocab = vocab_size or len(char_tokenizer())
+    ids = {"pad_token_id": 0, "eos_token_id": 2, "bos_token_id": bos_token_id}
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, pad_token_id=0, eos_token_id=2,
-                         bos_token_id=2)
-    model = LlamaForCausalLM(config)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+            **ids))
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4,
+                                          n_positions=max_positions, **ids))
+    raise ValueError(f"tiny_random_model: arch must be 'llama' or 'gpt2', got {arch!r}")
+
+
+def save_tiny_random_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """tiny_random_model + the character tokenizer, saved as a folder from_pretrained loads."""
+    model = tiny_random_model(arch, seed)
     model.config._name_or_path = TINY_RANDOM
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
     return path
 
 
@@ -149,7 +162,7 @@ def resolve_model_path(name_or_path: str) -> str:
         target = cache_root() / f"{TINY_RANDOM}-tf{transformers.__version__}"
         if not (target / "config.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=_mkdir(cache_root())))
-            save_tiny_random_llama(tmp)
+            save_tiny_random_model(tmp)
             try:
                 os.replace(tmp, target)
             except OSError:

@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from loramoe.model import save_tiny_random_model, tiny_random_model
 
 # Keep the suite off the network and quiet, whatever the developer's environment says.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,22 +19,13 @@ VOCAB = 96
 
 
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_random_model("llama", seed, vocab_size=VOCAB, max_positions=64,
+                             bos_token_id=1).eval()
 
 
 def make_tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return GPT2LMHeadModel(config).eval()
+    return tiny_random_model("gpt2", seed, vocab_size=VOCAB, max_positions=64,
+                             bos_token_id=1).eval()
 
 
 @pytest.fixture
@@ -69,21 +62,7 @@ def make_char_tokenizer():
 
 def save_tiny_model_dir(path, arch: str = "llama", seed: int = 0):
     """A tiny random model + char tokenizer saved as a folder load_base_model accepts."""
-    tokenizer = make_char_tokenizer()
-    torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                             max_position_embeddings=512, pad_token_id=0, eos_token_id=2,
-                             bos_token_id=2)
-        model = LlamaForCausalLM(config)
-    else:
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
-                            n_positions=512, pad_token_id=0, eos_token_id=2, bos_token_id=2)
-        model = GPT2LMHeadModel(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_random_model(path, arch, seed)
 
 
 @pytest.fixture(scope="session")
