@@ -268,7 +268,7 @@ def test_numeric_or_list_response_named_by_line_and_id(tiny_model_dir, tmp_path)
                                   "output_dir": str(tmp_path / "run"), "max_steps": 1}))
     done = cli("-m", "loramoe.train", "--config", str(config))
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "column 'response'" in done.stderr and "line 2 (id 'b')" in done.stderr
+    assert "column 'response'" in done.stderr and "line 2 id='b' value=42" in done.stderr
     assert "Traceback" not in done.stderr
 
 

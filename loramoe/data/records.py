@@ -102,13 +102,15 @@ def line_number(index: int, path: Path | str | None) -> int:
     return index + (2 if path is not None and Path(path).suffix == ".csv" else 1)
 
 
-def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = None) -> None:
+def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = None,
+                  columns: tuple[str, ...] | None = None) -> None:
     """Raise RecordsError naming columns, lines and ids when records break the schema.
 
     The light twin of the great-expectations suites (validation/): the same row rules
     (is_text, normalize_answers, METRICS), cheap enough to run before any model is loaded.
+    `columns` narrows the required columns (the trainer needs no id or task).
     """
-    columns = TRAIN_COLUMNS if kind == "train" else EVAL_COLUMNS
+    columns = columns or (TRAIN_COLUMNS if kind == "train" else EVAL_COLUMNS)
     where = f"{source}: " if source is not None else ""
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -120,10 +122,11 @@ def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = No
     for column in text_columns:
         bad = [i for i, v in enumerate(frame[column]) if not is_text(v)]
         problems += _describe(frame, bad, column, "must be a non-empty string", source)
-    if kind == "eval":
+    if "answers" in columns:
         bad = [i for i, v in enumerate(frame["answers"]) if normalize_answers(v) is None]
         problems += _describe(frame, bad, "answers",
                               "must be a non-empty list of non-empty strings", source)
+    if "metric" in columns:
         bad = [i for i, v in enumerate(frame["metric"]) if v not in METRICS]
         problems += _describe(frame, bad, "metric", f"must be one of {list(METRICS)}", source)
     if problems:
@@ -135,14 +138,21 @@ def _describe(frame: pd.DataFrame, rows: list[int], column: str, rule: str,
               source: Path | str | None) -> list[str]:
     if not rows:
         return []
+    return [f"column '{column}' {rule}: {len(rows)} row(s) fail, e.g. "
+            f"{row_examples(frame, rows, column, source)}"]
+
+
+def row_examples(frame: pd.DataFrame, rows: list[int], column: str,
+                 source: Path | str | None, most: int = 3) -> str:
+    """`line 2 id='b' value=42 (int); ...` for the first rows, for error messages."""
     examples = []
-    for i in rows[:3]:
+    for i in rows[:most]:
         value = repr(frame[column].iloc[i])
         value = value[:60] + ("…" if len(value) > 60 else "")
         ident = f" id={frame['id'].iloc[i]!r}" if "id" in frame and column != "id" else ""
         examples.append(f"line {line_number(i, source)}{ident} value={value} "
                         f"({type(frame[column].iloc[i]).__name__})")
-    return [f"column '{column}' {rule}: {len(rows)} row(s) fail, e.g. {'; '.join(examples)}"]
+    return "; ".join(examples)
 
 
 def to_frame(records: Iterable[TrainRecord | EvalRecord]) -> pd.DataFrame:
