@@ -75,19 +75,18 @@ class TrainConfig:
             ("untyped_task_types", lambda v: not set(v) & set(self.loramoe.type_names),
              f"task types that are not expert types {self.loramoe.type_names}"),
         ], TrainConfigError)
+        if self.lr is None:  # resolved once, so the saved config holds the lr that was used
+            self.lr = DEFAULT_LR[self.method]
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["learning_rate"] = self.learning_rate
-        return data
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {k: v for k, v in data.items() if k != "learning_rate"}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

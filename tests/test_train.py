@@ -41,7 +41,7 @@ def test_loss_decreases_for_every_method(method, tiny_model_dir, tiny_train_file
         assert all("lbc_loss" in r and "router_cv" in r for r in rows)
     assert result.artifact.is_dir()
     saved = json.loads((result.output_dir / "train_config.json").read_text())
-    assert saved["method"] == method and saved["learning_rate"] == lr
+    assert saved["method"] == method and saved["lr"] == lr
 
 
 @pytest.mark.parametrize("method", ["lora", "loramoe"])
