@@ -85,3 +85,28 @@ def test_local_folders_pass_through_to_from_pretrained(tmp_path):
     loaded, tokenizer = load_base_model(str(tmp_path))
     assert tokenizer.pad_token == "<unk>"
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+@needs_default
+@pytest.mark.slow
+def test_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's "Use the library directly" block, executed. Only its placeholders are
+    filled: the batch (ids, mask, labels, sample_types) it leaves to the reader, `...` (the
+    reader's training loop) and generate's arguments."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Use the library directly", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert "apply_loramoe(model, config)" in code and "save_adapter(" in code
+    code = code.replace("\n...\n", "\n").replace("model.generate(...)",
+                                                 "model.generate(input_ids=ids[:1], "
+                                                 "max_new_tokens=2)")
+    ids = torch.randint(10, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
+    namespace = {"ids": ids, "mask": torch.ones_like(ids), "labels": ids.clone(),
+                 "sample_types": torch.tensor([0, 1])}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert torch.isfinite(namespace["loss"])
+    assert (tmp_path / "my-adapter").is_dir() and loramoe_layers(namespace["model"])
