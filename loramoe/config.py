@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from loramoe.fields import check_fields
+from loramoe.fields import check_fields, from_mapping
 
 # FFN linears per architecture (model.config.model_type). A target matches a module whose
 # qualified name equals it or ends with "." + target, so "mlp.c_proj" picks GPT-2's FFN
@@ -119,11 +119,7 @@ class LoRAMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoRAMoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"LoRAMoEConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, ConfigError)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -88,3 +88,22 @@ def check_fields(instance: Any, rules: Iterable[Rule], error: type[Exception],
         value = getattr(instance, name)
         if not predicate(value):
             raise error(f"{prefix}.{name}: must be {text}, got {value!r}")
+
+
+def from_mapping(cls: type, data: Any, error: type[Exception], prefix: str | None = None):
+    """Build config class `cls` from a table, naming unknown and missing fields (and a value
+    that is no table) instead of raising a bare TypeError; the class then checks itself."""
+    prefix = prefix or cls.__name__
+    if not isinstance(data, dict):
+        raise error(f"{prefix}: must be a table of fields, got {data!r}")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    required = sorted(f.name for f in dataclasses.fields(cls) if f.init
+                      and f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING)
+    missing = [name for name in required if name not in data]
+    if unknown or missing:
+        parts = ([f"unknown field(s) {unknown}"] if unknown else []) + (
+            [f"missing field(s) {missing}"] if missing else [])
+        raise error(f"{prefix}: {', '.join(parts)}; known: {sorted(known)}")
+    return cls(**data)

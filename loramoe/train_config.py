@@ -11,7 +11,7 @@ from typing import Any, Literal
 import tomllib
 
 from loramoe.config import ConfigError, LoRAMoEConfig
-from loramoe.fields import check_fields
+from loramoe.fields import check_fields, from_mapping
 
 Method = Literal["sft", "lora", "loramoe"]
 DEFAULT_LR = {"sft": 2e-5, "lora": 2e-4, "loramoe": 2e-4}
@@ -87,11 +87,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TrainConfigError(f"TrainConfig: unknown field(s) {unknown}")
-        return cls(**data)
+        return from_mapping(cls, data, TrainConfigError)
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from loramoe.data.records import (
     write_records,
 )
 from loramoe.data.registry import Task, get_task
-from loramoe.fields import check_fields
+from loramoe.fields import check_fields, from_mapping
 
 
 class MixtureError(ValueError):
@@ -67,15 +67,7 @@ class TaskSpec:
 def _task_spec(value: Any, index: int) -> TaskSpec:
     if isinstance(value, TaskSpec):
         return value
-    if not isinstance(value, dict):
-        raise MixtureError(f"mixture.tasks[{index}]: must be a table such as "
-                           f"{{ name = \"arithmetic\" }}, got {value!r}")
-    known = {f.name for f in fields(TaskSpec)}
-    unknown = sorted(set(value) - known)
-    if unknown or "name" not in value:
-        raise MixtureError(f"mixture.tasks[{index}]: unknown field(s) {unknown} or no name; "
-                           f"known: {sorted(known)}")
-    return TaskSpec(**value)
+    return from_mapping(TaskSpec, value, MixtureError, prefix=f"mixture.tasks[{index}]")
 
 
 @dataclass
@@ -107,14 +99,7 @@ class MixtureConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixtureConfig:
-        known = {"tasks", "scales", "seed", "eval_size", "task_types"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MixtureError(f"unknown field(s) {unknown}; known: {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise MixtureError(str(err)) from None
+        return from_mapping(cls, data, MixtureError, prefix="mixture")
 
     @classmethod
     def from_file(cls, path: str | Path) -> MixtureConfig:

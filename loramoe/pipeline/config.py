@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.data import MixtureConfig
-from loramoe.fields import check_fields, matches
+from loramoe.fields import check_fields, from_mapping, matches
 from loramoe.model import ModelNotAvailableError, check_local_path
 from loramoe.train_config import TrainConfig
 
@@ -77,18 +77,10 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> PipelineConfig:
         data = json.loads(json.dumps(dict(data)))  # plain, mutable copy (Metaflow ConfigValue)
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise PipelineConfigError(f"config: unknown field(s) {unknown}; known: "
-                                      f"{sorted(known)}")
         for task in data.get("mixture", {}).get("tasks", []):
             if task.get("path") and not Path(task["path"]).is_absolute():
                 task["path"] = str(Path(base_dir) / task["path"])
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise PipelineConfigError(f"config: {err}") from None
+        return from_mapping(cls, data, PipelineConfigError, prefix="config")
 
     def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0
                        ) -> PipelineConfig:
