@@ -43,6 +43,9 @@ def validate_data(data_dir: Path, docs_dir: Path) -> list[dict[str, Any]]:
     return [r.to_dict() for r in reports]
 
 
+TRAINED = "trained"  # artifact path of a branch's trained folder in its MLflow run
+
+
 def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_frame: pd.DataFrame,
                         workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     """Train one (method, scale) branch; metrics stream to its MLflow child run, and the
@@ -71,9 +74,6 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     return {"name": name, "store": store, "train_config": train_config.to_dict(),
             "steps": result.steps, "final": result.final_metrics,
             "router_cv": _router_cv_series((run_dir / "metrics.jsonl").read_text())}
-
-
-TRAINED = "trained"  # artifact path of a branch's trained folder in its MLflow run
 
 
 def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:
