@@ -24,12 +24,12 @@ except ImportError:  # pragma: no cover - Windows
     getrusage = None
 
 import torch
+from loramoe.cpu_kernels import build, set_cpu_kernels
+from loramoe.thin_gemm import onednn_enabled, set_onednn
 from torch import nn
 
 from loramoe import LoRAMoEConfig
-from loramoe.cpu_kernels import build, set_cpu_kernels
 from loramoe.layer import LoRAMoELinear
-from loramoe.thin_gemm import onednn_enabled, set_onednn
 
 
 class LoopLoRAMoE(nn.Module):

@@ -114,20 +114,19 @@ class LoRAMoEPipeline(FlowSpec):
         """great-expectations suites on every scale and the eval set (Data Docs to MLflow);
         a failure stops the run naming the report and the failed expectations. Then the base
         model is evaluated once, for every branch's retention."""
-        import mlflow
-
         from loramoe.pipeline import evaluate_base_model, validate_data
+        from loramoe.tracking import store_folder, use_store
 
         data_dir = Path(tempfile.mkdtemp(prefix="loramoe-validate-"))
         for name, blob in self.data_files.items():
             (data_dir / name).write_bytes(blob)
         docs = Path(self.workdir) / "outputs" / "data_docs" / current.run_id
-        mlflow.set_tracking_uri(self.tracking_uri)
+        use_store(self.tracking_uri)
         try:
             self.validation = validate_data(data_dir, docs)
         finally:
             if docs.exists():
-                mlflow.MlflowClient().log_artifacts(self.parent_run_id, str(docs), "data_docs")
+                store_folder(self.parent_run_id, sorted(docs.iterdir()), "data_docs")
         config = self.pipeline_config
         base = evaluate_base_model(config, self.eval_set,
                                    Path(tempfile.mkdtemp(prefix="loramoe-base-")))
@@ -143,15 +142,13 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def train(self):
         """Train one (method, scale) branch; per-step metrics go to its nested MLflow run."""
-        import mlflow
-
         from loramoe.pipeline import run_branch_training
-        from loramoe.tracking import start_child_run
+        from loramoe.tracking import start_child_run, use_store
 
         self.branch = dict(self.input)
         self.branch_name = f"{self.branch['method']}-{self.branch['scale']}"
         self.train_error = None
-        mlflow.set_tracking_uri(self.tracking_uri)
+        use_store(self.tracking_uri)
         self.mlflow_run_id = start_child_run(self.experiment_id, self.parent_run_id,
                                              self.branch_name,
                                              {"metaflow.pathspec": current.pathspec})
@@ -169,14 +166,12 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def evaluate(self):
         """Knowledge + downstream metrics, retention vs the base, router analysis."""
-        import mlflow
-
         from loramoe.pipeline import evaluate_branch
-        from loramoe.tracking import end_run
+        from loramoe.tracking import end_run, use_store
 
         self.eval_error = None
         self.result = None
-        mlflow.set_tracking_uri(self.tracking_uri)
+        use_store(self.tracking_uri)
         if self.train_error is not None:
             end_run(self.mlflow_run_id, "FAILED")
             self.next(self.join)
@@ -191,21 +186,12 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def join(self, inputs):
         """Collect every branch, failed ones included (they are reported, not dropped)."""
+        from loramoe.pipeline import branch_outcome
+
         self.merge_artifacts(inputs, include=["pipeline_config", "resolved", "workdir",
                                               "tracking_uri", "experiment_id", "parent_run_id",
                                               "base_metrics"])
-        self.outcomes = []
-        for branch in inputs:
-            error = branch.train_error or branch.eval_error
-            outcome = {"name": branch.branch_name, "method_name": branch.branch["method"],
-                       "scale": branch.branch["scale"], "mlflow_run_id": branch.mlflow_run_id,
-                       "error": str(error) if error else None}
-            if not error:
-                outcome.update({"method": branch.result["method"],
-                                "metrics": branch.result["metrics"],
-                                "router_cv": branch.result["router_cv"],
-                                "trained": branch.trained})
-            self.outcomes.append(outcome)
+        self.outcomes = [branch_outcome(branch) for branch in inputs]
         self.next(self.compare)
 
     @card(type="blank", id="comparison")
@@ -213,37 +199,14 @@ class LoRAMoEPipeline(FlowSpec):
     def compare(self):
         """Table and plots across methods and scales, on this card and the MLflow parent run:
         retention and downstream vs scale, router type weights per task, router CV."""
-        import mlflow
-        from metaflow.cards import Image, Markdown, Table
+        from loramoe.pipeline import compare_branches
+        from loramoe.tracking import use_store
 
-        from loramoe.pipeline import comparison_plots, results_table
-        from loramoe.tracking import log_metrics
-
-        mlflow.set_tracking_uri(self.tracking_uri)
-        table = results_table(self.outcomes, self.base_metrics)
-        self.results = table.to_dict(orient="records")
-        out = Path(tempfile.mkdtemp(prefix="loramoe-compare-"))
-        plots = comparison_plots(table, self.outcomes, out)
-        table.to_csv(out / "results.csv", index=False)
-        client = mlflow.MlflowClient()
-        for path in [*plots, out / "results.csv"]:
-            client.log_artifact(self.parent_run_id, str(path), artifact_path="compare")
-        for row in self.results:
-            if row["status"] == "ok" and row["method"] != "base":
-                log_metrics(self.parent_run_id, {f"{row['branch']}/{k}": row[k] for k in
-                                                 ("knowledge_score", "retention",
-                                                  "downstream_score") if row.get(k) is not None})
-        self.failed_branches = [r["branch"] for r in self.results if r["status"] != "ok"]
-        current.card["comparison"].append(Markdown(f"# LoRAMoE pipeline: "
-                                                   f"{self.resolved['name']}"))
-        if self.failed_branches:
-            current.card["comparison"].append(Markdown(
-                "**Failed branches:** " + ", ".join(self.failed_branches)))
-        headers = list(table.columns)
-        current.card["comparison"].append(Table(
-            [[_fmt(row[h]) for h in headers] for row in self.results], headers=headers))
-        for path in plots:
-            current.card["comparison"].append(Image(path.read_bytes(), label=path.stem))
+        use_store(self.tracking_uri)
+        summary = compare_branches(self.outcomes, self.base_metrics, self.parent_run_id,
+                                   Path(tempfile.mkdtemp(prefix="loramoe-compare-")))
+        self.results, self.failed_branches = summary["rows"], summary["failed"]
+        comparison_card(current.card["comparison"], self.resolved["name"], summary)
         self.next(self.register)
 
     @step
@@ -251,11 +214,10 @@ class LoRAMoEPipeline(FlowSpec):
         """Log every adapter as an MLflow pyfunc model; register the best LoRAMoE (highest
         downstream score among runs keeping the retention threshold) and move the alias
         `champion` to it only if it beats the current champion."""
-        import mlflow
-
         from loramoe.pipeline import register_champion
+        from loramoe.tracking import use_store
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        use_store(self.tracking_uri)
         self.decision = register_champion(self.pipeline_config,
                                           self.outcomes, self.parent_run_id,
                                           Path(tempfile.mkdtemp(prefix="loramoe-register-")))
@@ -265,12 +227,24 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def end(self):
         """Close the MLflow parent run."""
-        import mlflow
+        from loramoe.tracking import end_run, use_store
 
-        from loramoe.tracking import end_run
-
-        mlflow.set_tracking_uri(self.tracking_uri)
+        use_store(self.tracking_uri)
         end_run(self.parent_run_id, "FINISHED" if not self.failed_branches else "FAILED")
+
+
+def comparison_card(card, name: str, summary: dict) -> None:
+    """The comparison as a Metaflow card: failed branches, the table, the plots."""
+    from metaflow.cards import Image, Markdown, Table
+
+    card.append(Markdown(f"# LoRAMoE pipeline: {name}"))
+    if summary["failed"]:
+        card.append(Markdown("**Failed branches:** " + ", ".join(summary["failed"])))
+    headers = summary["headers"]
+    card.append(Table([[_fmt(row[h]) for h in headers] for row in summary["rows"]],
+                      headers=headers))
+    for path in summary["plots"]:
+        card.append(Image(path.read_bytes(), label=path.stem))
 
 
 def _fmt(value):

@@ -50,9 +50,9 @@ class LoRAMoEConfig:
 
     expert_types is ordered: with {"knowledge": 3, "downstream": 3} experts 0..2 are of type 0
     ("knowledge") and 3..5 of type 1 ("downstream"). Sample task types index the same names.
+    The number of experts is their sum (`num_experts`), stated nowhere else.
     """
 
-    num_experts: int = 6
     rank: int = 4
     alpha: float = 32.0
     dropout: float = 0.05
@@ -74,8 +74,9 @@ class LoRAMoEConfig:
         self._validate()
 
     def _validate(self) -> None:
+        counts = self.expert_types.values() if isinstance(self.expert_types, dict) else [None]
+        n = sum(counts) if all(isinstance(c, int) for c in counts) else None  # checked below
         check_fields(self, [
-            ("num_experts", lambda v: v >= 1, "an integer >= 1"),
             ("rank", lambda v: v >= 1, "an integer >= 1"),
             ("alpha", lambda v: v > 0, "> 0"),
             ("dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
@@ -86,13 +87,13 @@ class LoRAMoEConfig:
              "counts >= 1 for every type"),
             ("lbc_delta", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
             ("lbc_beta", lambda v: v >= 0, ">= 0 (0 disables the LBC)"),
-            ("top_k", lambda v: v is None or 1 <= v <= self.num_experts,
-             f"None (dense) or an integer in [1, num_experts={self.num_experts}]"),
+            ("top_k", lambda v: v is None or 1 <= v <= n,
+             f"None (dense) or an integer in [1, num_experts={n}]"),
         ], ConfigError)
-        total = sum(self.expert_types.values())
-        if total != self.num_experts:
-            _fail("expert_types", f"counts {self.expert_types} sum to {total}, but "
-                  f"num_experts is {self.num_experts}")
+
+    @property
+    def num_experts(self) -> int:
+        return sum(self.expert_types.values())
 
     @property
     def scaling(self) -> float:
@@ -119,7 +120,15 @@ class LoRAMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoRAMoEConfig:
-        return from_mapping(cls, data, ConfigError)
+        """From a table; an old `num_experts` key (adapters of 0.1.0) must equal the sum."""
+        data = dict(data) if isinstance(data, dict) else data
+        legacy = data.pop("num_experts", None) if isinstance(data, dict) else None
+        config = from_mapping(cls, data, ConfigError)
+        if legacy is not None and legacy != config.num_experts:
+            _fail("num_experts", f"{legacy!r} disagrees with expert_types "
+                  f"{config.expert_types} (sum {config.num_experts}); the number of experts "
+                  "is the sum of expert_types, drop num_experts")
+        return config
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

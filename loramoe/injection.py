@@ -99,14 +99,19 @@ def loramoe_layers(model: nn.Module) -> list[tuple[str, LoRAMoELinear]]:
 
 
 def apply_loramoe(
-    model: nn.Module, config: LoRAMoEConfig | None = None, *, verbose: bool = False
+    model: nn.Module, config: LoRAMoEConfig | None = None, *, backend: str = "auto",
+    verbose: bool = False,
 ) -> nn.Module:
     """Wrap the target layers of ``model`` in place; only experts and routers stay trainable.
 
+    backend: "auto" or "formula", see loramoe.backends (the same numbers either way).
     Returns the same model, with ``model.loramoe_config`` set. Logs the parameter summary
     (prints it with verbose=True); ``parameter_summary(model)`` returns it.
     """
+    from loramoe.backends import select_backend  # the layer itself never imports a backend
+
     config = config or LoRAMoEConfig()
+    accelerate = select_backend(backend)
     if loramoe_layers(model):
         raise ValueError("model already has LoRAMoE layers; load or apply an adapter only once")
     names = find_target_modules(model, config)
@@ -117,7 +122,9 @@ def apply_loramoe(
         base = getattr(parent, child)
         # New modules start in training mode; follow the base layer's mode instead, or an
         # eval-mode model would silently run expert dropout.
-        setattr(parent, child, LoRAMoELinear(base, config).train(base.training))
+        layer = LoRAMoELinear(base, config).train(base.training)
+        layer.backend = accelerate
+        setattr(parent, child, layer)
     # Freeze by module type: everything except the adapters' own parameters.
     for _, layer in loramoe_layers(model):
         for param_name in ADAPTER_PARAM_NAMES:

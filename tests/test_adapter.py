@@ -14,7 +14,7 @@ from loramoe import AdapterError, LoRAMoEConfig, apply_loramoe, load_adapter, sa
 from loramoe.adapter import CONFIG_NAME, WEIGHTS_NAME
 from loramoe.injection import loramoe_layers
 
-CONFIG = LoRAMoEConfig(num_experts=4, rank=2, expert_types={"knowledge": 2, "downstream": 2},
+CONFIG = LoRAMoEConfig(rank=2, expert_types={"knowledge": 2, "downstream": 2},
                        top_k=3)
 
 
@@ -50,7 +50,7 @@ def test_folder_holds_only_safetensors_and_json(saved):
     _, folder = saved
     assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     meta = json.loads((folder / CONFIG_NAME).read_text())
-    assert meta["loramoe_config"]["num_experts"] == 4
+    assert meta["loramoe_config"]["expert_types"] == {"knowledge": 2, "downstream": 2}
     assert meta["library_version"]
     assert meta["base_fingerprint"]["model_type"] == "llama"
     tensors = load_file(folder / WEIGHTS_NAME)

@@ -94,7 +94,7 @@ def test_evaluate_cli_checks_the_eval_schema_before_loading_a_model(tmp_path):
 
 def test_evaluate_scores_csv_answers_as_whole_strings(tiny_model_dir, tmp_path):
     from loramoe.evaluate import evaluate
-    from loramoe.metrics import contains
+    from loramoe.evaluate.metrics import contains
 
     path = tmp_path / "eval.csv"
     pd.DataFrame(eval_rows()).assign(answers=["Taipei", "Lima"]).to_csv(path, index=False)
@@ -173,8 +173,8 @@ class InfGrad(torch.autograd.Function):
 
 def test_non_finite_gradients_stop_before_the_update(tiny_model_dir, tiny_train_file, tmp_path,
                                                      monkeypatch):
-    import loramoe.train as train_module
-    from loramoe.checkpoints import complete_checkpoints, weights_are_finite
+    import loramoe.train.loop as train_module
+    from loramoe.train.checkpoints import complete_checkpoints, weights_are_finite
 
     real, calls = train_module.response_loss, {"n": 0}
 
@@ -195,7 +195,7 @@ def test_non_finite_gradients_stop_before_the_update(tiny_model_dir, tiny_train_
 
 def test_last_good_checkpoint_skips_one_with_nan_weights(tiny_model_dir, tiny_train_file,
                                                          tmp_path):
-    from loramoe.checkpoints import last_good_checkpoint
+    from loramoe.train.checkpoints import last_good_checkpoint
 
     config = config_for(tiny_model_dir, tiny_train_file, tmp_path / "run", save_every=2,
                         max_steps=4)
@@ -230,7 +230,7 @@ def test_mixture_task_type_unknown_to_the_experts_is_a_config_error():
 
 def test_train_file_with_unknown_task_type_fails_before_loading_the_model(
         tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
-    import loramoe.train as train_module
+    import loramoe.train.builders as builders
     from loramoe.data.records import read_records
 
     frame = read_records(tiny_train_file)
@@ -241,7 +241,7 @@ def test_train_file_with_unknown_task_type_fails_before_loading_the_model(
     def no_model(config):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(train_module, "build_model", no_model)
+    monkeypatch.setattr(builders, "build_model", no_model)
     with pytest.raises(TrainConfigError, match=r"\['Knowledge'\].*line 1.*expert_types "
                                                r"\['knowledge', 'downstream'\]"):
         train(config_for(tiny_model_dir, path, tmp_path / "run"), progress=False)
@@ -278,7 +278,7 @@ def test_numeric_or_list_response_named_by_line_and_id(tiny_model_dir, tmp_path)
 def test_serving_input_rules():
     from mlflow.exceptions import MlflowException
 
-    from loramoe.serving import MAX_NEW_TOKENS_CAP, max_new_tokens_from, prompts_from
+    from loramoe.serving.pyfunc import MAX_NEW_TOKENS_CAP, max_new_tokens_from, prompts_from
 
     assert prompts_from("What is the capital of Peru?") == ["What is the capital of Peru?"]
     assert prompts_from(pd.DataFrame({"prompt": ["a", "b"]})) == ["a", "b"]
@@ -296,7 +296,7 @@ def test_serving_input_rules():
 def logged_model(tiny_model_dir, tiny_train_file, tmp_path_factory):
     import mlflow
 
-    from loramoe.serving import log_answer_model
+    from loramoe.serving.pyfunc import log_answer_model
 
     root = tmp_path_factory.mktemp("serve")
     result = train(config_for(tiny_model_dir, tiny_train_file, root / "run", max_steps=2),
@@ -306,13 +306,15 @@ def logged_model(tiny_model_dir, tiny_train_file, tmp_path_factory):
     experiment = mlflow.create_experiment("serve-test",
                                           artifact_location=(root / "artifacts").as_uri())
     run_id = mlflow.MlflowClient().create_run(experiment).info.run_id
-    info = log_answer_model(run_id, result.output_dir, root / "staged")
-    return uri, info, root
+    model_uri = log_answer_model(run_id, result.output_dir, root / "staged")
+    return uri, model_uri, root
 
 
 def test_logged_model_has_a_signature_with_params(logged_model):
-    _, info, _ = logged_model
-    signature = info.signature
+    import mlflow
+
+    _, model_uri, _ = logged_model
+    signature = mlflow.models.get_model_info(model_uri).signature
     assert signature is not None
     assert [p.name for p in signature.params.params] == ["max_new_tokens"]
     assert signature.params.params[0].default == 64
@@ -324,10 +326,10 @@ def test_serving_over_http_answers_bad_requests_with_400(logged_model, tmp_path)
 
     from test_pipeline import free_port, wait_for
 
-    uri, info, root = logged_model
+    uri, model_uri, root = logged_model
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri,
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path,
         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)

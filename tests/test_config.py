@@ -20,12 +20,11 @@ def test_paper_defaults():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"num_experts": 0, "expert_types": {"a": 1}}, "num_experts"),
         ({"rank": 0}, "rank"),
         ({"rank": 2.5}, "rank"),
         ({"alpha": 0}, "alpha"),
         ({"dropout": 1.0}, "dropout"),
-        ({"expert_types": {"knowledge": 3, "downstream": 2}}, "expert_types"),
+        ({"expert_types": ["knowledge", "downstream"]}, "expert_types"),
         ({"expert_types": {}}, "expert_types"),
         ({"expert_types": {"knowledge": 6, "downstream": 0}}, "expert_types"),
         ({"lbc_delta": 1.5}, "lbc_delta"),
@@ -41,14 +40,20 @@ def test_invalid_values_name_the_field(kwargs, field):
         LoRAMoEConfig(**kwargs)
 
 
-def test_counts_not_summing_message_is_actionable():
-    with pytest.raises(ConfigError, match="sum to 5, but num_experts is 6"):
-        LoRAMoEConfig(expert_types={"knowledge": 3, "downstream": 2})
+def test_num_experts_is_derived_once_from_expert_types():
+    config = LoRAMoEConfig(expert_types={"knowledge": 3, "downstream": 2})
+    assert config.num_experts == 5 and "num_experts" not in config.to_dict()
+    # An adapter written by 0.1.0 still carries the key: accepted when it agrees ...
+    assert LoRAMoEConfig.from_dict({**config.to_dict(), "num_experts": 5}) == config
+    # ... and named when it does not.
+    with pytest.raises(ConfigError, match=r"num_experts: 6 disagrees with expert_types"):
+        LoRAMoEConfig.from_dict({**config.to_dict(), "num_experts": 6})
 
 
 def test_any_number_of_types_and_round_trip():
-    config = LoRAMoEConfig(num_experts=5, expert_types={"a": 1, "b": 2, "c": 2}, top_k=2,
+    config = LoRAMoEConfig(expert_types={"a": 1, "b": 2, "c": 2}, top_k=2,
                            target_modules="up_proj")
+    assert config.num_experts == 5
     assert config.expert_type_ids() == [0, 1, 1, 2, 2]
     assert config.target_modules == ["up_proj"]
     assert LoRAMoEConfig.from_dict(config.to_dict()) == config

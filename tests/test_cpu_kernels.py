@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+from loramoe.cpu_kernels import build, input_backward, input_forward, set_cpu_kernels
+from loramoe.dropout import bernoulli_positions, zero_dropped_
 from test_fused import make_layer, run
 
 from loramoe import cpu_kernels
-from loramoe.cpu_kernels import build, input_backward, input_forward, set_cpu_kernels
-from loramoe.dropout import bernoulli_positions, zero_dropped_
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("LORAMOE_CPU_KERNELS") == "0", reason="LORAMOE_CPU_KERNELS=0"

@@ -53,7 +53,7 @@ def test_default_model_loads_answers_and_takes_the_plugin(default_model):
 @pytest.mark.slow
 @needs_default
 def test_no_default_system_prompt_in_training_examples(default_model):
-    from loramoe.collate import encode_example
+    from loramoe.data.collate import encode_example
 
     _, tokenizer = default_model
     ids, labels = encode_example(tokenizer, "What is 2+2?", "4", 128)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from loramoe.dropout import ExpertDropout, bernoulli_positions, draw_dropped, zero_dropped_
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from loramoe.evaluate import evaluate, generate_predictions, retention
-from loramoe.metrics import accuracy, chrf, contains, exact_match, rouge_l, score, token_f1
+from loramoe.evaluate.metrics import accuracy, chrf, contains, exact_match, rouge_l, score, token_f1
 
 
 def test_exact_match_normalises_like_squad():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loramoe.fused import FusedLoRAMoE
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loramoe import LoRAMoEConfig
-from loramoe.fused import FusedLoRAMoE
 from loramoe.layer import LoRAMoELinear, dense_softmax
 
 
@@ -18,7 +18,7 @@ def make_layer(kind="linear", top_k=None, dropout=0.3, bias=True, dtype=torch.fl
     if kind == "conv1d":
         nn.init.normal_(base.weight)
         nn.init.normal_(base.bias)
-    config = LoRAMoEConfig(num_experts=6, rank=3, alpha=6.0, dropout=dropout, top_k=top_k)
+    config = LoRAMoEConfig(rank=3, alpha=6.0, dropout=dropout, top_k=top_k)
     layer = LoRAMoELinear(base, config).to(dtype).train()
     with torch.no_grad():
         for param in layer.expert_weights():

@@ -60,7 +60,7 @@ def test_default_targets_are_the_ffn_linears(model_type):
     model = tiny(model_type)
     ids = torch.randint(3, VOCAB, (2, 7))
     before = model(ids).logits
-    apply_loramoe(model, LoRAMoEConfig(num_experts=4, rank=2,
+    apply_loramoe(model, LoRAMoEConfig(rank=2,
                                        expert_types={"knowledge": 2, "downstream": 2}))
     names = [name for name, _ in loramoe_layers(model)]
     suffixes = {".".join(n.split(".")[-2:]) if "mlp" in n else n.split(".")[-1] for n in names}

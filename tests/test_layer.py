@@ -30,7 +30,7 @@ def make_layer(kind: str, top_k=None, d_in=12, d_out=20, seed=0) -> LoRAMoELinea
     if kind == "conv1d":
         nn.init.normal_(base.weight)
         nn.init.normal_(base.bias)
-    config = LoRAMoEConfig(num_experts=6, rank=3, alpha=6.0, dropout=0.0, top_k=top_k)
+    config = LoRAMoEConfig(rank=3, alpha=6.0, dropout=0.0, top_k=top_k)
     layer = LoRAMoELinear(base, config).double()
     with torch.no_grad():
         for param in layer.expert_weights():
@@ -124,3 +124,33 @@ def test_dropout_applies_to_expert_input_only_in_training():
 def test_rejects_unsupported_base():
     with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
         LoRAMoELinear(nn.Embedding(4, 4), LoRAMoEConfig())
+
+
+def test_formula_drops_the_experts_input_only():
+    """Dropout hits what the experts read, never what the router reads (official code)."""
+    torch.manual_seed(0)
+    layer = make_layer("linear")
+    layer.dropout.p = 0.5
+    x = torch.randn(9, 12, dtype=torch.float64)
+    layer.eval()
+    clean_out, clean_probs = layer.formula(x)
+    layer.train()
+    out, probs = layer.formula(x)
+    torch.testing.assert_close(probs, clean_probs, rtol=0, atol=0)
+    assert not torch.allclose(out, clean_out)
+
+
+def test_layer_without_backend_runs_the_formula():
+    layer = make_layer("linear")
+    assert layer.backend is None
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    out, probs = layer.formula(x)
+    assert torch.equal(layer(x), out) and torch.equal(layer.router_probs, probs)
+
+
+def test_a_backend_that_declines_falls_back_to_the_formula():
+    layer = make_layer("linear")
+    calls = []
+    layer.backend = lambda mod, x: calls.append(x.shape) or None
+    x = torch.randn(4, 12, dtype=torch.float64)
+    assert torch.equal(layer(x), layer.formula(x)[0]) and calls == [(4, 12)]

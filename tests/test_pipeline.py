@@ -298,7 +298,7 @@ def test_shipped_configs_load_and_validate(name):
     config = PipelineConfig.from_dict(data)
     assert config.branches()
     if name == "paper":
-        assert config.train["model"] == "meta-llama/Llama-2-7b-hf"
+        assert config.base_model == "meta-llama/Llama-2-7b-hf"
         train = config.train_config("loramoe", Path("x"), Path("y"))
         moe = train.loramoe
         assert (moe.num_experts, moe.rank, moe.alpha, moe.lbc_beta, moe.lbc_delta) == \

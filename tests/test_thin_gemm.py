@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loramoe.cpu_kernels import set_cpu_kernels
+from loramoe.thin_gemm import onednn_enabled, set_onednn, thin_mm
 from test_fused import make_layer, run
 
 from loramoe import thin_gemm
-from loramoe.cpu_kernels import set_cpu_kernels
-from loramoe.thin_gemm import onednn_enabled, set_onednn, thin_mm
 
 needs_onednn = pytest.mark.skipif(
     not onednn_enabled(), reason="torch built without oneDNN (mkldnn) or LORAMOE_ONEDNN=0"

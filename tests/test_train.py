@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from loramoe.adapter import WEIGHTS_NAME
-from loramoe.collate import IGNORE_INDEX, encode_example
+from loramoe.data.collate import IGNORE_INDEX, encode_example
 from loramoe.train import TrainConfig, TrainConfigError, TrainingDiverged, train
 
 
@@ -75,8 +75,8 @@ def test_lbc_shifts_routing_by_sample_type(tiny_model_dir, tiny_train_file, tmp_
     What the LBC does to routing is measured, not assumed: see docs/method.md.
     """
     from loramoe.adapter import load_adapter
-    from loramoe.collate import Collator, encode_records
     from loramoe.data import read_records
+    from loramoe.data.collate import Collator, encode_records
     from loramoe.injection import collect_router_probs
     from loramoe.model import load_base_model
 
@@ -141,7 +141,7 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tiny_train_file, tmp_p
 
 def test_nan_loss_stops_with_last_checkpoint(tiny_model_dir, tiny_train_file, tmp_path,
                                              monkeypatch):
-    import loramoe.train as train_module
+    import loramoe.train.loop as train_module
 
     real = train_module.response_loss
     calls = {"n": 0}

@@ -11,7 +11,7 @@ from typing import Any
 from loramoe.data import MixtureConfig
 from loramoe.fields import check_fields, from_mapping, matches
 from loramoe.model import ModelNotAvailableError, check_local_path
-from loramoe.train_config import TrainConfig
+from loramoe.train.config import TrainConfig
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -28,10 +28,13 @@ class PipelineConfigError(ValueError):
 
 @dataclass
 class PipelineConfig:
+    """The experiment. In the TOML, `[train]` holds the fields every method shares and
+    `[methods.NAME]` each method's own; `from_dict` merges them into one validated
+    TrainConfig per method, so the object holds no raw tables."""
+
     name: str
     mixture: MixtureConfig
-    train: dict[str, Any]  # TrainConfig fields shared by every method
-    methods: dict[str, dict[str, Any]]  # method name -> TrainConfig overrides
+    methods: dict[str, TrainConfig]  # branch method name -> its full TrainConfig
     mlflow_experiment: str = "loramoe"
     registered_model: str = "loramoe"
     retention_threshold: float = 0.9  # champion rule: best downstream among runs keeping this
@@ -40,7 +43,7 @@ class PipelineConfig:
                                                                "gpu": 0})
     retry_times: int = 0
     timeout_minutes: int = 120
-    local_parallel_branches: int = 1  # CPU slots for concurrent local training/evaluation
+    local_parallel_branches: int = 1  # branches Metaflow runs at once on a local machine
 
     def __post_init__(self) -> None:
         if isinstance(self.mixture, dict):
@@ -58,21 +61,22 @@ class PipelineConfig:
             ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1 and gpu >= 0, "
              "each a number (gpu an integer)"),
         ], PipelineConfigError, prefix="config")
-        # Each method's TrainConfig is built and validated here, once; steps reuse these
-        # objects (the config travels between steps as this object, not as a dict).
-        self._trainers: dict[str, TrainConfig] = {}
-        for name, overrides in self.methods.items():
-            try:
-                train = TrainConfig.from_dict(deep_merge(self.train, overrides))
-            except ValueError as err:
-                raise PipelineConfigError(f"config.methods.{name}: {err}") from None
-            self._trainers[name] = train
+        for name, train in self.methods.items():
             if train.method == "loramoe":
                 _check_task_types(name, train, self.mixture.task_types)
             try:
                 check_local_path(train.model)
             except ModelNotAvailableError as err:
                 raise PipelineConfigError(f"config.methods.{name}.model: {err}") from None
+        models = {train.model for train in self.methods.values()}
+        if len(models) > 1:  # retention compares every branch with one base model
+            raise PipelineConfigError(f"config.methods: every method must tune the same base "
+                                      f"model (train.model), got {sorted(models)}")
+
+    @property
+    def base_model(self) -> str:
+        """The model every method starts from, evaluated once as the retention baseline."""
+        return next(iter(self.methods.values())).model
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> PipelineConfig:
@@ -80,6 +84,13 @@ class PipelineConfig:
         for task in data.get("mixture", {}).get("tasks", []):
             if task.get("path") and not Path(task["path"]).is_absolute():
                 task["path"] = str(Path(base_dir) / task["path"])
+        shared = data.pop("train", {})
+        methods = data.get("methods")
+        if not isinstance(shared, dict):
+            raise PipelineConfigError(f"config.train: must be a table of fields, got {shared!r}")
+        if isinstance(methods, dict):
+            data["methods"] = {name: _method_config(name, shared, overrides)
+                               for name, overrides in methods.items()}
         return from_mapping(cls, data, PipelineConfigError, prefix="config")
 
     def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0
@@ -94,12 +105,14 @@ class PipelineConfig:
             if unknown:
                 raise PipelineConfigError(f"--methods: {unknown} not in config.methods "
                                           f"{sorted(self.methods)}")
-            data["methods"] = {m: self.methods[m] for m in wanted}
+            data["methods"] = {m: data["methods"][m] for m in wanted}
         if max_steps:
-            data["train"]["max_steps"] = max_steps
+            for method in data["methods"].values():
+                method["max_steps"] = max_steps
         return PipelineConfig.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data: every method's full TrainConfig."""
         data = asdict(self)
         data["mixture"]["tasks"] = [asdict(t) for t in self.mixture.tasks]
         return data
@@ -110,8 +123,18 @@ class PipelineConfig:
 
     def train_config(self, method: str, train_file: Path, output_dir: Path) -> TrainConfig:
         """The method's TrainConfig (validated once, at construction) for one branch."""
-        return replace(self._trainers[method], train_file=str(train_file),
+        return replace(self.methods[method], train_file=str(train_file),
                        output_dir=str(output_dir))
+
+
+def _method_config(name: str, shared: dict[str, Any], overrides: Any) -> TrainConfig:
+    if not isinstance(overrides, dict):
+        raise PipelineConfigError(f"config.methods.{name}: must be a table of TrainConfig "
+                                  f"fields, got {overrides!r}")
+    try:
+        return TrainConfig.from_dict(deep_merge(shared, overrides))
+    except ValueError as err:
+        raise PipelineConfigError(f"config.methods.{name}: {err}") from None
 
 
 def _resources_ok(resources: dict[str, Any]) -> bool:

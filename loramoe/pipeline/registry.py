@@ -41,46 +41,34 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
                       parent_run_id: str, workdir: Path) -> dict[str, Any]:
     """Log every adapter as a pyfunc model; register the best LoRAMoE and give it the alias
     `champion` only if it beats the current champion's downstream score."""
-    import mlflow
+    from loramoe.serving.pyfunc import log_answer_model
+    from loramoe.tracking import alias_tags, log_metrics, register_version, set_alias, set_tag
 
-    from loramoe.serving import log_answer_model
-    from loramoe.tracking import log_metrics
-
-    client = mlflow.MlflowClient()
     logged = {}
     for b in branches:
         if b.get("error") or not b.get("mlflow_run_id"):
             continue
         run_dir = restore_run_dir(b["trained"], workdir / b["name"] / "run")
-        info = log_answer_model(b["mlflow_run_id"], run_dir, workdir / b["name"] / "staged")
-        logged[b["name"]] = info.model_uri
+        logged[b["name"]] = log_answer_model(b["mlflow_run_id"], run_dir,
+                                             workdir / b["name"] / "staged")
     best, reason = choose_candidate(branches, config.retention_threshold)
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}
     if best is not None:
         score = best["metrics"]["downstream_score"]
-        current = _current_champion_score(client, config.registered_model)
-        version = mlflow.register_model(logged[best["name"]], config.registered_model)
-        client.set_model_version_tag(config.registered_model, version.version,
-                                     "downstream_score", str(score))
-        decision["version"] = version.version
+        champion = alias_tags(config.registered_model, "champion")
+        current = float(champion["downstream_score"]) if champion and \
+            "downstream_score" in champion else None
+        version = register_version(logged[best["name"]], config.registered_model,
+                                   {"downstream_score": str(score)})
+        decision["version"] = version
         if current is None or score > current:
-            client.set_registered_model_alias(config.registered_model, "champion",
-                                              version.version)
+            set_alias(config.registered_model, "champion", version)
             decision["promoted"] = True
             decision["reason"] += (" — first champion" if current is None else
                                    f" — beats current champion ({current:.4f})")
         else:
             decision["reason"] += f" — does not beat current champion ({current:.4f})"
-    client.set_tag(parent_run_id, "champion_decision", decision["reason"][:5000])
+    set_tag(parent_run_id, "champion_decision", decision["reason"])
     log_metrics(parent_run_id, {"champion_promoted": float(decision["promoted"])})
     return decision
-
-
-def _current_champion_score(client, name: str) -> float | None:
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except Exception:  # no registered model or no alias yet
-        return None
-    tag = version.tags.get("downstream_score")
-    return float(tag) if tag is not None else None

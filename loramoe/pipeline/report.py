@@ -81,3 +81,22 @@ def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: P
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any],
+                     parent_run_id: str, out: Path) -> dict[str, Any]:
+    """The comparison step: results table and plots, logged to the MLflow parent run
+    (artifacts under compare/, each branch's scores as `branch/metric`)."""
+    from loramoe.tracking import log_metrics, store_folder
+
+    table = results_table(outcomes, base_metrics)
+    plots = comparison_plots(table, outcomes, out)
+    table.to_csv(out / "results.csv", index=False)
+    store_folder(parent_run_id, [*plots, out / "results.csv"], "compare")
+    rows = table.to_dict(orient="records")
+    tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
+    log_metrics(parent_run_id, {f"{r['branch']}/{k}": r[k] for r in tuned
+                                for k in ("knowledge_score", "retention", "downstream_score")
+                                if r.get(k) is not None})
+    return {"rows": rows, "headers": list(table.columns), "plots": plots,
+            "failed": [r["branch"] for r in rows if r["status"] != "ok"]}

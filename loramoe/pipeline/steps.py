@@ -92,7 +92,7 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     from loramoe.evaluate import evaluate
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
-    metrics = evaluate(eval_file, workdir / "base", model=config.train["model"],
+    metrics = evaluate(eval_file, workdir / "base", model=config.base_model,
                        batch_size=config.eval_batch_size)  # runs alone: every core
     return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl")}
 
@@ -128,3 +128,16 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
 def _router_cv_series(metrics_log: str) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in metrics_log.splitlines() if line.strip()]
     return [(r["step"], r["router_cv"]) for r in rows if "router_cv" in r]
+
+
+def branch_outcome(branch) -> dict[str, Any]:
+    """What the join keeps of one finished branch (a Metaflow input): names, scores, where
+    its trained folder is, or its error; failed branches are reported, not dropped."""
+    error = branch.train_error or branch.eval_error
+    outcome = {"name": branch.branch_name, "method_name": branch.branch["method"],
+               "scale": branch.branch["scale"], "mlflow_run_id": branch.mlflow_run_id,
+               "error": str(error) if error else None}
+    if not error:
+        outcome.update({"method": branch.result["method"], "metrics": branch.result["metrics"],
+                        "router_cv": branch.result["router_cv"], "trained": branch.trained})
+    return outcome

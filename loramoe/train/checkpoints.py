@@ -100,3 +100,68 @@ def set_aside(path: Path) -> Path | None:
         k += 1
     os.replace(path, target)
     return target
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradients or the weights became NaN/inf; the last good checkpoint is
+    kept."""
+
+
+def diverged(what: str, step: int, output_dir: Path, learning_rate: float,
+             detail: str = "") -> TrainingDiverged:
+    kept = last_good_checkpoint(output_dir)
+    detail = f" ({detail})" if detail else ""
+    return TrainingDiverged(
+        f"{what} at step {step}{detail}; stopped before the update. Last good checkpoint: "
+        f"{kept or 'none yet'}. Lower the learning rate ({learning_rate}) or check the data.")
+
+
+def save_if_finite(accelerator, params: list[torch.nn.Parameter], output_dir: Path,
+                   progress: dict[str, int], learning_rate: float) -> None:
+    """Save a checkpoint only if every trainable weight is finite (never a 'good' NaN one)."""
+    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))):
+        raise diverged("non-finite weights", progress["step"], output_dir, learning_rate)
+    save_checkpoint(accelerator, output_dir, progress)
+
+
+def gradients_finite(params: list[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def start_checkpoint(accelerator, output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint every process resumes from (the main process chooses), or None."""
+    checkpoint = _choose_start(output_dir, resume) if accelerator.is_main_process else None
+    if accelerator.num_processes == 1:
+        return checkpoint
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [str(checkpoint) if checkpoint is not None else None]
+    broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0]) if chosen[0] else None
+
+
+def _choose_start(output_dir: Path, resume: bool) -> Path | None:
+    """After checking that a fresh run would not overwrite an earlier one; earlier metrics
+    are kept, never deleted."""
+    from loramoe.train.config import TrainConfigError
+
+    metrics = output_dir / "metrics.jsonl"
+    if not resume:
+        earlier = complete_checkpoints(output_dir)
+        if earlier or (output_dir / "final_metrics.json").exists():
+            raise TrainConfigError(
+                f"TrainConfig.output_dir: {output_dir} holds an earlier run "
+                f"({earlier[-1].name if earlier else 'final_metrics.json'}); continue it with "
+                f"--resume, or choose another output_dir")
+        set_aside(metrics)
+        return None
+    checkpoint = last_good_checkpoint(output_dir)
+    if checkpoint is None:
+        kept = set_aside(metrics)
+        print(f"warning: --resume: no complete checkpoint under {output_dir / 'checkpoints'}; "
+              f"starting from step 0" + (f" (earlier metrics kept in {kept})" if kept else ""),
+              file=sys.stderr)
+        return None
+    keep_metrics_until(metrics, read_progress(checkpoint)["step"])
+    return checkpoint

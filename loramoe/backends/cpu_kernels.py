@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from loramoe.dropout import dropped_copy, zero_dropped_
-from loramoe.thin_gemm import MIN_MACS, fp32_cpu_outside_autograd, thin_mm
+from loramoe.backends.dropout import dropped_copy, zero_dropped_
+from loramoe.backends.thin_gemm import MIN_MACS, fp32_cpu_outside_autograd, thin_mm
 
 SOURCE = Path(__file__).parent / "csrc" / "adapter_cpu.cpp"
 BUILD_NAME = "loramoe_cpu"  # + the ISA level, so builds for different CPUs do not collide

@@ -85,7 +85,7 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
                 params: dict[str, Any] | None = None) -> list[str]:
         import pandas as pd
 
-        from loramoe.collate import prompt_ids
+        from loramoe.data.collate import prompt_ids
         from loramoe.evaluate import generate_predictions
 
         prompts = prompts_from(model_input)
@@ -119,24 +119,20 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     return staging
 
 
-def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path):
-    """Log the run's adapter as a pyfunc model on MLflow run `run_id`; returns ModelInfo."""
-    import mlflow
+def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path) -> str:
+    """Log the run's adapter as a pyfunc model on MLflow run `run_id`; returns its URI."""
+    from loramoe.tracking import log_code_model
 
     staged = stage_run_for_serving(run_dir, staging)
-    code = Path(__file__).resolve().parent
-    with mlflow.start_run(run_id=run_id):
-        # The signature comes from predict's type hints (so MLflow checks every request is a
-        # list of strings) plus the example's params (typed, with defaults). MLflow runs the
-        # example once here, which loads the model once.
-        return mlflow.pyfunc.log_model(
-            name="model", python_model=str(code / "serving_entry.py"),
-            artifacts={"run": str(staged)},
-            code_paths=[str(code)],
-            input_example=(["What is the capital of Peru?"],
-                           {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}),
-            pip_requirements=serving_requirements(),
-        )
+    package = Path(__file__).resolve().parents[1]  # the loramoe package travels with the model
+    # The signature comes from predict's type hints (so MLflow checks every request is a
+    # list of strings) plus the example's params (typed, with defaults).
+    return log_code_model(
+        run_id, package / "serving" / "entry.py", artifacts={"run": str(staged)},
+        code_paths=[str(package)],
+        input_example=(["What is the capital of Peru?"],
+                       {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}),
+        requirements=serving_requirements())
 
 
 def serving_requirements() -> list[str]:

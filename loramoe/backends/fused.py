@@ -28,8 +28,9 @@ from collections.abc import Callable
 
 import torch
 
-from loramoe.cpu_kernels import input_backward, input_forward
-from loramoe.thin_gemm import thin_mm
+from loramoe.backends.cpu_kernels import input_backward, input_forward
+from loramoe.backends.dropout import bernoulli_positions
+from loramoe.backends.thin_gemm import thin_mm
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -135,7 +136,8 @@ def gating_backward(route: Router | None, logits_t, probs_t, grad_gates_t, grad_
     the probabilities ((M, N), as the caller of the node sees them, or None)."""
     if route is None:  # gates = probs = softmax(logits) over the experts (dim 0 here)
         grad_t = grad_gates_t if grad_probs is None else grad_gates_t + grad_probs.t()  # (N, M)
-        return torch._softmax_backward_data(grad_t, probs_t, 0, probs_t.dtype)
+        # softmax's backward over the experts (dim 0): probs ∘ (g - Σ_n probs·g)
+        return probs_t * (grad_t - (probs_t * grad_t).sum(0, keepdim=True))  # (N, M)
     with torch.enable_grad():  # any other gating: re-run the (M, N) op and differentiate it
         logits_ = logits_t.t().detach().requires_grad_(True)  # (M, N)
         probs_, gates_ = route(logits_)
@@ -150,3 +152,46 @@ def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
     """[B_1 … B_N] as one (N*r, d_out) matrix, so one GEMM sums every expert."""
     n, d_out, r = lora_B.shape
     return lora_B.transpose(1, 2).reshape(n * r, d_out)  # (N*r, d_out)
+
+
+def covers(layer, x: torch.Tensor) -> bool:
+    """The node covers one float32/64 dtype on CPU and a plain frozen base; else None."""
+    base, weight = layer.base_layer, layer.base_layer.weight
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == layer.lora_A.dtype
+        and x.dtype in (torch.float32, torch.float64)
+        and not weight.requires_grad
+        and not (base.bias is not None and base.bias.requires_grad)
+        and not base._forward_hooks and not base._forward_pre_hooks
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+class FusedBackend:
+    """backend(layer, x): the fused node, or None where it does not apply (the formula runs).
+
+    dropout "positions" draws the zeroed elements' positions (dropout.py); "mask" a dense
+    bool mask, as nn.Dropout does.
+    """
+
+    def __init__(self, dropout: str = "positions") -> None:
+        self.dropout = dropout
+        self.name = f"fused({dropout})"
+
+    def __call__(self, layer, x: torch.Tensor):
+        if not covers(layer, x):
+            return None
+        p = layer.dropout.p
+        dropped, keep_scale = None, 1.0
+        if layer.training and p > 0:
+            keep_scale = 1.0 / (1.0 - p)
+            dropped = (bernoulli_positions(x.numel(), p) if self.dropout == "positions"
+                       else torch.rand(x.shape) < p)
+        weight = layer.base_layer.weight
+        weight_t = weight.t() if isinstance(layer.base_layer, torch.nn.Linear) else weight
+        return FusedLoRAMoE.apply(
+            x, layer.router_weight, layer.lora_A, layer.lora_B, weight_t, layer.base_layer.bias,
+            None if layer.dense else layer.gates_from_logits, layer.scaling * keep_scale,
+            dropped,
+        )

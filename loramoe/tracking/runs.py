@@ -1,4 +1,4 @@
-"""MLflow tracking: URI resolution, parent/child runs, a MetricsSink for the trainer."""
+"""MLflow runs: the store, parent/child runs, params, metrics, artifacts, system metrics."""
 
 from __future__ import annotations
 
@@ -59,6 +59,13 @@ def setup(experiment: str, workdir: str | Path = ".") -> str:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise TrackingError(f"{_origin(uri)}: the tracking store cannot be used: {first}"
                             ) from None
+
+
+def use_store(uri: str) -> None:
+    """Point this process at the store (each Metaflow step runs in a process of its own)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
 
 
 def start_parent_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:
@@ -134,6 +141,12 @@ def fetch_folder(run_id: str, artifact_path: str, destination: Path) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                     dst_path=str(destination)))
+
+
+def set_tag(run_id: str, key: str, value: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_tag(run_id, key, value[:5000])  # MLflow's tag value limit
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

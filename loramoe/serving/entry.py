@@ -3,6 +3,6 @@ not a pickled object."""
 
 import mlflow
 
-from loramoe.serving import AnswerModel
+from loramoe.serving.pyfunc import AnswerModel
 
 mlflow.models.set_model(AnswerModel())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loramoe.collate import encode_records
-from loramoe.train_config import TrainConfig, TrainConfigError
+from loramoe.data.collate import encode_records
+from loramoe.train.config import TrainConfig, TrainConfigError
 
 
 def read_train_frame(config: TrainConfig):

@@ -1,0 +1,72 @@
+"""Batched greedy generation: left padding, KV cache, stop at EOS; short answers for QA."""
+
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+import torch
+
+from loramoe.data.collate import prompt_ids
+from loramoe.evaluate.routing import RouterRecorder
+
+MAX_NEW_TOKENS = {"contains": 24, "exact_match": 24, "f1": 16, "accuracy": 8, "rouge_l": 64,
+                  "chrf": 32}
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int = 16,
+                         max_prompt_tokens: int = 768, recorder: RouterRecorder | None = None,
+                         progress: bool = False, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers for every prompt, in the frame's order.
+
+    New tokens per batch: max_new_tokens if given, else by the items' metrics (short for QA).
+    """
+    from tqdm.auto import tqdm
+
+    encoded = [prompt_ids(tokenizer, p) for p in frame["prompt"]]
+    cut = sum(len(e) > max_prompt_tokens for e in encoded)
+    if cut:
+        warnings.warn(f"{cut} prompt(s) longer than {max_prompt_tokens} tokens keep only their "
+                      f"last {max_prompt_tokens} tokens", stacklevel=2)
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    # Batches of similar length waste less compute on padding.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    predictions: dict[int, str] = {}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    model.eval()
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generate", disable=not progress):
+        ids, mask = _left_pad([encoded[i] for i in batch], pad_id)
+        max_new = max_new_tokens or max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24)
+                                        for i in batch)
+        if recorder is not None:
+            recorder.start_batch(mask)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                 do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+        if recorder is not None:
+            recorder.end_batch()
+        for row, index in enumerate(batch):
+            text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+            predictions[index] = text.strip()
+    if recorder is not None:  # re-order recorded samples to the frame's order
+        recorder.per_sample = [torch.cat(recorder.per_sample, dim=1)[:, _inverse(order)]]
+    return [predictions[i] for i in range(len(encoded))]
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, index in enumerate(order):
+        inverse[index] = position
+    return inverse

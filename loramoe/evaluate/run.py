@@ -1,0 +1,75 @@
+"""Evaluate a base model or a trained run: generation, metrics, retention, routing.
+
+The base model is evaluated once and its predictions reused for every run's retention.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loramoe.evaluate.generation import generate_predictions
+from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
+from loramoe.evaluate.scoring import retention, score_predictions, summarize
+
+
+def load_for_eval(model: str | None = None, run: str | Path | None = None):
+    """(model, tokenizer, train config dict or None) for a base name or a trained run dir."""
+    from loramoe.model import load_base_model
+
+    if run is None:
+        m, tok = load_base_model(model)
+        return m, tok, None
+    run = Path(run)
+    config = json.loads((run / "train_config.json").read_text())
+    if config["method"] == "sft":
+        m, tok = load_base_model(str(run / "model"))
+    else:
+        m, tok = load_base_model(config["model"])
+        if config["method"] == "loramoe":
+            from loramoe.adapter import load_adapter
+
+            load_adapter(m, run / "adapter")
+        else:
+            from peft import PeftModel
+
+            m = PeftModel.from_pretrained(m, run / "adapter")
+    return m.eval(), tok, config
+
+
+def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = None,
+             run: str | Path | None = None, base_dir: str | Path | None = None,
+             batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Evaluate and write predictions.jsonl, metrics.json (and router.json/.png)."""
+    from loramoe.data.records import check_records, read_records, write_records
+
+    frame = read_records(Path(eval_file)).reset_index(drop=True)
+    check_records(frame, "eval", eval_file)  # before any model is loaded
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model, tokenizer, config = load_for_eval(model, run)
+    recorder = None
+    if config is not None and config["method"] == "loramoe":
+        recorder = RouterRecorder().attach(hf_model)
+    predictions = generate_predictions(hf_model, tokenizer, frame, batch_size,
+                                       recorder=recorder, progress=progress)
+    scored = score_predictions(frame, predictions)
+    write_records(scored, out / "predictions.jsonl")
+    metrics = summarize(scored)
+    if base_dir is not None:
+        base = read_records(Path(base_dir) / "predictions.jsonl")
+        metrics["retention"] = retention(base, scored)
+    if recorder is not None:
+        from loramoe.config import LoRAMoEConfig
+
+        moe = LoRAMoEConfig.from_dict(config["loramoe"])
+        analysis = router_analysis(recorder, scored, moe.expert_type_ids(), moe.type_names)
+        (out / "router.json").write_text(json.dumps(analysis, indent=2))
+        plot_router(analysis, out / "router.png", title=f"Router weight per expert type "
+                    f"({Path(run).name})")
+        metrics["router_type_weights"] = {t: v["type_weights"]
+                                          for t, v in analysis["tasks"].items()}
+        recorder.detach()
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,65 @@
+"""Scores per item, summaries per task and task type, and knowledge retention vs the base.
+
+Knowledge retention is the share of items the *base* model answered correctly that the
+fine-tuned model still answers correctly (items joined on id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from loramoe.evaluate.metrics import score
+
+CORRECT = 0.5  # a binary metric's item counts as correct at score >= 0.5
+
+
+def score_predictions(frame: pd.DataFrame, predictions: list[str]) -> pd.DataFrame:
+    """Score each prediction against its item's answers (a list of strings, as read_records
+    and the task builders give them; a bare string would be scored per character)."""
+    from loramoe.data.records import RecordsError
+
+    scored = frame.copy()
+    scored["prediction"] = predictions
+    for row, answers in enumerate(scored["answers"]):
+        if not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise RecordsError(f"answers of item {scored['id'].iloc[row]!r} (row {row}) must be "
+                               f"a list of strings, got {answers!r}; read eval files with "
+                               f"loramoe.data.read_records, which normalises them")
+    scored["score"] = [score(m, p, a) for m, p, a in
+                       zip(scored["metric"], predictions, scored["answers"], strict=True)]
+    return scored
+
+
+def summarize(scored: pd.DataFrame) -> dict[str, Any]:
+    per_task = {
+        task: {"task_type": group["task_type"].iloc[0], "metric": group["metric"].iloc[0],
+               "score": float(group["score"].mean()), "n": int(len(group))}
+        for task, group in scored.groupby("task", sort=True)
+    }
+    out: dict[str, Any] = {"per_task": per_task}
+    for task_type in sorted(scored["task_type"].unique()):
+        tasks = [t for t, v in per_task.items() if v["task_type"] == task_type]
+        # Macro average over tasks, so a large task does not drown the others.
+        out[f"{task_type}_score"] = sum(per_task[t]["score"] for t in tasks) / len(tasks)
+    return out
+
+
+def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowledge"
+              ) -> dict[str, Any]:
+    """Share of base-correct items still correct, per task and overall (items joined on id)."""
+    joined = base[base["task_type"] == task_type][["id", "task", "score"]].merge(
+        tuned[["id", "score"]], on="id", suffixes=("_base", "_tuned"))
+    known = joined[joined["score_base"] >= CORRECT]
+    kept = known["score_tuned"] >= CORRECT
+
+    def share(mask: pd.Series) -> float | None:
+        return float(mask.mean()) if len(mask) else None
+
+    return {
+        "overall": share(kept),
+        "base_correct": int(len(known)),
+        "per_task": {task: share(kept[known["task"] == task])
+                     for task in sorted(joined["task"].unique())},
+    }

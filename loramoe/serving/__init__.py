@@ -1,0 +1,1 @@
+"""Serving: an MLflow pyfunc model (base + adapter) that answers prompts."""

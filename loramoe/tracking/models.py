@@ -1,0 +1,46 @@
+"""MLflow models: log a models-from-code pyfunc, register versions, move the champion alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def log_code_model(run_id: str, entry: Path, artifacts: dict[str, str], code_paths: list[str],
+                   input_example: Any, requirements: list[str]) -> str:
+    """Log `entry` (a file that calls mlflow.models.set_model) as the run's model "model";
+    returns its model URI. MLflow runs the input example once here, to infer the signature."""
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(entry), artifacts=artifacts, code_paths=code_paths,
+            input_example=input_example, pip_requirements=requirements)
+    return info.model_uri
+
+
+def register_version(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """Register `model_uri` as a new version of registered model `name`; its version."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name)
+    for key, value in tags.items():
+        mlflow.MlflowClient().set_model_version_tag(name, version.version, key, value)
+    return str(version.version)
+
+
+def alias_tags(name: str, alias: str) -> dict[str, str] | None:
+    """The tags of the version `alias` points to; None if there is no such model or alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(mlflow.MlflowClient().get_model_version_by_alias(name, alias).tags)
+    except MlflowException:  # no registered model, or no alias yet
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)

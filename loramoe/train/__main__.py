@@ -1,0 +1,41 @@
+"""Train from a config file.
+
+    python -m loramoe.train --config FILE.toml [--set key=value ...] [--resume]
+    accelerate launch --num_processes 2 --cpu -m loramoe.train --config FILE.toml
+
+Prints one JSON line (output_dir, steps, artifact, final metrics); exit 2 on a bad config or
+bad data, with the field or rows named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loramoe.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="TOML or JSON train config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set method=lora --set loramoe.lbc_beta=0")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    args = parser.parse_args(argv)
+    from loramoe.data.records import RecordsError
+    from loramoe.model import ModelNotAvailableError
+    from loramoe.train import TrainConfig, TrainConfigError, train
+
+    try:
+        config = TrainConfig.from_file(args.config, args.set)
+        result = train(config, resume=args.resume)
+    except (TrainConfigError, RecordsError, ModelNotAvailableError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps,
+                      "artifact": str(result.artifact), **result.final_metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

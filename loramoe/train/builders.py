@@ -1,0 +1,165 @@
+"""Everything the training loop needs, built from one TrainConfig: model + tokenizer,
+optimizer + schedule, the encoded data and its batches, the step to start from."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramoe.data.collate import Collator
+from loramoe.train.config import TrainConfig, TrainConfigError
+from loramoe.train.data import encode_frame, read_train_frame
+
+
+def build_model(config: TrainConfig):
+    """(model, tokenizer) ready for training with the config's method."""
+    from loramoe.injection import apply_loramoe, enable_checkpointing, resolve_targets
+    from loramoe.model import load_base_model
+
+    model, tokenizer = load_base_model(config.model)
+    if config.method == "loramoe":
+        apply_loramoe(model, config.loramoe)
+    elif config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = resolve_targets(model, config.loramoe)
+        model = get_peft_model(model, LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=targets, task_type="CAUSAL_LM"))
+    if config.gradient_checkpointing:
+        if config.method == "sft":
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            enable_checkpointing(model.get_base_model() if config.method == "lora" else model)
+    return model, tokenizer
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total_steps: int):
+    """AdamW with linear warm-up then cosine decay to 0 over total_steps."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def mixed_precision(config: TrainConfig) -> str:
+    if config.mixed_precision != "auto":
+        return config.mixed_precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"  # CPU autocast to bf16 is slower than fp32 on most laptops
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint, so a resume continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+
+@dataclass
+class Training:
+    """The built pieces, already prepared by accelerate."""
+
+    config: TrainConfig
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    dataset: torch.utils.data.Dataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    progress: Progress = field(default_factory=Progress)
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches epoch after epoch (without end), each epoch in its own seeded order;
+        starts inside the epoch `progress` names and counts batches into it."""
+        config, progress = self.config, self.progress
+        collate = Collator(self.tokenizer.pad_token_id)
+        while True:
+            order = list(range(len(self.dataset)))
+            random.Random(config.seed * 100_003 + progress.epoch).shuffle(order)
+            # Own generator: a DataLoader iterator draws its base seed from the generator it
+            # is given, or else from the global RNG, which would shift every later dropout
+            # mask and break exact resume.
+            loader = self.accelerator.prepare_data_loader(torch.utils.data.DataLoader(
+                torch.utils.data.Subset(self.dataset, order), batch_size=config.batch_size,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(config.seed + progress.epoch)))
+            if progress.batches_in_epoch:
+                loader = self.accelerator.skip_first_batches(loader, progress.batches_in_epoch)
+            for batch in loader:
+                progress.batches_in_epoch += 1
+                yield batch
+            progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+
+
+def build_training(config: TrainConfig, resume: bool) -> Training:
+    """Check the data, pick the checkpoint, load the model, encode, build the optimizer."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from loramoe.train.checkpoints import start_checkpoint
+
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
+                              mixed_precision=mixed_precision(config))
+    set_seed(config.seed)
+    frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
+    output_dir = Path(config.output_dir)
+    checkpoint = start_checkpoint(accelerator, output_dir, resume)
+    model, tokenizer = build_model(config)
+    dataset = encode_frame(config, frame, tokenizer)
+    if len(dataset) == 0:
+        raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
+                               f"examples (empty, or every response truncated by max_length)")
+    per_epoch = math.ceil(len(dataset) / (config.batch_size * accelerator.num_processes
+                                          * config.grad_accum))
+    total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, config, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
+                        params, total_steps)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if checkpoint is not None:
+        from loramoe.train.checkpoints import read_progress
+
+        accelerator.load_state(str(checkpoint))
+        training.progress = Progress(**read_progress(checkpoint))
+    return training
+
+
+def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path) -> Path:
+    """The adapter folder (lora, loramoe) or the whole model (sft)."""
+    from loramoe.adapter import save_adapter
+
+    if config.method == "loramoe":
+        return save_adapter(model, output_dir / "adapter", base_model_name=config.model)
+    if config.method == "lora":
+        model.save_pretrained(output_dir / "adapter")
+        return output_dir / "adapter"
+    model.save_pretrained(output_dir / "model")
+    tokenizer.save_pretrained(output_dir / "model")
+    return output_dir / "model"

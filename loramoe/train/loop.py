@@ -1,0 +1,158 @@
+"""One training loop for vanilla SFT, PEFT LoRA and LoRAMoE (±LBC), on accelerate.
+
+The loop is explicit: forward, LM loss on response tokens only, plus β·LBC for LoRAMoE,
+backward, step. Every step logs lm loss, lbc loss, lr, tokens/s and the router's coefficient
+of variation through a MetricsSink (no-op by default; the pipeline plugs MLflow in).
+Everything it runs on is built in builders.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from loramoe.data.collate import IGNORE_INDEX
+from loramoe.train.builders import Training, build_training, save_artifact
+from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
+from loramoe.train.config import TrainConfig
+
+
+class MetricsSink(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class JsonlSink:
+    """Appends one JSON line per logged step (kept next to the checkpoints)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_metrics: dict[str, float]
+    artifact: Path  # adapter folder (lora/loramoe) or model folder (sft)
+    tokens_per_second: float
+
+
+def _unwrap_hf(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over response tokens, with the LM head applied only there.
+
+    The vocabulary projection is the biggest matmul of a small model; computing it for
+    prompt and padding positions would waste most of it.
+    """
+    hf = _unwrap_hf(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"],
+                      attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
+def lbc_term(model, batch, config: TrainConfig) -> tuple[torch.Tensor | None, float | None]:
+    """(β-free LBC loss or None, router CV) for LoRAMoE; padding excluded from Q."""
+    if config.method != "loramoe":
+        return None, None
+    from loramoe.injection import collect_router_probs
+    from loramoe.loss import localized_balancing_loss, router_cv
+
+    probs = collect_router_probs(_unwrap_hf(model))
+    cv = router_cv(probs, batch["attention_mask"]).item()
+    if config.loramoe.lbc_beta == 0:
+        return None, cv
+    lbc = localized_balancing_loss(probs, batch["attention_mask"], batch["sample_types"],
+                                   config.loramoe.expert_type_ids(), config.loramoe.lbc_delta)
+    return lbc, cv
+
+
+def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Train per the config; returns where the adapter (or full model) was written."""
+    from tqdm.auto import tqdm
+
+    run = build_training(config, resume)
+    acc, model, optimizer, output_dir = run.accelerator, run.model, run.optimizer, \
+        Path(config.output_dir)
+    sinks = [sink] if sink is not None else []
+    sinks.append(JsonlSink(output_dir / "metrics.jsonl"))
+    at = run.progress
+    bar = tqdm(total=run.total_steps, initial=at.step, desc=f"train {config.method}",
+               disable=not (progress and acc.is_main_process))
+    tokens, start, last = 0, time.perf_counter(), {}
+    model.train()
+    for batch in run.batches() if at.step < run.total_steps else ():
+        with acc.accumulate(model):
+            lm_loss = response_loss(model, batch)
+            lbc, cv = lbc_term(model, batch, config)
+            loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
+            if not torch.isfinite(loss.detach()):
+                raise diverged("non-finite loss", at.step, output_dir, config.learning_rate,
+                               f"lm {lm_loss.item()}, lbc {None if lbc is None else lbc.item()}")
+            acc.backward(loss)
+            # A huge but finite loss can still give inf/nan gradients: check them before
+            # AdamW turns them into NaN weights.
+            if acc.sync_gradients and not gradients_finite(run.params):
+                raise diverged("non-finite gradients", at.step, output_dir, config.learning_rate)
+            optimizer.step()
+            if acc.sync_gradients:
+                run.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+        if not acc.sync_gradients:
+            continue
+        at.step += 1
+        last = step_metrics(lm_loss, lbc, cv, run, tokens / max(time.perf_counter() - start,
+                                                                1e-9))
+        if acc.is_main_process and at.step % config.log_every == 0:
+            for each in sinks:
+                each.log_metrics(last, at.step)
+        bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update(1)
+        if config.save_every and at.step % config.save_every == 0:
+            save_if_finite(acc, run.params, output_dir, at.to_dict(), config.learning_rate)
+        if at.step >= run.total_steps:
+            break
+    bar.close()
+    return finish(run, last)
+
+
+def step_metrics(lm_loss, lbc, cv, run: Training, tokens_per_s: float) -> dict[str, float]:
+    metrics = {"lm_loss": lm_loss.item(), "lr": run.scheduler.get_last_lr()[0],
+               "tokens_per_s": tokens_per_s}
+    if lbc is not None:
+        metrics["lbc_loss"] = lbc.item()
+    if cv is not None:
+        metrics["router_cv"] = cv
+    return metrics
+
+
+def finish(run: Training, last: dict[str, float]) -> TrainResult:
+    """Write the adapter (or model) and the final metrics, on the main process."""
+    acc, config, output_dir = run.accelerator, run.config, Path(run.config.output_dir)
+    acc.wait_for_everyone()
+    artifact = output_dir / ("model" if config.method == "sft" else "adapter")
+    if acc.is_main_process:
+        artifact = save_artifact(acc.unwrap_model(run.model), run.tokenizer, config, output_dir)
+        (output_dir / "final_metrics.json").write_text(
+            json.dumps({"steps": run.progress.step, **last}))
+    acc.wait_for_everyone()
+    return TrainResult(output_dir, run.progress.step, last, artifact,
+                       last.get("tokens_per_s", 0.0))
