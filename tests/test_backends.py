@@ -3,6 +3,7 @@ seam: the layer imports no backend, and a model runs with or without one."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -49,9 +50,11 @@ def outputs_and_grads(forward, layer, x):
     """(out, probs, grads of x and the adapters) of a loss on out *and* probs (as the LBC)."""
     x = x.detach().clone().requires_grad_(True)
     out, probs = forward(x)
-    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    # drawn in fp64 then cast, so an fp32 run gets the same cotangents as an fp64 one
+    g_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64).to(out.dtype)
     g_probs = torch.randn(probs.shape, generator=torch.Generator().manual_seed(2),
-                          dtype=out.dtype)
+                          dtype=torch.float64).to(probs.dtype)
     loss = (out * g_out).sum() + (probs * g_probs).sum()
     return out, probs, torch.autograd.grad(loss, [x, *layer.expert_weights()])
 
@@ -104,7 +107,7 @@ def test_fused_node_passes_gradcheck(top_k, with_dropout):
 
 def test_fp32_fused_backend_matches_the_fp64_formula():
     layer64 = make_layer(dropout=0.0)
-    layer32 = make_layer(dropout=0.0, dtype=torch.float32)
+    layer32 = copy.deepcopy(layer64).float()
     x = torch.randn(64, 12, dtype=torch.float64)
     got = outputs_and_grads(lambda t: FusedBackend()(layer32, t), layer32, x.float())
     want = outputs_and_grads(layer64.formula, layer64, x)
@@ -152,8 +155,6 @@ def test_the_backend_declines_what_it_does_not_cover():
 
 
 def test_a_model_trains_through_the_fused_node_and_the_same_without_it(tiny_llama):
-    import copy
-
     apply_loramoe(tiny_llama, LoRAMoEConfig(dropout=0.0)).train()
     plain = copy.deepcopy(tiny_llama)
     attach_backend(plain, "formula")

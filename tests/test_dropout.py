@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from loramoe.dropout import ExpertDropout, bernoulli_positions, draw_dropped, zero_dropped_
+
+from loramoe.backends.dropout import bernoulli_positions, dropped_copy, zero_dropped_
 
 
 def as_mask(positions: torch.Tensor, numel: int) -> torch.Tensor:
@@ -54,21 +55,32 @@ def test_same_seed_same_positions_and_positions_cover_the_end():
     assert bernoulli_positions(1000, 0.999).numel() > 990
 
 
-def test_zero_dropped_takes_indices_or_a_mask():
+def test_zero_dropped_and_dropped_copy():
     x = torch.arange(1.0, 13.0).view(3, 4)
     idx = torch.tensor([0, 5, 11])
-    by_index = zero_dropped_(x.clone(), idx)
-    by_mask = zero_dropped_(x.clone(), as_mask(idx, 12).view(3, 4))
-    assert torch.equal(by_index, by_mask)
-    assert by_index.flatten()[idx].eq(0).all() and by_index.count_nonzero() == 9
+    copy = dropped_copy(x, idx)
+    assert torch.equal(copy, x.masked_fill(as_mask(idx, 12).view(3, 4), 0))
+    assert x.count_nonzero() == 12, "dropped_copy must leave its input alone"
+    assert dropped_copy(x, None) is x
+    assert torch.equal(zero_dropped_(x.clone(), idx), copy)
 
 
-def test_expert_dropout_inactive_in_eval_or_at_zero():
+def test_the_fused_backend_draws_only_in_training_and_scales_by_one_over_keep(monkeypatch):
+    from torch import nn
+
+    from loramoe import LoRAMoEConfig
+    from loramoe.backends import fused
+    from loramoe.layer import LoRAMoELinear
+
+    seen = []
+    real = fused.FusedLoRAMoE.apply
+    monkeypatch.setattr(fused.FusedLoRAMoE, "apply",
+                        lambda *args: seen.append((args[-2], args[-1])) or real(*args))
+    layer = LoRAMoELinear(nn.Linear(8, 4), LoRAMoEConfig(dropout=0.1))
     x = torch.randn(4, 8)
-    dropout = ExpertDropout(0.1).eval()
-    assert dropout(x) == (None, 1.0)
-    assert ExpertDropout(0.0).train()(x) == (None, 1.0)
-    dropped, scale = dropout.train()(x)
-    assert scale == pytest.approx(1 / 0.9)
-    assert dropped.dtype == torch.int64
-    assert draw_dropped(torch.Size([4, 8]), 0.5, torch.device("meta")).dtype == torch.bool
+    fused.FusedBackend()(layer.eval(), x)
+    fused.FusedBackend()(layer.train(), x)
+    (eval_scale, eval_dropped), (train_scale, train_dropped) = seen
+    assert eval_dropped is None and eval_scale == layer.scaling
+    assert train_dropped.dtype == torch.int64
+    assert train_scale == pytest.approx(layer.scaling / 0.9)

@@ -1,25 +1,24 @@
 """One autograd node for a whole LoRAMoE layer: frozen base + router + stacked experts.
 
-Autograd on the plain formula (LoRAMoELinear.reference_forward) records about fifteen nodes
-per layer and, in backward, materialises the input gradient three times (through the base,
-the router and the experts) before summing them. This Function computes the same values with
-one node whose backward is written out. With Win = [Wg; A] (N + N·r, d_in), the router and
-expert-input weights stacked, and hᵀ = Win·xᵀ = [logits; codes]ᵀ (kept experts-major):
+Autograd on the formula (LoRAMoELinear.formula) records about fifteen nodes per layer and,
+in backward, materialises the input gradient three times (through the base, the router and
+the experts) before summing them. This Function computes the same values with one node
+whose backward is written out, in public torch ops. With Win = [Wg; A] (N + N·r, d_in), the
+router and expert-input weights stacked, and hᵀ = Win·xᵀ = [logits; codes]ᵀ (experts-major):
 
     out             = mixed·B (+ b)  then  += x·W0ᵀ (the base's GEMM accumulates, beta = 1)
     grad_x          = grad_h·Win  then  += g·W0   (the base's GEMM accumulates, beta = 1)
     grad_Wg, grad_A = grad_hᵀ·x
     grad_B = mixedᵀ·g,   grad_mixed = g·Bᵀ        (the two thin GEMMs any LoRA pays)
 
-Expert dropout arrives as the positions it zeroes (dropout.py): the router reads x, the
-experts dropout(x). The products with x (hᵀ, the adapter's share of grad_x, grad_Wg and
-grad_A) live in cpu_kernels.py: for float32 on CPU a compiled kernel does each pass in one
-sweep over x, with no dropped copy; elsewhere torch ops do it with a dropped copy, rebuilt in
-backward rather than kept alive.
+Expert dropout arrives as the flat positions it zeroes (dropout.py: drawing those is what
+pays most, docs/benchmarks.md): the router reads x, the experts dropout(x), a copy rebuilt
+in backward rather than kept alive.
 
-LoRAMoELinear uses it when base, input and adapters share one float32/float64 dtype and the
-base is a frozen nn.Linear/Conv1D without hooks; anything else (bf16 bases, autocast, hooked
-bases) takes the plain autograd path, and the tests check the two against each other.
+FusedBackend hands the node the layers it covers: CPU, base, input and adapters in one
+float32/float64 dtype, a frozen nn.Linear/Conv1D base without hooks, no autocast. Anything
+else (GPUs, bf16 bases, autocast, hooked bases) runs the formula; the tests check the two
+against each other.
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from loramoe.backends.cpu_kernels import input_backward, input_forward
-from loramoe.backends.dropout import bernoulli_positions
-from loramoe.backends.thin_gemm import thin_mm
+from loramoe.backends.dropout import bernoulli_positions, dropped_copy, zero_dropped_
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,8 +60,7 @@ class FusedLoRAMoE(torch.autograd.Function):
         a2d = lora_A.view(n * r, d_in)  # (N*r, d_in)
         b_stacked = stacked_B(lora_B)  # (N*r, d_out)
         in_weight = torch.cat([router_weight, a2d])  # (N+N*r, d_in)
-        # [logits; codes]ᵀ, the codes on dropout(x): one sweep over x (cpu_kernels.py)
-        h_t = input_forward(x2d, in_weight, n, dropped)  # (N+N*r, M)
+        h_t = input_forward(x2d, in_weight, n, dropped)  # (N+N*r, M): [logits; codes]ᵀ
         logits_t, codes_t = h_t[:n], h_t[n:]  # (N, M), (N*r, M): contiguous row blocks
         if route is None:
             probs_t = gates_t = torch.softmax(logits_t, dim=0)  # (N, M)
@@ -74,7 +70,7 @@ class FusedLoRAMoE(torch.autograd.Function):
         mixed_t = (codes_t.view(n, r, m) * gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
         # The adapter's output (+ the base's bias) first, into a fresh tensor; the base's GEMM
         # then accumulates x·W0ᵀ onto it (beta = 1) instead of an extra pass over the output.
-        out = thin_mm((mixed_t * scale).t(), b_stacked, base_bias)  # (M, d_out)
+        out = _mm((mixed_t * scale).t(), b_stacked, base_bias)  # (M, d_out)
         out.addmm_(x2d, base_weight_t)
         # resize_, not view: a view made inside a custom Function may not be modified in place
         # by the model later; this only reshapes a fresh contiguous tensor.
@@ -105,19 +101,19 @@ class FusedLoRAMoE(torch.autograd.Function):
 
         grad_B = None
         if ctx.needs_input_grad[3]:  # next to grad_mixed: both read grad_out, which is large
-            grad_B_t = thin_mm(mixed_t, grad_out).view(n, r, -1)  # (N, r, d_out)
+            grad_B_t = _mm(mixed_t, grad_out).view(n, r, -1)  # (N, r, d_out)
             # Scaled straight into the parameter's (N, d_out, r) layout: one pass, and
             # autograd can keep this tensor as .grad without another copy.
             grad_B = torch.mul(grad_B_t.transpose(1, 2), scale,
                                out=grad_B_t.new_empty(n, grad_B_t.shape[2], r))
-        grad_mixed = thin_mm(b_stacked, grad_out.t()).mul_(scale).view(n, r, m)  # (N, r, M)
+        grad_mixed = _mm(b_stacked, grad_out.t()).mul_(scale).view(n, r, m)  # (N, r, M)
         grad_gates_t = (grad_mixed * codes_t.view(n, r, m)).sum(1)  # (N, M)
         grad_codes_t = grad_mixed.mul_(gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
         grad_logits_t = gating_backward(ctx.route, logits_t, probs_t, grad_gates_t, grad_probs)
 
         grad_h_t = torch.cat([grad_logits_t, grad_codes_t])  # (N+N*r, M)
         # The adapter's share of grad_x (the experts' through the dropout mask) and the
-        # gradient of [Wg; A]: one sweep over x (cpu_kernels.py).
+        # gradient of [Wg; A].
         grad_x, grad_in_weight = input_backward(
             x2d, in_weight, n, dropped, grad_h_t, need_grad_x=ctx.needs_input_grad[0],
             need_grad_w=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
@@ -169,15 +165,9 @@ def covers(layer, x: torch.Tensor) -> bool:
 
 
 class FusedBackend:
-    """backend(layer, x): the fused node, or None where it does not apply (the formula runs).
+    """backend(layer, x): the fused node, or None where it does not apply (the formula runs)."""
 
-    dropout "positions" draws the zeroed elements' positions (dropout.py); "mask" a dense
-    bool mask, as nn.Dropout does.
-    """
-
-    def __init__(self, dropout: str = "positions") -> None:
-        self.dropout = dropout
-        self.name = f"fused({dropout})"
+    name = "fused"
 
     def __call__(self, layer, x: torch.Tensor):
         if not covers(layer, x):
@@ -186,8 +176,7 @@ class FusedBackend:
         dropped, keep_scale = None, 1.0
         if layer.training and p > 0:
             keep_scale = 1.0 / (1.0 - p)
-            dropped = (bernoulli_positions(x.numel(), p) if self.dropout == "positions"
-                       else torch.rand(x.shape) < p)
+            dropped = bernoulli_positions(x.numel(), p)  # flat positions into x
         weight = layer.base_layer.weight
         weight_t = weight.t() if isinstance(layer.base_layer, torch.nn.Linear) else weight
         return FusedLoRAMoE.apply(
@@ -195,3 +184,38 @@ class FusedBackend:
             None if layer.dense else layer.gates_from_logits, layer.scaling * keep_scale,
             dropped,
         )
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias (P,)) for 2-d a (M, K) and b (K, P), either may be a transposed view."""
+    return a.mm(b) if bias is None else torch.addmm(bias, a, b)
+
+
+def input_forward(x2d: torch.Tensor, w: torch.Tensor, n_clean: int,
+                  dropped: torch.Tensor | None) -> torch.Tensor:
+    """h_t (P, M) = W·xᵀ, its rows from n_clean on (the experts') computed on dropout(x)."""
+    if dropped is None:
+        return _mm(w, x2d.t())  # (P, M)
+    return torch.cat([_mm(w[:n_clean], x2d.t()),
+                      _mm(w[n_clean:], dropped_copy(x2d, dropped).t())])  # (P, M)
+
+
+def input_backward(x2d: torch.Tensor, w: torch.Tensor, n_clean: int,
+                   dropped: torch.Tensor | None, gh_t: torch.Tensor, need_grad_x: bool,
+                   need_grad_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Given gh_t (P, M), the gradient of h_t: the adapter's grad_x (M, d), a fresh tensor
+    the caller may accumulate into, and grad_W (P, d); None for what is not needed."""
+    grad_x = grad_w = None
+    if dropped is None:
+        if need_grad_x:
+            grad_x = _mm(gh_t.t(), w)  # (M, d)
+        if need_grad_w:
+            grad_w = _mm(gh_t, x2d)  # (P, d)
+        return grad_x, grad_w
+    if need_grad_x:  # the experts' share passes back through the dropout mask
+        grad_x = zero_dropped_(_mm(gh_t[n_clean:].t(), w[n_clean:]), dropped)  # (M, d)
+        grad_x.addmm_(gh_t[:n_clean].t(), w[:n_clean])
+    if need_grad_w:
+        grad_w = torch.cat([_mm(gh_t[:n_clean], x2d),
+                            _mm(gh_t[n_clean:], dropped_copy(x2d, dropped))])  # (P, d)
+    return grad_x, grad_w

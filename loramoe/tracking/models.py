@@ -19,14 +19,14 @@ def log_code_model(run_id: str, entry: Path, artifacts: dict[str, str], code_pat
     return info.model_uri
 
 
-def register_version(model_uri: str, name: str, tags: dict[str, str]) -> str:
+def register_version(model_uri: str, name: str, tags: dict[str, str]) -> int:
     """Register `model_uri` as a new version of registered model `name`; its version."""
     import mlflow
 
     version = mlflow.register_model(model_uri, name)
     for key, value in tags.items():
         mlflow.MlflowClient().set_model_version_tag(name, version.version, key, value)
-    return str(version.version)
+    return int(version.version)
 
 
 def alias_tags(name: str, alias: str) -> dict[str, str] | None:
@@ -40,7 +40,7 @@ def alias_tags(name: str, alias: str) -> dict[str, str] | None:
         return None
 
 
-def set_alias(name: str, alias: str, version: str) -> None:
+def set_alias(name: str, alias: str, version: int) -> None:
     import mlflow
 
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
