@@ -116,6 +116,25 @@ def test_fp32_fused_backend_matches_the_fp64_formula():
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-3, msg=f"grad of {name}")
 
 
+def test_bf16_base_through_the_node_matches_the_fp64_formula_to_bf16_precision():
+    """bf16 base, fp32 adapters: products in bf16, gating in fp32, fp32 gradients."""
+    layer64 = make_layer(dropout=0.0)
+    with torch.no_grad():
+        layer64.base_layer.weight.copy_(layer64.base_layer.weight.to(torch.bfloat16))
+        layer64.base_layer.bias.copy_(layer64.base_layer.bias.to(torch.bfloat16))
+    layer = copy.deepcopy(layer64).float()
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(64, 12, dtype=torch.float64).to(torch.bfloat16).double()
+    got = outputs_and_grads(lambda t: FusedBackend()(layer, t), layer, x.to(torch.bfloat16))
+    want = outputs_and_grads(layer64.formula, layer64, x)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got[2][1:])  # the adapters' gradients
+    for name, g, w in zip(["out", "probs", *NAMES], [got[0], got[1], *got[2]],
+                          [want[0], want[1], *want[2]], strict=True):
+        error = (g.double() - w).abs().max() / w.abs().max()
+        assert error < 2e-2, f"{name}: relative error {error:.2e}"
+
+
 def test_the_output_can_be_modified_in_place():
     """The node's output is a tensor of its own, not a view made inside a custom Function
     (autograd forbids in-place changes to those), so a model may scale it in place."""
@@ -150,8 +169,11 @@ def test_the_backend_declines_what_it_does_not_cover():
     assert calls == [1], "a hook on the base layer must still run (through the formula)"
     handle.remove()
     bf16 = LoRAMoELinear(nn.Linear(12, 20).to(torch.bfloat16), LoRAMoEConfig())
-    assert not covers(bf16, x32.to(torch.bfloat16))  # bf16 bases take the formula
-    assert FusedBackend()(bf16, x32.to(torch.bfloat16)) is None
+    assert covers(bf16, x32.to(torch.bfloat16))  # bf16 base, fp32 adapters: covered
+    fp16 = LoRAMoELinear(nn.Linear(12, 20).to(torch.float16), LoRAMoEConfig())
+    assert not covers(fp16, x32.to(torch.float16))  # fp16 takes the formula
+    assert FusedBackend()(fp16, x32.to(torch.float16)) is None
+    assert not covers(bf16, x32.to(torch.bfloat16).to("meta"))  # CPU only
 
 
 def test_a_model_trains_through_the_fused_node_and_the_same_without_it(tiny_llama):

@@ -238,7 +238,7 @@ def test_train_file_with_unknown_task_type_fails_before_loading_the_model(
     path = tmp_path / "train.jsonl"
     frame.to_json(path, orient="records", lines=True)
 
-    def no_model(config):
+    def no_model(config, dtype):
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr(builders, "build_model", no_model)

@@ -15,10 +15,11 @@ Expert dropout arrives as the flat positions it zeroes (dropout.py: drawing thos
 pays most, docs/benchmarks.md): the router reads x, the experts dropout(x), a copy rebuilt
 in backward rather than kept alive.
 
-FusedBackend hands the node the layers it covers: CPU, base, input and adapters in one
-float32/float64 dtype, a frozen nn.Linear/Conv1D base without hooks, no autocast. Anything
-else (GPUs, bf16 bases, autocast, hooked bases) runs the formula; the tests check the two
-against each other.
+FusedBackend hands the node the layers it covers: CPU, input in the base's dtype (fp32, fp64,
+or bf16 with fp32 adapters: the products with x and the output then run in bf16, the gating
+in fp32, the gradients land in fp32), a frozen nn.Linear/Conv1D base without hooks, no
+autocast. Anything else (GPUs, fp16, autocast, hooked bases) runs the formula; the tests
+check the two against each other.
 """
 
 from __future__ import annotations
@@ -57,10 +58,12 @@ class FusedLoRAMoE(torch.autograd.Function):
         lead, d_out = x.shape[:-1], base_weight_t.shape[1]
         x2d = x.reshape(-1, d_in)  # (M, d_in)
         m = x2d.shape[0]
+        # The products with x and the output run in x's dtype (bf16 on a bf16 base, where
+        # the weights are cast, a few KB); the (N, M)-sized gating math in the adapters'.
         a2d = lora_A.view(n * r, d_in)  # (N*r, d_in)
-        b_stacked = stacked_B(lora_B)  # (N*r, d_out)
-        in_weight = torch.cat([router_weight, a2d])  # (N+N*r, d_in)
-        h_t = input_forward(x2d, in_weight, n, dropped)  # (N+N*r, M): [logits; codes]ᵀ
+        b_stacked = stacked_B(lora_B).to(x.dtype)  # (N*r, d_out)
+        in_weight = torch.cat([router_weight, a2d]).to(x.dtype)  # (N+N*r, d_in)
+        h_t = input_forward(x2d, in_weight, n, dropped).to(lora_A.dtype)  # (N+N*r, M)
         logits_t, codes_t = h_t[:n], h_t[n:]  # (N, M), (N*r, M): contiguous row blocks
         if route is None:
             probs_t = gates_t = torch.softmax(logits_t, dim=0)  # (N, M)
@@ -70,7 +73,7 @@ class FusedLoRAMoE(torch.autograd.Function):
         mixed_t = (codes_t.view(n, r, m) * gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
         # The adapter's output (+ the base's bias) first, into a fresh tensor; the base's GEMM
         # then accumulates x·W0ᵀ onto it (beta = 1) instead of an extra pass over the output.
-        out = _mm((mixed_t * scale).t(), b_stacked, base_bias)  # (M, d_out)
+        out = _mm((mixed_t * scale).t().to(x.dtype), b_stacked, base_bias)  # (M, d_out)
         out.addmm_(x2d, base_weight_t)
         # resize_, not view: a view made inside a custom Function may not be modified in place
         # by the model later; this only reshapes a fresh contiguous tensor.
@@ -92,7 +95,7 @@ class FusedLoRAMoE(torch.autograd.Function):
         dropped = rest[0] if ctx.has_dropped else None
         n, m = probs_t.shape
         r, scale = codes_t.shape[0] // n, ctx.scale
-        d_out = b_stacked.shape[1]
+        d_out, low, high = b_stacked.shape[1], x2d.dtype, codes_t.dtype  # compute, adapters
         if grad_out is None:
             grad_out = mixed_t.new_zeros(m, d_out)
         grad_out = grad_out.reshape(m, d_out)  # (M, d_out)
@@ -101,17 +104,17 @@ class FusedLoRAMoE(torch.autograd.Function):
 
         grad_B = None
         if ctx.needs_input_grad[3]:  # next to grad_mixed: both read grad_out, which is large
-            grad_B_t = _mm(mixed_t, grad_out).view(n, r, -1)  # (N, r, d_out)
-            # Scaled straight into the parameter's (N, d_out, r) layout: one pass, and
-            # autograd can keep this tensor as .grad without another copy.
+            grad_B_t = _mm(mixed_t.to(low), grad_out).view(n, r, -1)  # (N, r, d_out)
+            # Scaled straight into the parameter's (N, d_out, r) layout and dtype: one pass,
+            # and autograd can keep this tensor as .grad without another copy.
             grad_B = torch.mul(grad_B_t.transpose(1, 2), scale,
-                               out=grad_B_t.new_empty(n, grad_B_t.shape[2], r))
-        grad_mixed = _mm(b_stacked, grad_out.t()).mul_(scale).view(n, r, m)  # (N, r, M)
+                               out=torch.empty(n, d_out, r, dtype=high))
+        grad_mixed = _mm(b_stacked, grad_out.t()).to(high).mul_(scale).view(n, r, m)  # (N,r,M)
         grad_gates_t = (grad_mixed * codes_t.view(n, r, m)).sum(1)  # (N, M)
         grad_codes_t = grad_mixed.mul_(gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
         grad_logits_t = gating_backward(ctx.route, logits_t, probs_t, grad_gates_t, grad_probs)
 
-        grad_h_t = torch.cat([grad_logits_t, grad_codes_t])  # (N+N*r, M)
+        grad_h_t = torch.cat([grad_logits_t, grad_codes_t]).to(low)  # (N+N*r, M)
         # The adapter's share of grad_x (the experts' through the dropout mask) and the
         # gradient of [Wg; A].
         grad_x, grad_in_weight = input_backward(
@@ -119,6 +122,7 @@ class FusedLoRAMoE(torch.autograd.Function):
             need_grad_w=ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         grad_router = grad_A = None
         if grad_in_weight is not None:
+            grad_in_weight = grad_in_weight.to(high)
             grad_router = grad_in_weight[:n]  # (N, d_in)
             grad_A = grad_in_weight[n:].view(n, r, -1)  # (N, r, d_in)
         if grad_x is not None:
@@ -151,12 +155,14 @@ def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
 
 
 def covers(layer, x: torch.Tensor) -> bool:
-    """The node covers one float32/64 dtype on CPU and a plain frozen base; else None."""
+    """The node covers CPU inputs in the base's dtype (fp32, fp64 or bf16, with adapters in
+    fp32 or wider) on a plain frozen base."""
     base, weight = layer.base_layer, layer.base_layer.weight
     return (
         x.device.type == "cpu"
-        and x.dtype == weight.dtype == layer.lora_A.dtype
-        and x.dtype in (torch.float32, torch.float64)
+        and x.dtype == weight.dtype
+        and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        and layer.lora_A.dtype == torch.promote_types(x.dtype, torch.float32)
         and not weight.requires_grad
         and not (base.bias is not None and base.bias.requires_grad)
         and not base._forward_hooks and not base._forward_pre_hooks

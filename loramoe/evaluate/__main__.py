@@ -24,14 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--run", help="evaluate a trained run folder (python -m loramoe.train)")
     parser.add_argument("--base", help="folder of the base model's evaluation, for retention")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="frozen weights' dtype (default: the run's, else auto)")
+    parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: a GPU if any)")
     args = parser.parse_args(argv)
     from loramoe.data.records import RecordsError
     from loramoe.evaluate import evaluate
+    from loramoe.precision import PrecisionError
 
     try:
         metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
-                           base_dir=args.base, batch_size=args.batch_size)
-    except (RecordsError, FileNotFoundError) as err:
+                           base_dir=args.base, batch_size=args.batch_size, dtype=args.dtype,
+                           device=args.device)
+    except (RecordsError, PrecisionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_task"}, indent=2))

@@ -47,7 +47,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     model.eval()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generate", disable=not progress):
-        ids, mask = _left_pad([encoded[i] for i in batch], pad_id)
+        ids, mask = (t.to(model.device) for t in _left_pad([encoded[i] for i in batch], pad_id))
         max_new = max_new_tokens or max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24)
                                         for i in batch)
         if recorder is not None:

@@ -9,38 +9,47 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
 from loramoe.evaluate.scoring import retention, score_predictions, summarize
+from loramoe.precision import default_device
 
 
-def load_for_eval(model: str | None = None, run: str | Path | None = None):
-    """(model, tokenizer, train config dict or None) for a base name or a trained run dir."""
+def load_for_eval(model: str | None = None, run: str | Path | None = None,
+                  dtype: str | None = None, device: str | torch.device | None = None):
+    """(model, tokenizer, train config dict or None) for a base name or a trained run dir,
+    on `device` (default: the GPU if there is one) with frozen weights in `dtype` (default:
+    the run's train dtype, else "auto"; loramoe/precision.py)."""
     from loramoe.model import load_base_model
+    from loramoe.precision import resolve_dtype
 
-    if run is None:
-        m, tok = load_base_model(model)
-        return m, tok, None
-    run = Path(run)
-    config = json.loads((run / "train_config.json").read_text())
-    if config["method"] == "sft":
-        m, tok = load_base_model(str(run / "model"))
+    device = torch.device(device) if device is not None else default_device()
+    config = json.loads((Path(run) / "train_config.json").read_text()) if run else None
+    name = dtype or (config or {}).get("dtype", "auto")
+    weights = resolve_dtype(name, device, field="dtype")
+    if config is None:
+        m, tok = load_base_model(model, dtype=weights)
+    elif config["method"] == "sft":
+        m, tok = load_base_model(str(Path(run) / "model"), dtype=weights)
     else:
-        m, tok = load_base_model(config["model"])
+        m, tok = load_base_model(config["model"], dtype=weights)
         if config["method"] == "loramoe":
             from loramoe.adapter import load_adapter
 
-            load_adapter(m, run / "adapter")
+            load_adapter(m, Path(run) / "adapter")
         else:
             from peft import PeftModel
 
-            m = PeftModel.from_pretrained(m, run / "adapter")
-    return m.eval(), tok, config
+            m = PeftModel.from_pretrained(m, Path(run) / "adapter")
+    return m.to(device).eval(), tok, config
 
 
 def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = None,
              run: str | Path | None = None, base_dir: str | Path | None = None,
-             batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 16, progress: bool = True, dtype: str | None = None,
+             device: str | None = None) -> dict[str, Any]:
     """Evaluate and write predictions.jsonl, metrics.json (and router.json/.png)."""
     from loramoe.data.records import check_records, read_records, write_records
 
@@ -48,7 +57,7 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     check_records(frame, "eval", eval_file)  # before any model is loaded
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model, tokenizer, config = load_for_eval(model, run)
+    hf_model, tokenizer, config = load_for_eval(model, run, dtype, device)
     recorder = None
     if config is not None and config["method"] == "loramoe":
         recorder = RouterRecorder().attach(hf_model)

@@ -68,15 +68,21 @@ class PipelineConfig:
                 check_local_path(train.model)
             except ModelNotAvailableError as err:
                 raise PipelineConfigError(f"config.methods.{name}.model: {err}") from None
-        models = {train.model for train in self.methods.values()}
-        if len(models) > 1:  # retention compares every branch with one base model
-            raise PipelineConfigError(f"config.methods: every method must tune the same base "
-                                      f"model (train.model), got {sorted(models)}")
+        for key in ("model", "dtype"):  # retention compares every branch with one base eval
+            values = sorted({getattr(train, key) for train in self.methods.values()})
+            if len(values) > 1:
+                raise PipelineConfigError(f"config.methods: every method must share "
+                                          f"train.{key} (one base evaluation), got {values}")
 
     @property
     def base_model(self) -> str:
         """The model every method starts from, evaluated once as the retention baseline."""
         return next(iter(self.methods.values())).model
+
+    @property
+    def dtype(self) -> str:
+        """The dtype every method (and the base evaluation) stores frozen weights in."""
+        return next(iter(self.methods.values())).dtype
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], base_dir: str | Path = ".") -> PipelineConfig:

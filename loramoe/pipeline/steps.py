@@ -16,7 +16,7 @@ import pandas as pd
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
 from loramoe.pipeline.config import PipelineConfig
-from loramoe.pipeline.threads import use_branch_threads
+from loramoe.pipeline.threads import check_gpus, use_branch_threads
 
 
 def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
@@ -53,6 +53,7 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     from loramoe.tracking import MlflowSink, log_params, store_folder, system_metrics
     from loramoe.train import train
 
+    check_gpus(config)
     name = f"{branch['method']}-{branch['scale']}"
     train_file = write_records(train_frame, workdir / "train.jsonl")
     train_config = config.train_config(branch["method"], train_file, workdir / "run")
@@ -93,7 +94,7 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     metrics = evaluate(eval_file, workdir / "base", model=config.base_model,
-                       batch_size=config.eval_batch_size)  # runs alone: every core
+                       batch_size=config.eval_batch_size, dtype=config.dtype)  # every core
     return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl")}
 
 

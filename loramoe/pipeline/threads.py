@@ -22,3 +22,22 @@ def use_branch_threads(config: PipelineConfig) -> int:
     threads = max(1, available_cores() // config.local_parallel_branches)
     torch.set_num_threads(threads)
     return threads
+
+
+class GpuRequestError(RuntimeError):
+    """The step was given fewer GPUs than config.resources.gpu asks for."""
+
+
+def check_gpus(config: PipelineConfig) -> None:
+    """Fail fast, naming the field, when the step sees fewer GPUs than it asked for (a
+    worker scheduled without them, CUDA_VISIBLE_DEVICES too narrow), instead of hanging
+    or silently training on fewer."""
+    import torch
+
+    wanted, visible = int(config.resources.get("gpu", 0)), torch.cuda.device_count()
+    if wanted > visible:
+        raise GpuRequestError(
+            f"config.resources.gpu = {wanted}, but this step sees {visible} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
+            f"Run on workers that have them (--with kubernetes / --with batch), or set "
+            f"resources.gpu = {visible} for this machine")

@@ -3,6 +3,7 @@ optimizer + schedule, the encoded data and its batches, the step to start from."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -18,12 +19,15 @@ from loramoe.train.config import TrainConfig, TrainConfigError
 from loramoe.train.data import encode_frame, read_train_frame
 
 
-def build_model(config: TrainConfig):
-    """(model, tokenizer) ready for training with the config's method."""
+def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) ready for training with the config's method. Adapter methods keep
+    the frozen weights in `dtype`; full SFT keeps fp32 master weights (bf16 compute comes from
+    autocast, see precision_plan)."""
     from loramoe.injection import apply_loramoe, enable_checkpointing, resolve_targets
     from loramoe.model import load_base_model
 
-    model, tokenizer = load_base_model(config.model)
+    storage = torch.float32 if config.method == "sft" else dtype
+    model, tokenizer = load_base_model(config.model, dtype=storage)
     if config.method == "loramoe":
         apply_loramoe(model, config.loramoe)
     elif config.method == "lora":
@@ -56,12 +60,26 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def mixed_precision(config: TrainConfig) -> str:
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"  # CPU autocast to bf16 is slower than fp32 on most laptops
+def precision_plan(config: TrainConfig, device: torch.device
+                   ) -> tuple[torch.dtype, torch.dtype | None, str]:
+    """(storage dtype of the frozen weights, autocast dtype or None, accelerate's
+    mixed_precision) for the config.
+
+    lora/loramoe store the frozen base in the dtype and compute the adapters in fp32 (no
+    autocast); full SFT trains fp32 master weights under bf16 autocast, so AdamW never rounds
+    its updates to bf16's 8-bit mantissa. fp16 (GPUs) goes through accelerate's fp16 mode,
+    which adds the loss scaler fp16 needs (one such mode per process)."""
+    from loramoe.precision import PrecisionError, resolve_dtype
+
+    try:
+        dtype = resolve_dtype(config.dtype, device)
+    except PrecisionError as err:
+        raise TrainConfigError(str(err)) from None
+    if dtype == torch.float16:
+        return dtype, None, "fp16"
+    if dtype == torch.bfloat16 and config.method == "sft":
+        return dtype, torch.bfloat16, "no"
+    return dtype, None, "no"
 
 
 @dataclass
@@ -89,7 +107,14 @@ class Training:
     scheduler: Any
     params: list[torch.nn.Parameter]
     total_steps: int
+    autocast_dtype: torch.dtype | None = None  # full SFT in bf16: fp32 weights, bf16 compute
     progress: Progress = field(default_factory=Progress)
+
+    def autocast(self):
+        """The context the forward runs in: bf16 autocast for full SFT in bf16, else none."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Batches epoch after epoch (without end), each epoch in its own seeded order;
@@ -116,18 +141,19 @@ class Training:
 
 def build_training(config: TrainConfig, resume: bool) -> Training:
     """Check the data, pick the checkpoint, load the model, encode, build the optimizer."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     from loramoe.train.checkpoints import start_checkpoint
 
+    dtype, autocast, mixed = precision_plan(config, PartialState().device)  # before loading
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
-                              mixed_precision=mixed_precision(config))
+                              mixed_precision=mixed)
     set_seed(config.seed)
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     output_dir = Path(config.output_dir)
     checkpoint = start_checkpoint(accelerator, output_dir, resume)
-    model, tokenizer = build_model(config)
+    model, tokenizer = build_model(config, dtype)
     dataset = encode_frame(config, frame, tokenizer)
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
@@ -139,7 +165,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     optimizer, scheduler = build_optimizer(params, config, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
-                        params, total_steps)
+                        params, total_steps, autocast)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))

@@ -37,7 +37,9 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 256
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # frozen weights stored in this dtype (adapters and routers stay fp32); "auto": bf16
+    # where the hardware multiplies it natively, else fp32 (loramoe/precision.py)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
     log_every: int = 1
     # LoRAMoE (method="loramoe"); lbc_beta=0 is the no-LBC ablation

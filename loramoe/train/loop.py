@@ -100,9 +100,10 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     model.train()
     for batch in run.batches() if at.step < run.total_steps else ():
         with acc.accumulate(model):
-            lm_loss = response_loss(model, batch)
-            lbc, cv = lbc_term(model, batch, config)
-            loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
+            with run.autocast():
+                lm_loss = response_loss(model, batch)
+                lbc, cv = lbc_term(model, batch, config)
+                loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
             if not torch.isfinite(loss.detach()):
                 raise diverged("non-finite loss", at.step, output_dir, config.learning_rate,
                                f"lm {lm_loss.item()}, lbc {None if lbc is None else lbc.item()}")

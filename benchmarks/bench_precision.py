@@ -1,0 +1,115 @@
+"""bf16 vs fp32: the whole train step of every method on the default model, one run.
+
+    python benchmarks/bench_precision.py [--batch 16] [--seq 64] [--repeats 6]
+
+Each method is built twice, once with its frozen weights stored in fp32 and once in bf16
+(`load_base_model(dtype=...)`; adapters and routers stay fp32), and the steps run
+interleaved, round after round. Full SFT in bf16 follows the trainer's recipe: fp32 master
+weights, bf16 compute under autocast. Prints ms/step, tokens/s, bf16 speed-up per method and
+LoRAMoE / frozen base in each dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from loramoe import LoRAMoEConfig, apply_loramoe, collect_router_probs, load_base_model
+from loramoe import localized_balancing_loss as lbc
+
+FFN = ["gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(method: str, dtype: str):
+    """(model, autocast dtype or None) for one method with frozen weights in `dtype`."""
+    storage = torch.float32 if method == "sft" else DTYPES[dtype]
+    model, _ = load_base_model(dtype=storage)
+    if method == "frozen base":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+    elif method == "PEFT LoRA":
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules=FFN, task_type="CAUSAL_LM"))
+    elif method == "LoRAMoE":
+        apply_loramoe(model, LoRAMoEConfig())
+    autocast = DTYPES[dtype] if method == "sft" and dtype != "fp32" else None
+    return model.train(), autocast
+
+
+def make_step(model, autocast, ids: torch.Tensor, with_lbc: bool) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    config = LoRAMoEConfig()
+    sample_types = torch.arange(len(ids)) % len(config.expert_types)  # (B,)
+
+    def step() -> None:
+        context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
+                   else contextlib.nullcontext())
+        with context:
+            loss = model(input_ids=ids, labels=ids).loss
+            if with_lbc:
+                loss = loss + config.lbc_beta * lbc(
+                    collect_router_probs(model), torch.ones_like(ids), sample_types,
+                    config.expert_type_ids(), config.lbc_delta)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--methods", default="frozen base,PEFT LoRA,LoRAMoE,sft")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ids = torch.randint(100, 49_152, (args.batch, args.seq))
+    steps = {}
+    for method in args.methods.split(","):
+        for dtype in DTYPES:
+            model, autocast = build(method, dtype)
+            steps[(method, dtype)] = make_step(model, autocast, ids, method == "LoRAMoE")
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(args.repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    report(times, args)
+
+
+def report(times, args) -> None:
+    ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+    tokens = args.batch * args.seq
+    print(f"Train step, SmolLM2-135M-Instruct, batch {args.batch} x {args.seq}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} rounds")
+    print(f"  {'method':<12} {'fp32 ms':>9} {'bf16 ms':>9} {'bf16 tok/s':>11} {'speed-up':>9}"
+          f"  (per round: median, range)")
+    for method in dict.fromkeys(m for m, _ in times):
+        paired = [a / b for a, b in zip(times[(method, "fp32")], times[(method, "bf16")],
+                                        strict=True)]
+        print(f"  {method:<12} {ms[(method, 'fp32')]:9.1f} {ms[(method, 'bf16')]:9.1f} "
+              f"{tokens / ms[(method, 'bf16')] * 1000:11.0f} "
+              f"{ms[(method, 'fp32')] / ms[(method, 'bf16')]:8.2f}x  "
+              f"({statistics.median(paired):.2f}, {min(paired):.2f}-{max(paired):.2f})")
+    if ("LoRAMoE", "fp32") in ms and ("frozen base", "fp32") in ms:
+        for dtype in DTYPES:
+            print(f"  LoRAMoE / frozen base in {dtype}: "
+                  f"{ms[('LoRAMoE', dtype)] / ms[('frozen base', dtype)]:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

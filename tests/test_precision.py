@@ -1,0 +1,140 @@
+"""Precision as a config field: auto-detection, clear errors, what is stored in which dtype."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import config_for
+
+from loramoe import precision
+from loramoe.precision import PrecisionError, resolve_dtype
+from loramoe.train import TrainConfig, TrainConfigError, train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+
+
+def test_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    for flags, want in [({"avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"},
+                        torch.bfloat16), ({"avx2", "avx512f"}, torch.float32), (set(),
+                        torch.float32)]:
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
+        assert resolve_dtype("auto", CPU) == want, flags
+        assert resolve_dtype("fp32", CPU) == torch.float32
+
+
+def test_bf16_where_it_is_not_native_names_the_field_and_what_is(cpu_without_bf16):
+    with pytest.raises(PrecisionError, match=r"TrainConfig\.dtype: 'bf16' is not computed "
+                                             r"natively on this CPU.*supports \['fp32'\]"):
+        resolve_dtype("bf16", CPU)
+    with pytest.raises(PrecisionError, match=r"'fp16' is not computed natively"):
+        resolve_dtype("fp16", CPU)
+
+
+def test_the_flags_are_read_from_this_machine():
+    flags = precision.cpu_flags()
+    assert isinstance(flags, set)
+    assert precision.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_dtype_field_rejects_unknown_names():
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.dtype: must be one of 'auto'"):
+        TrainConfig(dtype="float16")
+
+
+def test_unsupported_dtype_fails_before_data_or_model_is_loaded(
+        cpu_without_bf16, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    import loramoe.train.builders as builders
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dtype was checked")
+
+    monkeypatch.setattr(builders, "build_model", no_model)
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, dtype="bf16")
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.dtype: 'bf16'.*supports"):
+        train(config, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "loramoe"])
+def test_bf16_adapter_training_stores_the_base_in_bf16_and_adapters_in_fp32(
+        method, cpu_with_bf16, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    import loramoe.train.builders as builders
+
+    built = {}
+    real = builders.build_model
+
+    def recording(config, dtype):
+        built["model"], tokenizer = real(config, dtype)
+        return built["model"], tokenizer
+
+    monkeypatch.setattr(builders, "build_model", recording)
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, method=method,
+                        dtype="bf16", max_steps=4, lr=2e-2)
+    train(config, progress=False)
+    params = dict(built["model"].named_parameters())
+    trainable = {n: p.dtype for n, p in params.items() if p.requires_grad}
+    frozen = {n: p.dtype for n, p in params.items() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, trainable
+    assert set(frozen.values()) == {torch.bfloat16}, set(frozen.values())
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["dtype"] == "bf16"
+
+
+def test_bf16_sft_keeps_fp32_master_weights_and_learns(cpu_with_bf16, tiny_model_dir,
+                                                         tiny_train_file, tmp_path):
+    from safetensors.torch import load_file
+
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, method="sft",
+                        dtype="bf16", max_steps=12, lr=2e-3, batch_size=16)
+    result = train(config, progress=False)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").open()]
+    assert rows[-1]["lm_loss"] < rows[0]["lm_loss"]
+    weights = load_file(result.artifact / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # the master copy
+
+
+def test_eval_loads_the_run_in_its_dtype_on_the_device(cpu_with_bf16, tiny_model_dir,
+                                                        tiny_train_file, tmp_path):
+    from loramoe.evaluate import load_for_eval
+    from loramoe.layer import LoRAMoELinear
+
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, dtype="bf16", max_steps=2)
+    result = train(config, progress=False)
+    model, _, saved = load_for_eval(run=result.output_dir, device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, LoRAMoELinear)]
+    assert layers and all(m.base_layer.weight.dtype == torch.bfloat16 for m in layers)
+    assert all(m.lora_A.dtype == torch.float32 for m in layers)
+    assert model.device.type == "cpu" and saved["dtype"] == "bf16"
+    fp32, _, _ = load_for_eval(run=result.output_dir, dtype="fp32", device="cpu")
+    assert next(fp32.parameters()).dtype == torch.float32
+
+
+def test_a_step_given_fewer_gpus_than_asked_for_says_so():
+    from pathlib import Path
+
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.threads import GpuRequestError, check_gpus
+
+    smoke = Path(__file__).resolve().parents[1] / "flows" / "configs" / "smoke.toml"
+    data = tomllib.loads(smoke.read_text())
+    data["resources"]["gpu"] = torch.cuda.device_count() + 1
+    config = PipelineConfig.from_dict(data, base_dir=smoke.parent)
+    with pytest.raises(GpuRequestError, match=r"config\.resources\.gpu = \d+, but this step "
+                                              r"sees \d+ GPU"):
+        check_gpus(config)
+    data["resources"]["gpu"] = 0
+    check_gpus(PipelineConfig.from_dict(data, base_dir=smoke.parent))
