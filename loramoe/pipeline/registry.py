@@ -50,7 +50,8 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
             continue
         run_dir = restore_run_dir(b["trained"], workdir / b["name"] / "run")
         logged[b["name"]] = log_answer_model(b["mlflow_run_id"], run_dir,
-                                             workdir / b["name"] / "staged")
+                                             workdir / b["name"] / "staged",
+                                             batch_size=config.eval_batch_size)
     best, reason = choose_candidate(branches, config.retention_threshold)
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}

