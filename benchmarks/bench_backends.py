@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from train_step import make_step
 
-from loramoe import LoRAMoEConfig, apply_loramoe, collect_router_probs, load_base_model
-from loramoe import localized_balancing_loss as lbc
+from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 from loramoe.backends import attach_backend
 
 Setup = Callable[[torch.nn.Module], None]
@@ -48,27 +48,6 @@ def cpu_name() -> str:
     except (OSError, subprocess.CalledProcessError):
         pass
     return platform.processor() or "unknown CPU"
-
-
-def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # the floor has none
-    config = LoRAMoEConfig()
-    sample_types = torch.arange(len(ids)) % len(config.expert_types)  # (B,)
-    model.train()
-
-    def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        if with_lbc:
-            loss = loss + config.lbc_beta * lbc(collect_router_probs(model), torch.ones_like(ids),
-                                                sample_types, config.expert_type_ids(),
-                                                config.lbc_delta)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:

@@ -20,10 +20,10 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
+from train_step import make_step
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from loramoe import LoRAMoEConfig, apply_loramoe, collect_router_probs
-from loramoe import localized_balancing_loss as lbc
+from loramoe import LoRAMoEConfig, apply_loramoe
 from loramoe.precision import resolve_dtype
 
 SHAPES = {
@@ -54,26 +54,6 @@ def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype):
     return model.train()
 
 
-def step_fn(model, ids: torch.Tensor, with_lbc: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    config = LoRAMoEConfig()
-    types = torch.arange(len(ids), device=ids.device) % 2  # (B,)
-    mask = torch.ones_like(ids)
-
-    def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        if with_lbc:
-            loss = loss + config.lbc_beta * lbc(collect_router_probs(model), mask, types,
-                                                config.expert_type_ids(), config.lbc_delta)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -85,7 +65,7 @@ def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     results = {}
     for variant in VARIANTS:
         model = build(shape, variant, device, dtype)
-        step = step_fn(model, ids, variant.startswith("LoRAMoE"))
+        step = make_step(model, ids, variant.startswith("LoRAMoE"))
         step()  # warm-up
         sync(device)
         if device.type == "cuda":

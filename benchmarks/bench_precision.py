@@ -12,16 +12,14 @@ LoRAMoE / frozen base in each dtype.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
+from train_step import make_step
 
-from loramoe import LoRAMoEConfig, apply_loramoe, collect_router_probs, load_base_model
-from loramoe import localized_balancing_loss as lbc
+from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,29 +41,6 @@ def build(method: str, dtype: str):
     return model.train(), autocast
 
 
-def make_step(model, autocast, ids: torch.Tensor, with_lbc: bool) -> Callable[[], None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
-    config = LoRAMoEConfig()
-    sample_types = torch.arange(len(ids)) % len(config.expert_types)  # (B,)
-
-    def step() -> None:
-        context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
-                   else contextlib.nullcontext())
-        with context:
-            loss = model(input_ids=ids, labels=ids).loss
-            if with_lbc:
-                loss = loss + config.lbc_beta * lbc(
-                    collect_router_probs(model), torch.ones_like(ids), sample_types,
-                    config.expert_type_ids(), config.lbc_delta)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=16)
@@ -79,7 +54,8 @@ def main() -> None:
     for method in args.methods.split(","):
         for dtype in DTYPES:
             model, autocast = build(method, dtype)
-            steps[(method, dtype)] = make_step(model, autocast, ids, method == "LoRAMoE")
+            steps[(method, dtype)] = make_step(model, ids, method == "LoRAMoE", lr=1e-5,
+                                               autocast=autocast)
     for step in steps.values():  # warm-up
         step()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}

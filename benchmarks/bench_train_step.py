@@ -18,13 +18,12 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
+from train_step import make_step
 
 from loramoe import (
     LoRAMoEConfig,
     apply_loramoe,
-    collect_router_probs,
     load_base_model,
-    localized_balancing_loss,
 )
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
@@ -39,28 +38,6 @@ def make_variants(base) -> dict[str, torch.nn.Module]:
     return {"frozen base": frozen, "PEFT LoRA r=4": lora, "LoRAMoE N=6 r=4": loramoe}
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, lbc: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    model.train()
-    config = LoRAMoEConfig()
-    sample_types = torch.arange(len(ids)) % len(config.expert_types)  # (B,)
-    expert_types = config.expert_type_ids()  # (N,)
-
-    def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        if lbc:
-            loss = loss + config.lbc_beta * localized_balancing_loss(
-                collect_router_probs(model), torch.ones_like(ids), sample_types, expert_types,
-                config.lbc_delta)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=16)
@@ -70,7 +47,7 @@ def main() -> None:
     torch.manual_seed(0)
     base, _ = load_base_model()
     ids = torch.randint(100, base.config.vocab_size, (args.batch, args.seq))
-    steps = {name: make_step(m, ids, lbc=name.startswith("LoRAMoE"))
+    steps = {name: make_step(m, ids, with_lbc=name.startswith("LoRAMoE"))
              for name, m in make_variants(base).items()}
     for step in steps.values():  # warm-up
         step()

@@ -71,6 +71,7 @@ print("ANSWER", generate_predictions(model, tokenizer, frame, max_new_tokens=3))
 def test_the_gpu_benchmark_script_runs_on_the_cpu_without_them(tmp_path):
     code = """
 import runpy
+sys.path.insert(0, "benchmarks")  # as `python benchmarks/bench_gpu.py` puts it there
 sys.argv = ["bench_gpu.py", "--device", "cpu", "--models", "tiny", "--batch", "2",
             "--seq", "16", "--repeats", "1"]
 runpy.run_path("benchmarks/bench_gpu.py", run_name="__main__")

@@ -1,0 +1,40 @@
+"""The train step every benchmark times: forward on `ids` (labels = ids), plus β·LBC for
+LoRAMoE, backward, AdamW. Shared by the bench_*.py scripts (run from the repository root,
+`python benchmarks/NAME.py`, so this folder is on sys.path)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from loramoe import LoRAMoEConfig, collect_router_probs, localized_balancing_loss
+
+
+def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool, lr: float = 1e-4,
+              autocast: torch.dtype | None = None) -> Callable[[], None]:
+    """A closure running one step. A model without trainable parameters (the frozen-base
+    floor) gets no optimizer; `autocast` runs the forward under that dtype's autocast."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+    config = LoRAMoEConfig()
+    sample_types = torch.arange(len(ids), device=ids.device) % len(config.expert_types)  # (B,)
+    mask = torch.ones_like(ids)  # (B, T): no padding
+    model.train()
+
+    def step() -> None:
+        context = (torch.autocast(ids.device.type, dtype=autocast) if autocast is not None
+                   else contextlib.nullcontext())
+        with context:
+            loss = model(input_ids=ids, labels=ids).loss
+            if with_lbc:
+                loss = loss + config.lbc_beta * localized_balancing_loss(
+                    collect_router_probs(model), mask, sample_types, config.expert_type_ids(),
+                    config.lbc_delta)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
