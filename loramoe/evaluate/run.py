@@ -14,7 +14,7 @@ import torch
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
 from loramoe.evaluate.scoring import retention, score_predictions, summarize
-from loramoe.precision import default_device
+from loramoe.precision import default_device, resolve_dtype
 
 
 def load_for_eval(model: str | None = None, run: str | Path | None = None,
@@ -23,7 +23,6 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     on `device` (default: the GPU if there is one) with frozen weights in `dtype` (default:
     the run's train dtype, else "auto"; loramoe/precision.py)."""
     from loramoe.model import load_base_model
-    from loramoe.precision import resolve_dtype
 
     device = torch.device(device) if device is not None else default_device()
     config = json.loads((Path(run) / "train_config.json").read_text()) if run else None
