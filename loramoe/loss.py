@@ -16,7 +16,7 @@ Shazeer et al. (2017).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -87,13 +87,15 @@ def localized_balancing_loss(
     expert_types: torch.Tensor | Sequence[int],
     delta: float = 0.1,
     reduction: Reduction = "mean",
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The LBC of LoRAMoE over every layer's (B, T, N) router probabilities.
 
     attention_mask (B, T): padding tokens do not count in Q. sample_types (B,) long: index of
     each sample's task type in the config's expert_types, −1 for untyped samples.
     expert_types (N,) long: type index of each expert. reduction "mean" averages the layers,
-    "sum" adds them (as the official code does).
+    "sum" adds them (as the official code does). gather, under data parallelism, joins Z
+    (L, N, B) of every process along the samples, so the variance is the global batch's.
     """
     probs = _stack_layers(router_probs)  # (L, B, T, N)
     expert_types = torch.as_tensor(expert_types, dtype=torch.long, device=probs.device)
@@ -109,6 +111,8 @@ def localized_balancing_loss(
     load = _per_sample_load(probs, attention_mask)  # Q: (L, N, B)
     coeff = type_coefficients(sample_types, expert_types, delta, load.dtype)  # I: (N, B)
     weighted = coeff.unsqueeze(0) * load  # Z = I ∘ Q: (L, N, B)
+    if gather is not None:
+        weighted = gather(weighted)  # (L, N, B·processes)
     return _reduce(_cv_squared(weighted), reduction)
 
 

@@ -178,9 +178,9 @@ def test_non_finite_gradients_stop_before_the_update(tiny_model_dir, tiny_train_
 
     real, calls = train_module.response_loss, {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *rest):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(model, batch, *rest)
         return InfGrad.apply(loss) if calls["n"] == 4 else loss
 
     monkeypatch.setattr(train_module, "response_loss", poisoned)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 from loramoe.adapter import WEIGHTS_NAME
 from loramoe.data.collate import IGNORE_INDEX, encode_example
+from loramoe.pipeline.launch import free_port
 from loramoe.train import TrainConfig, TrainConfigError, TrainingDiverged, train
 
 
@@ -146,9 +148,9 @@ def test_nan_loss_stops_with_last_checkpoint(tiny_model_dir, tiny_train_file, tm
     real = train_module.response_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *rest):
         calls["n"] += 1
-        loss = real(model, batch)
+        loss = real(model, batch, *rest)
         return loss * float("nan") if calls["n"] > 4 else loss
 
     monkeypatch.setattr(train_module, "response_loss", poisoned)
@@ -178,10 +180,15 @@ def test_two_process_ddp_run_completes(tiny_model_dir, tiny_train_file, tmp_path
                                   "train_file": str(tiny_train_file),
                                   "output_dir": str(tmp_path / "ddp"), "max_steps": 3,
                                   "batch_size": 4, "method": "loramoe"}))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # Before the fix this test ran `accelerate launch --num_processes 2 --cpu`, which starts
+    # ONE process: it passed without any data parallelism. torchrun + ACCELERATE_USE_CPU
+    # gives two gloo processes (checked: final_metrics.json records the process count).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "-m", "loramoe.train", "--config", str(config)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "adapter" / WEIGHTS_NAME).is_file()
-    assert json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())["steps"] == 3
+    final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
+    assert final["steps"] == 3 and final["processes"] == 2

@@ -26,6 +26,33 @@ class PipelineConfigError(ValueError):
     """The pipeline config is invalid; the message names the field."""
 
 
+STRATEGIES = ("ddp", "fsdp", "deepspeed_zero3")  # infra/accelerate/<strategy>.yaml
+
+
+@dataclass
+class LaunchConfig:
+    """How a train branch runs: in the step's own process, or as `processes` data-parallel
+    processes (torchrun/accelerate launch, see pipeline/launch.py). processes = 0 means one
+    per GPU the branch asks for (resources.gpu), one on a CPU-only branch. batch_size stays
+    per process: the global batch is batch_size × processes × grad_accum. Adapter methods
+    replicate the model (`strategy`, DDP by default); full SFT uses `full_model_strategy`
+    (FSDP by default: a 7B model's fp32 master weights + AdamW, ~112 GB, fit no one GPU)."""
+
+    processes: int = 0
+    strategy: str = "ddp"
+    full_model_strategy: str = "fsdp"
+
+    def strategy_for(self, method: str) -> str:
+        return self.full_model_strategy if method == "sft" else self.strategy
+
+    def __post_init__(self) -> None:
+        check_fields(self, [
+            ("processes", lambda v: v >= 0, ">= 0 (0: one per GPU in resources.gpu)"),
+            ("strategy", lambda v: v in STRATEGIES, f"one of {list(STRATEGIES)}"),
+            ("full_model_strategy", lambda v: v in STRATEGIES, f"one of {list(STRATEGIES)}"),
+        ], PipelineConfigError, prefix="config.launch")
+
+
 @dataclass
 class PipelineConfig:
     """The experiment. In the TOML, `[train]` holds the fields every method shares and
@@ -44,8 +71,12 @@ class PipelineConfig:
     retry_times: int = 0
     timeout_minutes: int = 120
     local_parallel_branches: int = 1  # branches Metaflow runs at once on a local machine
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.launch, dict):
+            self.launch = from_mapping(LaunchConfig, self.launch, PipelineConfigError,
+                                       prefix="config.launch")
         if isinstance(self.mixture, dict):
             try:
                 self.mixture = MixtureConfig.from_dict(self.mixture)
@@ -73,6 +104,12 @@ class PipelineConfig:
             if len(values) > 1:
                 raise PipelineConfigError(f"config.methods: every method must share "
                                           f"train.{key} (one base evaluation), got {values}")
+
+    @property
+    def train_processes(self) -> int:
+        """Data-parallel processes per train branch (config.launch.processes, else one per
+        GPU the branch asks for, else 1)."""
+        return self.launch.processes or max(1, int(self.resources.get("gpu", 0)))
 
     @property
     def base_model(self) -> str:

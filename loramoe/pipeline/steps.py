@@ -50,21 +50,20 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
                         workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     """Train one (method, scale) branch; metrics stream to its MLflow child run, and the
     trained folder goes to that run under `trained/`. Returns a small reference to it."""
-    from loramoe.tracking import MlflowSink, log_params, store_folder, system_metrics
-    from loramoe.train import train
+    from loramoe.tracking import log_params, store_folder, system_metrics
 
     check_gpus(config)
     name = f"{branch['method']}-{branch['scale']}"
     train_file = write_records(train_frame, workdir / "train.jsonl")
     train_config = config.train_config(branch["method"], train_file, workdir / "run")
-    threads = use_branch_threads(config)
+    processes = config.train_processes
+    threads = use_branch_threads(config, processes)
     if mlflow_run_id:
         log_params(mlflow_run_id, {"branch": name, "torch_threads": threads,
-                                   **train_config.to_dict()})
+                                   "train_processes": processes, **train_config.to_dict()})
     with system_metrics(mlflow_run_id):
-        result = train(train_config, sink=MlflowSink(mlflow_run_id) if mlflow_run_id else None,
-                       progress=True)
-    run_dir = Path(result.output_dir)
+        final = train_branch(config, train_config, processes, threads, mlflow_run_id)
+    run_dir = Path(train_config.output_dir)
     part = "model" if train_config.method == "sft" else "adapter"
     if mlflow_run_id:
         files = [run_dir / "train_config.json", run_dir / "metrics.jsonl", run_dir / part]
@@ -73,8 +72,24 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     else:  # no tracking: the folder stays where it is (same machine only)
         store = {"local_dir": str(run_dir)}
     return {"name": name, "store": store, "train_config": train_config.to_dict(),
-            "steps": result.steps, "final": result.final_metrics,
+            "steps": final.pop("steps"), "processes": final.pop("processes", 1), "final": final,
             "router_cv": _router_cv_series((run_dir / "metrics.jsonl").read_text())}
+
+
+def train_branch(config: PipelineConfig, train_config, processes: int, threads: int,
+                 mlflow_run_id: str | None) -> dict[str, Any]:
+    """Train in this process, or launch `processes` data-parallel ones; the final metrics."""
+    from loramoe.tracking import MlflowSink, current_store
+    from loramoe.train import train
+
+    if processes > 1:
+        from loramoe.pipeline.launch import train_in_processes
+
+        return train_in_processes(config, train_config, processes, threads, mlflow_run_id,
+                                  current_store() if mlflow_run_id else None)
+    train(train_config, sink=MlflowSink(mlflow_run_id) if mlflow_run_id else None,
+          progress=True)
+    return json.loads((Path(train_config.output_dir) / "final_metrics.json").read_text())
 
 
 def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:

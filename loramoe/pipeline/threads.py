@@ -15,11 +15,12 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def use_branch_threads(config: PipelineConfig) -> int:
-    """Set torch's intra-op threads to this task's share of the cores; returns it."""
+def use_branch_threads(config: PipelineConfig, processes: int = 1) -> int:
+    """Set torch's intra-op threads to this task's share of the cores (split again between
+    its `processes` training processes); returns one process's share."""
     import torch
 
-    threads = max(1, available_cores() // config.local_parallel_branches)
+    threads = max(1, available_cores() // (config.local_parallel_branches * processes))
     torch.set_num_threads(threads)
     return threads
 

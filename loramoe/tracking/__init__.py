@@ -6,6 +6,7 @@ from loramoe.tracking.runs import (
     MlflowSink,
     TrackingError,
     check_store,
+    current_store,
     end_run,
     fetch_folder,
     flatten,
@@ -22,7 +23,8 @@ from loramoe.tracking.runs import (
 )
 
 __all__ = [
-    "DEFAULT_DB", "MlflowSink", "TrackingError", "alias_tags", "check_store", "end_run",
+    "DEFAULT_DB", "MlflowSink", "TrackingError", "alias_tags", "check_store", "current_store",
+    "end_run",
     "fetch_folder", "flatten", "log_code_model", "log_metrics", "log_params",
     "register_version", "set_alias", "set_tag", "setup", "start_child_run",
     "start_parent_run", "store_folder", "system_metrics", "tracking_uri", "use_store",

@@ -68,6 +68,13 @@ def use_store(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+def current_store() -> str:
+    """The store this process points at (passed on to the processes a step launches)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def start_parent_run(experiment_id: str, name: str, tags: dict[str, str]) -> str:
     import mlflow
 

@@ -1,7 +1,8 @@
 """Train from a config file.
 
     python -m loramoe.train --config FILE.toml [--set key=value ...] [--resume]
-    accelerate launch --num_processes 2 --cpu -m loramoe.train --config FILE.toml
+    accelerate launch --config_file infra/accelerate/ddp.yaml -m loramoe.train --config F  # GPUs
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m loramoe.train --config F  # CPU, gloo
 
 Prints one JSON line (output_dir, steps, artifact, final metrics); exit 2 on a bad config or
 bad data, with the field or rows named.

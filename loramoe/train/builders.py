@@ -17,6 +17,7 @@ import torch
 from loramoe.data.collate import Collator
 from loramoe.train.config import TrainConfig, TrainConfigError
 from loramoe.train.data import encode_frame, read_train_frame
+from loramoe.train.objective import ResponseLM
 
 
 def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
@@ -142,18 +143,28 @@ class Training:
 def build_training(config: TrainConfig, resume: bool) -> Training:
     """Check the data, pick the checkpoint, load the model, encode, build the optimizer."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env, set_seed
 
     from loramoe.train.checkpoints import start_checkpoint
 
-    dtype, autocast, mixed = precision_plan(config, PartialState().device)  # before loading
+    # The first PartialState fixes the process group: it must see ACCELERATE_USE_CPU (which
+    # only Accelerator reads by itself), or CPU data-parallel processes each train alone.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    dtype, autocast, mixed = precision_plan(config, state.device)  # before loading
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the schedule once
+    # per process at every optimizer step (P× too fast), whereas total_steps already counts
+    # global steps. find_unused_parameters stays False even with top_k: LoRAMoE computes
+    # every expert and zeroes the gates of the others, so every parameter gets a gradient
+    # (tests/test_distributed.py runs top-k under DDP, which raises on an unused one).
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum,
-                              mixed_precision=mixed)
+                              mixed_precision=mixed, step_scheduler_with_optimizer=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=False)])
     set_seed(config.seed)
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     output_dir = Path(config.output_dir)
     checkpoint = start_checkpoint(accelerator, output_dir, resume)
-    model, tokenizer = build_model(config, dtype)
+    lm, tokenizer = build_model(config, dtype)
     dataset = encode_frame(config, frame, tokenizer)
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
@@ -161,9 +172,9 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     per_epoch = math.ceil(len(dataset) / (config.batch_size * accelerator.num_processes
                                           * config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in lm.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, config, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(ResponseLM(lm), optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
                         params, total_steps, autocast)
     if accelerator.is_main_process:
@@ -177,8 +188,10 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     return training
 
 
-def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path) -> Path:
-    """The adapter folder (lora, loramoe) or the whole model (sft)."""
+def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """The adapter folder (lora, loramoe) or the whole model (sft; `state_dict` when the
+    weights were gathered from shards)."""
     from loramoe.adapter import save_adapter
 
     if config.method == "loramoe":
@@ -186,6 +199,6 @@ def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path) -> Pa
     if config.method == "lora":
         model.save_pretrained(output_dir / "adapter")
         return output_dir / "adapter"
-    model.save_pretrained(output_dir / "model")
+    model.save_pretrained(output_dir / "model", state_dict=state_dict)
     tokenizer.save_pretrained(output_dir / "model")
     return output_dir / "model"

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from loramoe.data.collate import IGNORE_INDEX
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
 from loramoe.train.config import TrainConfig
+from loramoe.train.objective import gather_samples, global_token_share
 
 
 class MetricsSink(Protocol):
@@ -47,39 +46,27 @@ class TrainResult:
     tokens_per_second: float
 
 
-def _unwrap_hf(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def response_loss(model, batch: dict[str, torch.Tensor], token_count=None) -> torch.Tensor:
+    """Cross-entropy summed over the batch's response tokens / token_count (default: their
+    number, i.e. the mean)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], token_count)
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over response tokens, with the LM head applied only there.
-
-    The vocabulary projection is the biggest matmul of a small model; computing it for
-    prompt and padding positions would waste most of it.
-    """
-    hf = _unwrap_hf(model)
-    backbone = getattr(hf, hf.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"],
-                      attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    keep = targets != IGNORE_INDEX  # (B, T-1)
-    logits = hf.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
-    return F.cross_entropy(logits.float(), targets[keep])
-
-
-def lbc_term(model, batch, config: TrainConfig) -> tuple[torch.Tensor | None, float | None]:
+def lbc_term(model, batch, config: TrainConfig, gather=None
+             ) -> tuple[torch.Tensor | None, float | None]:
     """(β-free LBC loss or None, router CV) for LoRAMoE; padding excluded from Q."""
     if config.method != "loramoe":
         return None, None
     from loramoe.injection import collect_router_probs
     from loramoe.loss import localized_balancing_loss, router_cv
 
-    probs = collect_router_probs(_unwrap_hf(model))
+    probs = collect_router_probs(model)
     cv = router_cv(probs, batch["attention_mask"]).item()
     if config.loramoe.lbc_beta == 0:
         return None, cv
     lbc = localized_balancing_loss(probs, batch["attention_mask"], batch["sample_types"],
-                                   config.loramoe.expert_type_ids(), config.loramoe.lbc_delta)
+                                   config.loramoe.expert_type_ids(), config.loramoe.lbc_delta,
+                                   gather=gather)
     return lbc, cv
 
 
@@ -101,8 +88,9 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     for batch in run.batches() if at.step < run.total_steps else ():
         with acc.accumulate(model):
             with run.autocast():
-                lm_loss = response_loss(model, batch)
-                lbc, cv = lbc_term(model, batch, config)
+                lm_loss = response_loss(model, batch, global_token_share(acc, batch))
+                lbc, cv = lbc_term(model, batch, config,
+                                   gather_samples if acc.num_processes > 1 else None)
                 loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
             if not torch.isfinite(loss.detach()):
                 raise diverged("non-finite loss", at.step, output_dir, config.learning_rate,
@@ -145,15 +133,29 @@ def step_metrics(lm_loss, lbc, cv, run: Training, tokens_per_s: float) -> dict[s
     return metrics
 
 
+def sharded_state(acc, model) -> dict[str, torch.Tensor] | None:
+    """The full state dict of an FSDP/DeepSpeed-sharded model (keys as the LM's own), else
+    None (the unwrapped model holds its full weights)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    state = acc.get_state_dict(model)  # collective: every process takes part
+    return {key.removeprefix("lm."): value for key, value in state.items()}
+
+
 def finish(run: Training, last: dict[str, float]) -> TrainResult:
     """Write the adapter (or model) and the final metrics, on the main process."""
     acc, config, output_dir = run.accelerator, run.config, Path(run.config.output_dir)
     acc.wait_for_everyone()
     artifact = output_dir / ("model" if config.method == "sft" else "adapter")
+    # Sharded weights (FSDP, ZeRO-3) are gathered on every process; rank 0 writes them.
+    full = sharded_state(acc, run.model) if config.method == "sft" else None
     if acc.is_main_process:
-        artifact = save_artifact(acc.unwrap_model(run.model), run.tokenizer, config, output_dir)
+        artifact = save_artifact(acc.unwrap_model(run.model).lm, run.tokenizer, config,
+                                 output_dir, full)
         (output_dir / "final_metrics.json").write_text(
-            json.dumps({"steps": run.progress.step, **last}))
+            json.dumps({"steps": run.progress.step, "processes": acc.num_processes, **last}))
     acc.wait_for_everyone()
     return TrainResult(output_dir, run.progress.step, last, artifact,
                        last.get("tokens_per_s", 0.0))

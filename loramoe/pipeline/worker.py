@@ -1,0 +1,38 @@
+"""One process of a multi-process train branch (started by pipeline/launch.py).
+
+    python -m loramoe.pipeline.worker --config train_config.json [--threads N]
+        [--mlflow-run-id ID --tracking-uri URI]
+
+Trains with the branch's resolved TrainConfig; the main process streams the step metrics
+to the branch's MLflow run, as the one-process branch does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loramoe.pipeline.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--mlflow-run-id", default=None)
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    from loramoe.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sink = None
+    if args.mlflow_run_id:
+        from loramoe.tracking import MlflowSink, use_store
+
+        use_store(args.tracking_uri)
+        sink = MlflowSink(args.mlflow_run_id)
+    train(TrainConfig.from_file(args.config), sink=sink, progress=False)
+
+
+if __name__ == "__main__":
+    main()

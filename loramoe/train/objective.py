@@ -1,0 +1,62 @@
+"""What one step optimises, as modules and helpers that stay right under data parallelism:
+the response-token LM loss as the wrapped forward, the token count of the global batch, and
+the LBC's Z gathered over processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loramoe.data.collate import IGNORE_INDEX
+
+
+def _unwrap_hf(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ResponseLM(torch.nn.Module):
+    """The causal LM as the trainer runs it: forward gives the cross-entropy over response
+    tokens, with the LM head applied only there (the vocabulary projection is the biggest
+    matmul of a small model; prompt and padding positions would waste most of it).
+
+    A module rather than a function around the backbone so that DDP/FSDP wrap *this*
+    forward: a forward that bypasses the wrapper leaves DDP's reducer unprepared, and its
+    gradients would silently not be averaged.
+    """
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels, token_count=None) -> torch.Tensor:
+        hf = _unwrap_hf(self.lm)
+        backbone = getattr(hf, hf.base_model_prefix)
+        hidden = backbone(input_ids=input_ids,
+                          attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        logits = hf.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
+        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return total / (keep.sum() if token_count is None else token_count)
+
+
+def response_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def global_token_share(acc, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """What each process divides its token sum by so that DDP's gradient *average* over P
+    processes is the token mean of the global batch: (global response tokens) / P. None on
+    one process (the local mean is then the global one)."""
+    if acc.num_processes == 1:
+        return None
+    return acc.reduce(response_tokens(batch).float(), reduction="sum") / acc.num_processes
+
+
+def gather_samples(z: torch.Tensor) -> torch.Tensor:
+    """(L, N, B) per process -> (L, N, B·P): the LBC's Z of the global batch. The autograd
+    all_gather sums every process's gradient back into its slice, which DDP's average then
+    turns into exactly the one-process gradient."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z.contiguous()), dim=-1)  # (L, N, B·P)
