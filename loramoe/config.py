@@ -62,6 +62,10 @@ class LoRAMoEConfig:
     )
     lbc_delta: float = 0.1
     lbc_beta: float = 0.1
+    # "paper": Z = I∘Q as published (its minimum gives own-type experts LESS weight);
+    # "aligned": Z = Q⊘I (own-type experts get (1+δ)/(1−δ) times the others), see loss.py
+    lbc_form: str = "paper"
+    lbc_load: str = "sum"  # Q per sample: "sum" over its tokens (paper) or "mean"
     top_k: int | None = None
 
     def __post_init__(self) -> None:
@@ -87,6 +91,10 @@ class LoRAMoEConfig:
              "counts >= 1 for every type"),
             ("lbc_delta", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
             ("lbc_beta", lambda v: v >= 0, ">= 0 (0 disables the LBC)"),
+            ("lbc_form", lambda v: v in ("paper", "aligned"), "'paper' or 'aligned'"),
+            ("lbc_load", lambda v: v in ("sum", "mean"), "'sum' or 'mean'"),
+            ("lbc_delta", lambda v: self.lbc_form != "aligned" or v < 1,
+             "< 1 with lbc_form = 'aligned' (it divides by 1 - delta)"),
             ("top_k", lambda v: v is None or 1 <= v <= n,
              f"None (dense) or an integer in [1, num_experts={n}]"),
         ], ConfigError)

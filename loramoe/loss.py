@@ -7,10 +7,13 @@ whether expert n's type matches sample m's task type,
     Z = I ∘ Q,        L_lbc = var(Z) / mean(Z)²      (squared coefficient of variation)
 
 The paper's text says this should push each sample's weight towards experts of its own type.
-Taken literally it does the opposite: L_lbc is zero when Z is uniform, i.e. Q ∝ 1/I, where a
-sample gives the experts of its own type (1-δ)/(1+δ) times the weight of the others
-(docs/method.md; tests/test_loss.py pins the direction). The official code computes the same
-formula. Within a type the experts are kept balanced. balance_loss is the type-blind cv² of
+Taken literally (form="paper") it does the opposite: L_lbc is zero when Z is uniform, i.e.
+Q ∝ 1/I, where a sample gives the experts of its own type (1-δ)/(1+δ) times the weight of the
+others (docs/method.md; tests/test_loss.py pins the direction). The official code computes the
+same formula. form="aligned" divides instead, Z = Q ⊘ I: zero when Q ∝ I, i.e. own-type
+experts get (1+δ)/(1−δ) times the weight of the others, as the paper's text intends. Within a
+type the experts are kept balanced either way. load="mean" divides Q by each sample's token
+count, so long samples do not dominate the variance. balance_loss is the type-blind cv² of
 Shazeer et al. (2017).
 """
 
@@ -22,6 +25,9 @@ from typing import Literal
 import torch
 
 Reduction = Literal["mean", "sum"]
+Form = Literal["paper", "aligned"]
+Load = Literal["sum", "mean"]
+FORMS, LOADS = ("paper", "aligned"), ("sum", "mean")
 
 
 def _stack_layers(router_probs: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -37,18 +43,24 @@ def _stack_layers(router_probs: Sequence[torch.Tensor] | torch.Tensor) -> torch.
     return probs.to(torch.promote_types(probs.dtype, torch.float32))
 
 
-def _per_sample_load(probs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Q: router weight per expert summed over each sample's real tokens, (L, N, B)."""
+def _per_sample_load(probs: torch.Tensor, attention_mask: torch.Tensor | None,
+                     load: Load = "sum") -> torch.Tensor:
+    """Q: router weight per expert summed (load="mean": averaged) over each sample's real
+    tokens, (L, N, B)."""
+    if load not in LOADS:
+        raise ValueError(f"load must be one of {list(LOADS)}, got {load!r}")
     n_layers, batch, seq, _ = probs.shape
     if attention_mask is None:
-        return probs.sum(dim=2).transpose(1, 2)  # (L, N, B)
+        total = probs.sum(dim=2).transpose(1, 2)  # (L, N, B)
+        return total / seq if load == "mean" else total
     if attention_mask.shape != (batch, seq):
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match router "
             f"probabilities (B, T) = {(batch, seq)}"
         )
     mask = attention_mask.to(probs.dtype)  # (B, T)
-    return torch.einsum("lbtn,bt->lnb", probs, mask)  # (L, N, B)
+    total = torch.einsum("lbtn,bt->lnb", probs, mask)  # (L, N, B)
+    return total / mask.sum(dim=1).clamp_min(1) if load == "mean" else total  # (L, N, B)
 
 
 def _cv_squared(z: torch.Tensor) -> torch.Tensor:
@@ -88,13 +100,18 @@ def localized_balancing_loss(
     delta: float = 0.1,
     reduction: Reduction = "mean",
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    form: Form = "paper",
+    load: Load = "sum",
 ) -> torch.Tensor:
     """The LBC of LoRAMoE over every layer's (B, T, N) router probabilities.
 
     attention_mask (B, T): padding tokens do not count in Q. sample_types (B,) long: index of
     each sample's task type in the config's expert_types, −1 for untyped samples.
     expert_types (N,) long: type index of each expert. reduction "mean" averages the layers,
-    "sum" adds them (as the official code does). gather, under data parallelism, joins Z
+    "sum" adds them (as the official code does). form "paper": Z = I ∘ Q (the formula as
+    published); "aligned": Z = Q ⊘ I (minimum where own-type experts get (1+δ)/(1−δ) times the
+    others' weight). load "sum" (paper) or "mean" over each sample's tokens. gather, under
+    data parallelism, joins Z
     (L, N, B) of every process along the samples, so the variance is the global batch's.
     """
     probs = _stack_layers(router_probs)  # (L, B, T, N)
@@ -108,9 +125,14 @@ def localized_balancing_loss(
         raise ValueError(
             f"sample_types has {sample_types.numel()} entries, batch size is {probs.shape[1]}"
         )
-    load = _per_sample_load(probs, attention_mask)  # Q: (L, N, B)
-    coeff = type_coefficients(sample_types, expert_types, delta, load.dtype)  # I: (N, B)
-    weighted = coeff.unsqueeze(0) * load  # Z = I ∘ Q: (L, N, B)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
+    if form == "aligned" and delta >= 1:
+        raise ValueError(f"form='aligned' divides by 1 - delta: delta must be < 1, got {delta}")
+    q = _per_sample_load(probs, attention_mask, load)  # Q: (L, N, B)
+    coeff = type_coefficients(sample_types, expert_types, delta, q.dtype)  # I: (N, B)
+    # paper: Z = I ∘ Q (L, N, B);  aligned: Z = Q ⊘ I (L, N, B)
+    weighted = coeff.unsqueeze(0) * q if form == "paper" else q / coeff.unsqueeze(0)
     if gather is not None:
         weighted = gather(weighted)  # (L, N, B·processes)
     return _reduce(_cv_squared(weighted), reduction)

@@ -66,7 +66,8 @@ def lbc_term(model, batch, config: TrainConfig, gather=None
         return None, cv
     lbc = localized_balancing_loss(probs, batch["attention_mask"], batch["sample_types"],
                                    config.loramoe.expert_type_ids(), config.loramoe.lbc_delta,
-                                   gather=gather)
+                                   gather=gather, form=config.loramoe.lbc_form,
+                                   load=config.loramoe.lbc_load)
     return lbc, cv
 
 
