@@ -234,7 +234,8 @@ class LoRAMoEPipeline(FlowSpec):
 
 
 def comparison_card(card, name: str, summary: dict) -> None:
-    """The comparison as a Metaflow card: failed branches, the table, the plots."""
+    """The comparison as a Metaflow card: failed branches, the table (scores with 95%
+    bounds), the paired comparisons, the plots."""
     from metaflow.cards import Image, Markdown, Table
 
     card.append(Markdown(f"# LoRAMoE pipeline: {name}"))
@@ -243,6 +244,11 @@ def comparison_card(card, name: str, summary: dict) -> None:
     headers = summary["headers"]
     card.append(Table([[_fmt(row[h]) for h in headers] for row in summary["rows"]],
                       headers=headers))
+    if summary["paired"]:  # the same base-known facts, exact McNemar
+        card.append(Markdown("## Paired retention comparisons"))
+        paired_headers = list(summary["paired"][0])
+        card.append(Table([[_fmt(row[h]) for h in paired_headers] for row in summary["paired"]],
+                          headers=paired_headers))
     for path in summary["plots"]:
         card.append(Image(path.read_bytes(), label=path.stem))
 

@@ -13,7 +13,7 @@ import torch
 
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
-from loramoe.evaluate.scoring import retention, score_predictions, summarize
+from loramoe.evaluate.scoring import compare_with_base, retention, score_predictions, summarize
 from loramoe.precision import default_device, resolve_dtype
 
 
@@ -68,6 +68,7 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     if base_dir is not None:
         base = read_records(Path(base_dir) / "predictions.jsonl")
         metrics["retention"] = retention(base, scored)
+        metrics["vs_base"] = compare_with_base(base, scored)
     if recorder is not None:
         from loramoe.config import LoRAMoEConfig
 

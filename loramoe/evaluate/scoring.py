@@ -1,7 +1,9 @@
 """Scores per item, summaries per task and task type, and knowledge retention vs the base.
 
 Knowledge retention is the share of items the *base* model answered correctly that the
-fine-tuned model still answers correctly (items joined on id).
+fine-tuned model still answers correctly (items joined on id), with its Wilson interval.
+Scores per task type carry a stratified-bootstrap interval; a tuned model is compared with
+the base on the same items (paired bootstrap). paired_binary compares two runs' retention.
 """
 
 from __future__ import annotations
@@ -11,6 +13,11 @@ from typing import Any
 import pandas as pd
 
 from loramoe.evaluate.metrics import score
+from loramoe.evaluate.stats import (
+    paired_bootstrap,
+    stratified_bootstrap,
+    wilson_interval,
+)
 
 CORRECT = 0.5  # a binary metric's item counts as correct at score >= 0.5
 
@@ -43,7 +50,21 @@ def summarize(scored: pd.DataFrame) -> dict[str, Any]:
         tasks = [t for t, v in per_task.items() if v["task_type"] == task_type]
         # Macro average over tasks, so a large task does not drown the others.
         out[f"{task_type}_score"] = sum(per_task[t]["score"] for t in tasks) / len(tasks)
+        of_type = scored[scored["task_type"] == task_type]
+        # 95% interval of the same macro average, items resampled within each task
+        out[f"{task_type}_score_ci"] = stratified_bootstrap(of_type["score"],
+                                                            of_type["task"])["ci"]
     return out
+
+
+def compare_with_base(base: pd.DataFrame, tuned: pd.DataFrame) -> dict[str, Any]:
+    """Tuned minus base per task type on the same items (joined on id): the macro score
+    difference with its paired-bootstrap interval, p-value and significance."""
+    joined = base[["id", "task", "task_type", "score"]].merge(
+        tuned[["id", "score"]], on="id", suffixes=("_base", "_tuned"))
+    return {f"{task_type}": paired_bootstrap(group["score_tuned"], group["score_base"],
+                                             group["task"])
+            for task_type, group in joined.groupby("task_type", sort=True)}
 
 
 def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowledge"
@@ -59,7 +80,12 @@ def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowled
 
     return {
         "overall": share(kept),
+        "ci": wilson_interval(int(kept.sum()), int(len(known))),  # 95% Wilson
+        "kept": int(kept.sum()),
         "base_correct": int(len(known)),
+        # the facts themselves, so two runs can be compared on the same items (McNemar)
+        "known_ids": known["id"].tolist(),
+        "kept_ids": known["id"][kept].tolist(),
         "per_task": {task: share(kept[known["task"] == task])
                      for task in sorted(joined["task"].unique())},
     }

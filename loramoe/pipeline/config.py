@@ -64,7 +64,10 @@ class PipelineConfig:
     methods: dict[str, TrainConfig]  # branch method name -> its full TrainConfig
     mlflow_experiment: str = "loramoe"
     registered_model: str = "loramoe"
-    retention_threshold: float = 0.9  # champion rule: best downstream among runs keeping this
+    retention_threshold: float = 0.9  # champion: retention (lower bound) must reach this
+    # "significant": beats the base on downstream (paired bootstrap) and the retention's
+    # lower 95% bound >= threshold; "best": point retention only (for random-model smoke runs)
+    champion_rule: str = "significant"
     eval_batch_size: int = 16
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 2, "memory": 8000,
                                                                "gpu": 0})
@@ -85,6 +88,7 @@ class PipelineConfig:
         check_fields(self, [
             ("methods", bool, "at least one method"),
             ("retention_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("champion_rule", lambda v: v in ("significant", "best"), "'significant' or 'best'"),
             ("eval_batch_size", lambda v: v >= 1, ">= 1"),
             ("retry_times", lambda v: v >= 0, ">= 0"),
             ("timeout_minutes", lambda v: v >= 1, ">= 1"),

@@ -13,28 +13,59 @@ def _retention(branch: dict[str, Any]) -> float | None:
     return branch["metrics"].get("retention", {}).get("overall")
 
 
-def choose_candidate(branches: list[dict[str, Any]], threshold: float) -> tuple[dict | None, str]:
-    """Best LoRAMoE by downstream score among runs keeping >= threshold retention.
+def _retention_low(branch: dict[str, Any]) -> float | None:
+    ci = branch["metrics"].get("retention", {}).get("ci")
+    return ci[0] if ci else None
 
-    Retention is undefined when the base model knew none of the eval facts; such a run only
-    passes a threshold of 0.
+
+def earned(branch: dict[str, Any], threshold: float, rule: str) -> tuple[bool, str]:
+    """Whether one branch may be champion under the rule, and why (or why not).
+
+    significant: downstream beats the base on the same items (paired bootstrap interval
+    above 0) and the retention's 95% lower bound is >= threshold. best: the point retention
+    is >= threshold (mechanics tests on random models, where nothing is significant).
     """
+    name, retention = branch["name"], _retention(branch)
+    if rule == "best":
+        ok = threshold == 0 or (retention is not None and retention >= threshold)
+        return ok, f"{name}: retention {_fmt_opt(retention)} vs threshold {threshold}"
+    vs_base = branch["metrics"].get("vs_base", {}).get("downstream") or {}
+    low = _retention_low(branch)
+    if not vs_base.get("significant") or vs_base["diff"] <= 0:
+        ci = vs_base.get("ci")
+        return False, (f"{name}: downstream vs base {_fmt_opt(vs_base.get('diff'))} "
+                       f"(95% CI {_fmt_ci(ci)}) is not a significant gain")
+    if threshold > 0 and (low is None or low < threshold):
+        return False, (f"{name}: retention lower bound {_fmt_opt(low)} < threshold "
+                       f"{threshold}")
+    return True, (f"{name}: downstream +{vs_base['diff']:.4f} vs base (95% CI "
+                  f"{_fmt_ci(vs_base['ci'])}), retention {_fmt_opt(retention)} "
+                  f"(lower bound {_fmt_opt(low)} >= {threshold})")
+
+
+def choose_candidate(branches: list[dict[str, Any]], threshold: float,
+                     rule: str = "significant") -> tuple[dict | None, str]:
+    """Best LoRAMoE by downstream score among the branches that earned it (see `earned`);
+    none is a valid outcome, and the reason lists every branch's verdict."""
     candidates = [b for b in branches if not b.get("error") and b["method"] == "loramoe"]
     if not candidates:
         return None, "no successful LoRAMoE branch"
-    keeping = [b for b in candidates if threshold == 0
-               or (_retention(b) is not None and _retention(b) >= threshold)]
+    verdicts = [(b, *earned(b, threshold, rule)) for b in candidates]
+    keeping = [b for b, ok, _ in verdicts if ok]
     if not keeping:
-        best = max(candidates, key=lambda b: _retention(b) or 0)
-        return None, (f"no LoRAMoE branch keeps retention >= {threshold} (best "
-                      f"{best['name']}: {_fmt_opt(_retention(best))})")
+        return None, f"no LoRAMoE branch earned promotion (rule {rule}): " + "; ".join(
+            why for _, _, why in verdicts)
     best = max(keeping, key=lambda b: b["metrics"]["downstream_score"])
-    return best, (f"{best['name']}: downstream {best['metrics']['downstream_score']:.4f}, "
-                  f"retention {_fmt_opt(_retention(best))} (threshold {threshold})")
+    why = next(why for b, _, why in verdicts if b is best)
+    return best, f"{why} (rule {rule}; best downstream {best['metrics']['downstream_score']:.4f})"
+
+
+def _fmt_ci(ci) -> str:
+    return "undefined" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
 def _fmt_opt(value: float | None) -> str:
-    return "undefined (base knew none of the facts)" if value is None else f"{value:.3f}"
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
@@ -52,7 +83,7 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
         logged[b["name"]] = log_answer_model(b["mlflow_run_id"], run_dir,
                                              workdir / b["name"] / "staged",
                                              batch_size=config.eval_batch_size)
-    best, reason = choose_candidate(branches, config.retention_threshold)
+    best, reason = choose_candidate(branches, config.retention_threshold, config.champion_rule)
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}
     if best is not None:

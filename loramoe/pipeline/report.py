@@ -2,27 +2,70 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 
+def _bounds(name: str, ci: list[float] | tuple[float, float] | None) -> dict[str, Any]:
+    lo, hi = ci if ci else (None, None)
+    return {f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def score_columns(m: dict[str, Any]) -> dict[str, Any]:
+    """Scores with their 95% bounds, and the downstream difference vs the base (paired)."""
+    retention = m.get("retention", {})
+    vs_base = m.get("vs_base", {}).get("downstream", {})
+    return {"knowledge_score": m.get("knowledge_score"),
+            **_bounds("knowledge_score", m.get("knowledge_score_ci")),
+            "retention": retention.get("overall"), **_bounds("retention", retention.get("ci")),
+            "base_known": retention.get("base_correct"),
+            "downstream_score": m.get("downstream_score"),
+            **_bounds("downstream_score", m.get("downstream_score_ci")),
+            "downstream_vs_base": vs_base.get("diff"),
+            **_bounds("downstream_vs_base", vs_base.get("ci")),
+            "downstream_vs_base_significant": vs_base.get("significant")}
+
+
 def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) -> pd.DataFrame:
-    rows = [{"branch": "base", "method": "base", "scale": 0, "status": "ok",
-             "knowledge_score": base_metrics.get("knowledge_score"), "retention": 1.0,
-             "downstream_score": base_metrics.get("downstream_score")}]
+    base = {**score_columns(base_metrics), "retention": 1.0}
+    rows = [{"branch": "base", "method": "base", "scale": 0, "status": "ok", **base}]
     for b in branches:
         if b.get("error"):
             rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
                          "status": f"failed: {b['error']}"})
             continue
-        m = b["metrics"]
         rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
-                     "status": "ok", "knowledge_score": m.get("knowledge_score"),
-                     "retention": m.get("retention", {}).get("overall"),
-                     "downstream_score": m.get("downstream_score")})
+                     "status": "ok", **score_columns(b["metrics"])})
     return pd.DataFrame(rows)
+
+
+def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
+    """Retention of every two methods at one scale, and of every method's consecutive
+    scales, on the same base-known facts: difference and exact McNemar test."""
+    from loramoe.evaluate.stats import paired_binary
+
+    ok = [b for b in branches if not b.get("error") and b["metrics"].get("retention")]
+    pairs = [(a, b, "method") for i, a in enumerate(ok) for b in ok[i + 1:]
+             if a["scale"] == b["scale"]]
+    for method in sorted({b["method_name"] for b in ok}):
+        series = sorted((b for b in ok if b["method_name"] == method), key=lambda b: b["scale"])
+        pairs += [(small, large, "scale") for small, large in pairwise(series)]
+    rows = []
+    for a, b, kind in pairs:
+        known = a["metrics"]["retention"].get("known_ids", [])
+        kept_a = set(a["metrics"]["retention"].get("kept_ids", []))
+        kept_b = set(b["metrics"]["retention"].get("kept_ids", []))
+        test = paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
+                             pd.Series([i in kept_b for i in known], dtype=bool))
+        rows.append({"comparison": kind, "a": a["name"], "b": b["name"], "facts": test["n"],
+                     "retention_diff": test["diff"], "only_a": test["only_a"],
+                     "only_b": test["only_b"], "p": test["p"],
+                     "verdict": "significant" if test["significant"] else "not significant"})
+    return pd.DataFrame(rows, columns=["comparison", "a", "b", "facts", "retention_diff",
+                                       "only_a", "only_b", "p", "verdict"])
 
 
 def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: Path
@@ -35,27 +78,7 @@ def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: P
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    ok = table[(table["status"] == "ok") & (table["method"] != "base")]
-    paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, group in ok.groupby("method"):
-        group = group.sort_values("scale")
-        axes[0].plot(group["scale"], group["retention"], marker="o", label=method)
-        axes[1].plot(group["scale"], group["downstream_score"], marker="o", label=method)
-    base = table[table["method"] == "base"].iloc[0]
-    axes[1].axhline(base["downstream_score"], color="grey", linestyle="--", label="base")
-    axes[0].set(title="Knowledge retention vs data scale", xlabel="training examples",
-                ylabel="share of base-known facts kept", ylim=(0, 1.05))
-    axes[1].set(title="Downstream score vs data scale", xlabel="training examples",
-                ylabel="macro score")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.set_xticks(sorted(set(ok["scale"])))  # linear: NaN retention must not break it
-    fig.tight_layout()
-    paths.append(out / "retention_downstream_vs_scale.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
+    paths = [scale_plot(table, out / "retention_downstream_vs_scale.png", plt)]
     moe = [b for b in branches if not b.get("error") and b["metrics"].get("router_type_weights")]
     if moe:
         largest = max(moe, key=lambda b: b["scale"])
@@ -83,6 +106,34 @@ def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: P
     return paths
 
 
+def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
+    """Retention and downstream score vs scale per method, with 95% error bars."""
+    ok = table[(table["status"] == "ok") & (table["method"] != "base")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, group in ok.groupby("method"):
+        group = group.sort_values("scale")
+        for ax, column in ((axes[0], "retention"), (axes[1], "downstream_score")):
+            # 95% interval as error bars (Wilson for retention, bootstrap for the score)
+            values = group[column].astype(float)
+            low = (values - group[f"{column}_lo"].astype(float)).clip(lower=0)
+            high = (group[f"{column}_hi"].astype(float) - values).clip(lower=0)
+            ax.errorbar(group["scale"], values, yerr=[low.fillna(0), high.fillna(0)],
+                        marker="o", capsize=3, label=method)
+    base = table[table["method"] == "base"].iloc[0]
+    axes[1].axhline(base["downstream_score"], color="grey", linestyle="--", label="base")
+    axes[0].set(title="Knowledge retention vs data scale", xlabel="training examples",
+                ylabel="share of base-known facts kept", ylim=(0, 1.05))
+    axes[1].set(title="Downstream score vs data scale", xlabel="training examples",
+                ylabel="macro score")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.set_xticks(sorted(set(ok["scale"])))  # linear: NaN retention must not break it
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any],
                      parent_run_id: str, out: Path) -> dict[str, Any]:
     """The comparison step: results table and plots, logged to the MLflow parent run
@@ -90,13 +141,19 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     from loramoe.tracking import log_metrics, store_folder
 
     table = results_table(outcomes, base_metrics)
+    paired = paired_comparisons(outcomes)
     plots = comparison_plots(table, outcomes, out)
     table.to_csv(out / "results.csv", index=False)
-    store_folder(parent_run_id, [*plots, out / "results.csv"], "compare")
+    paired.to_csv(out / "paired.csv", index=False)
+    store_folder(parent_run_id, [*plots, out / "results.csv", out / "paired.csv"], "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
     log_metrics(parent_run_id, {f"{r['branch']}/{k}": r[k] for r in tuned
-                                for k in ("knowledge_score", "retention", "downstream_score")
-                                if r.get(k) is not None})
+                                for k in LOGGED if r.get(k) is not None})
     return {"rows": rows, "headers": list(table.columns), "plots": plots,
+            "paired": paired.to_dict(orient="records"),
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
+
+
+LOGGED = [f"{name}{suffix}" for name in ("knowledge_score", "retention", "downstream_score",
+                                         "downstream_vs_base") for suffix in ("", "_lo", "_hi")]

@@ -50,7 +50,7 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
                         workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     """Train one (method, scale) branch; metrics stream to its MLflow child run, and the
     trained folder goes to that run under `trained/`. Returns a small reference to it."""
-    from loramoe.tracking import log_params, store_folder, system_metrics
+    from loramoe.tracking import log_params, set_tag, store_folder, system_metrics
 
     check_gpus(config)
     name = f"{branch['method']}-{branch['scale']}"
@@ -59,8 +59,10 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     processes = config.train_processes
     threads = use_branch_threads(config, processes)
     if mlflow_run_id:
-        log_params(mlflow_run_id, {"branch": name, "torch_threads": threads,
-                                   "train_processes": processes, **train_config.to_dict()})
+        params = branch_params(branch, train_config, threads, processes)
+        log_params(mlflow_run_id, params)
+        for key in ("method", "scale", "lbc_form"):  # also tags: filterable in the runs list
+            set_tag(mlflow_run_id, key, str(params[key]))
     with system_metrics(mlflow_run_id):
         final = train_branch(config, train_config, processes, threads, mlflow_run_id)
     run_dir = Path(train_config.output_dir)
@@ -74,6 +76,21 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     return {"name": name, "store": store, "train_config": train_config.to_dict(),
             "steps": final.pop("steps"), "processes": final.pop("processes", 1), "final": final,
             "router_cv": _router_cv_series((run_dir / "metrics.jsonl").read_text())}
+
+
+def branch_params(branch: dict[str, Any], train_config, threads: int, processes: int
+                  ) -> dict[str, Any]:
+    """The child run's params: `method`, `scale`, `lbc_form` first (what the MLflow compare
+    view charts against), then the TrainConfig without its temporary paths."""
+
+    fields = {k: v for k, v in train_config.to_dict().items()
+              if k not in ("train_file", "output_dir", "method")}
+    lbc_form = train_config.loramoe.lbc_form if train_config.method == "loramoe" else "none"
+    if train_config.method == "loramoe" and train_config.loramoe.lbc_beta == 0:
+        lbc_form = "off"
+    return {"method": branch["method"], "scale": int(branch["scale"]), "lbc_form": lbc_form,
+            "algorithm": train_config.method, "branch": f"{branch['method']}-{branch['scale']}",
+            "torch_threads": threads, "train_processes": processes, **fields}
 
 
 def train_branch(config: PipelineConfig, train_config, processes: int, threads: int,
@@ -129,9 +146,10 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
     metrics = evaluate(eval_file, out, run=run_dir, base_dir=base_dir,
                        batch_size=config.eval_batch_size)
     if mlflow_run_id:
-        summary = {"knowledge_score": metrics.get("knowledge_score"),
-                   "downstream_score": metrics.get("downstream_score"),
-                   "retention": metrics.get("retention", {}).get("overall"),
+        from loramoe.pipeline.report import LOGGED, score_columns
+
+        columns = score_columns(metrics)  # scores with their 95% bounds as *_lo / *_hi
+        summary = {**{k: columns[k] for k in LOGGED},
                    **{f"task/{t}": v["score"] for t, v in metrics["per_task"].items()}}
         log_metrics(mlflow_run_id, {k: v for k, v in summary.items() if v is not None})
         store_folder(mlflow_run_id, [p for p in [out / "metrics.json", out / "predictions.jsonl",

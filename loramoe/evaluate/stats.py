@@ -1,0 +1,103 @@
+"""Uncertainty for every compared number: 95% intervals and paired tests on the same items.
+
+- wilson_interval: a share k/n (retention, accuracy on binary items), Wilson score interval.
+- stratified_bootstrap: a macro average over tasks (knowledge/downstream score), resampling
+  items within each task.
+- mcnemar_exact: two models' correct/incorrect on the same binary items (exact binomial on
+  the discordant pairs).
+- paired_bootstrap: the difference of two macro scores on the same items, with its interval
+  and a two-sided p-value; `significant` when the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Z95 = 1.959963984540054  # standard normal 97.5% quantile
+ALPHA = 0.05
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of successes/n; None when n = 0."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value: only_a items right by A alone, only_b by B alone."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    k = min(only_a, only_b)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _macro(scores: np.ndarray, groups: list[np.ndarray]) -> float:
+    return float(np.mean([scores[g].mean() for g in groups]))
+
+
+def _resampled(groups: list[np.ndarray], rounds: int, seed: int) -> list[np.ndarray]:
+    """Per round, item indices drawn with replacement within each task (stratified)."""
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([rng.choice(g, size=len(g)) for g in groups])
+            for _ in range(rounds)]
+
+
+def _task_groups(tasks: pd.Series) -> list[np.ndarray]:
+    codes = pd.factorize(tasks, sort=True)[0]
+    return [np.flatnonzero(codes == c) for c in range(codes.max() + 1)] if len(codes) else []
+
+
+def stratified_bootstrap(scores: pd.Series, tasks: pd.Series, rounds: int = 2000,
+                         seed: int = 0) -> dict[str, Any]:
+    """Macro mean over tasks with a 95% percentile interval, items resampled per task."""
+    values, groups = scores.to_numpy(float), _task_groups(tasks)
+    if not groups:
+        return {"value": None, "ci": None, "n": 0}
+    draws = [float(np.mean([values[part].mean() for part in _split(idx, groups)]))
+             for idx in _resampled(groups, rounds, seed)]
+    lo, hi = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
+    return {"value": _macro(values, groups), "ci": [float(lo), float(hi)], "n": len(values)}
+
+
+def paired_bootstrap(a: pd.Series, b: pd.Series, tasks: pd.Series, rounds: int = 2000,
+                     seed: int = 0) -> dict[str, Any]:
+    """Macro score of A minus B on the same items (aligned rows), resampled per task.
+
+    p is the two-sided bootstrap p-value (twice the share of rounds on the other side of 0).
+    """
+    diff, groups = a.to_numpy(float) - b.to_numpy(float), _task_groups(tasks)
+    if not groups:
+        return {"diff": None, "ci": None, "p": None, "significant": False, "n": 0}
+    draws = np.array([np.mean([diff[part].mean() for part in _split(idx, groups)])
+                      for idx in _resampled(groups, rounds, seed)])
+    lo, hi = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
+    observed = _macro(diff, groups)
+    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
+    return {"diff": observed, "ci": [float(lo), float(hi)], "p": float(p),
+            "significant": bool(lo > 0 or hi < 0), "n": len(diff)}
+
+
+def _split(indices: np.ndarray, groups: list[np.ndarray]) -> list[np.ndarray]:
+    """Cut a concatenated resample back into its per-task parts (same sizes, same order)."""
+    cuts = np.cumsum([len(g) for g in groups])[:-1]
+    return np.split(indices, cuts)
+
+
+def paired_binary(a_correct: pd.Series, b_correct: pd.Series) -> dict[str, Any]:
+    """A vs B on the same binary items: difference of shares and the exact McNemar test."""
+    a, b = a_correct.to_numpy(bool), b_correct.to_numpy(bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = mcnemar_exact(only_a, only_b)
+    n = len(a)
+    return {"diff": float(a.mean() - b.mean()) if n else None, "only_a": only_a,
+            "only_b": only_b, "p": p, "significant": p < ALPHA, "n": n}

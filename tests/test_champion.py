@@ -1,0 +1,49 @@
+"""The champion rule: promotion only for an adapter that beat the base model significantly
+and kept retention above the threshold by its lower bound; no promotion is an outcome."""
+
+from __future__ import annotations
+
+from loramoe.pipeline import choose_candidate
+
+
+def branch(name: str, downstream: float, vs_base: dict, retention: float, ci: list[float],
+           method: str = "loramoe") -> dict:
+    return {"name": name, "method": method, "error": None,
+            "metrics": {"downstream_score": downstream,
+                        "retention": {"overall": retention, "ci": ci},
+                        "vs_base": {"downstream": vs_base}}}
+
+
+def gain(diff: float, ci: list[float]) -> dict:
+    return {"diff": diff, "ci": ci, "p": 0.001 if ci[0] > 0 else 0.5,
+            "significant": ci[0] > 0 or ci[1] < 0}
+
+
+def test_an_adapter_below_the_base_is_not_promoted():
+    # The reported case: loramoe-64 scored 0.067 downstream, the base 0.073, and the old
+    # rule (best downstream among branches keeping retention) promoted it.
+    below = branch("loramoe-64", 0.067, gain(-0.006, [-0.03, 0.02]), 0.95, [0.91, 0.98])
+    best, reason = choose_candidate([below], threshold=0.9)
+    assert best is None
+    assert "not a significant gain" in reason and "loramoe-64" in reason
+
+
+def test_significant_gain_and_retention_bound_promote():
+    good = branch("loramoe-256", 0.30, gain(0.20, [0.12, 0.28]), 0.96, [0.92, 0.98])
+    noisy = branch("loramoe-64", 0.35, gain(0.25, [-0.01, 0.50]), 0.97, [0.93, 0.99])
+    best, reason = choose_candidate([noisy, good], threshold=0.9)
+    assert best is good  # the higher but not significant score does not win
+    assert "lower bound 0.920 >= 0.9" in reason and "rule significant" in reason
+
+
+def test_retention_is_judged_by_its_lower_bound():
+    leaky = branch("loramoe-256", 0.30, gain(0.20, [0.12, 0.28]), 0.93, [0.80, 0.98])
+    best, reason = choose_candidate([leaky], threshold=0.9)
+    assert best is None and "retention lower bound 0.800 < threshold 0.9" in reason
+
+
+def test_best_rule_keeps_the_point_estimate_rule_for_smoke_runs():
+    flat = branch("loramoe-16", 0.0, gain(0.0, [0.0, 0.0]), 0.5, [0.1, 0.9])
+    best, _ = choose_candidate([flat], threshold=0.0, rule="best")
+    assert best is flat
+    assert choose_candidate([flat], threshold=0.0)[0] is None

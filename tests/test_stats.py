@@ -1,0 +1,100 @@
+"""Intervals and paired tests against textbook values and constructed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loramoe.evaluate.stats import (
+    mcnemar_exact,
+    paired_binary,
+    paired_bootstrap,
+    stratified_bootstrap,
+    wilson_interval,
+)
+
+
+@pytest.mark.parametrize(("k", "n", "lo", "hi"), [
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score)
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_interval_matches_newcombe_1998(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=5e-5)
+
+
+def test_wilson_of_no_items_is_undefined():
+    assert wilson_interval(0, 0) is None
+
+
+def test_exact_mcnemar_on_constructed_cases():
+    # 6 discordant pairs all one way: p = 2 · 0.5^6
+    assert mcnemar_exact(0, 6) == pytest.approx(0.03125)
+    assert mcnemar_exact(6, 0) == mcnemar_exact(0, 6)
+    # 3 vs 7: 2·P(X <= 3), X ~ Bin(10, 1/2) = 2·176/1024
+    assert mcnemar_exact(3, 7) == pytest.approx(2 * 176 / 1024)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 5) == 1.0
+
+
+def test_paired_binary_counts_discordant_items():
+    a = pd.Series([True] * 10 + [False] * 10)
+    b = pd.Series([True] * 4 + [False] * 6 + [False] * 10)
+    out = paired_binary(a, b)
+    assert (out["only_a"], out["only_b"], out["diff"]) == (6, 0, pytest.approx(0.3))
+    assert out["p"] == pytest.approx(0.03125) and out["significant"]
+
+
+def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(1)
+    tasks = pd.Series(["t1"] * 100 + ["t2"] * 100)
+    b = pd.Series(rng.random(200) < 0.5).astype(float)
+    better = b.copy()
+    better[b == 0] = (rng.random(int((b == 0).sum())) < 0.6).astype(float)  # fixes ~60%
+    out = paired_bootstrap(better, b, tasks, rounds=1000)
+    assert out["significant"] and out["ci"][0] > 0 and out["p"] < 0.01
+    assert out["ci"][0] <= out["diff"] <= out["ci"][1]
+    same = paired_bootstrap(b, b, tasks, rounds=200)
+    assert same["diff"] == 0 and not same["significant"] and same["p"] == 1.0
+
+
+def test_stratified_bootstrap_is_a_macro_mean_with_an_interval_around_it():
+    tasks = pd.Series(["a"] * 4 + ["b"] * 100)
+    scores = pd.Series([1.0] * 4 + [0.0] * 50 + [1.0] * 50)
+    out = stratified_bootstrap(scores, tasks, rounds=500)
+    assert out["value"] == pytest.approx((1.0 + 0.5) / 2)  # macro: task a weighs as much as b
+    lo, hi = out["ci"]
+    assert lo < out["value"] < hi and hi - lo < 0.25
+    constant = stratified_bootstrap(pd.Series([1.0] * 10), pd.Series(["a"] * 10), rounds=50)
+    assert constant["ci"] == [1.0, 1.0]
+
+
+def scored_frame(scores: list[float], task_type: str = "knowledge") -> pd.DataFrame:
+    n = len(scores)
+    return pd.DataFrame({"id": [f"i{k}" for k in range(n)],
+                         "task": ["t1" if k % 2 else "t2" for k in range(n)],
+                         "task_type": task_type, "score": scores})
+
+
+def test_retention_carries_its_wilson_interval_and_the_facts():
+    from loramoe.evaluate.scoring import retention
+
+    base = scored_frame([1.0] * 20 + [0.0] * 4)
+    tuned = scored_frame([1.0] * 15 + [0.0] * 9)
+    out = retention(base, tuned)
+    assert (out["kept"], out["base_correct"], out["overall"]) == (15, 20, 0.75)
+    assert out["ci"] == pytest.approx(wilson_interval(15, 20))
+    assert len(out["known_ids"]) == 20 and len(out["kept_ids"]) == 15
+
+
+def test_comparison_with_the_base_is_paired_on_items():
+    from loramoe.evaluate.scoring import compare_with_base, summarize
+
+    base = scored_frame([0.0] * 60, "downstream")
+    tuned = scored_frame([1.0] * 30 + [0.0] * 30, "downstream")
+    out = compare_with_base(base, tuned)["downstream"]
+    assert out["diff"] == pytest.approx(0.5) and out["significant"]
+    summary = summarize(tuned.assign(metric="accuracy"))
+    lo, hi = summary["downstream_score_ci"]
+    assert lo < summary["downstream_score"] < hi
