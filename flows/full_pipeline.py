@@ -131,6 +131,7 @@ class LoRAMoEPipeline(FlowSpec):
         base = evaluate_base_model(config, self.eval_set,
                                    Path(tempfile.mkdtemp(prefix="loramoe-base-")))
         self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
+        self.base_probe = base["probe"]  # likelihood probe of every fact, for retention
         self.branches = config.branches()
         self.next(self.train, foreach="branches")
 
@@ -179,7 +180,7 @@ class LoRAMoEPipeline(FlowSpec):
         self.result = evaluate_branch(self.pipeline_config, self.trained,
                                       self.eval_set, self.base_predictions,
                                       Path(tempfile.mkdtemp(prefix="loramoe-eval-")),
-                                      self.mlflow_run_id)
+                                      self.mlflow_run_id, self.base_probe)
         end_run(self.mlflow_run_id)
         self.next(self.join)
 

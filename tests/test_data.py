@@ -192,3 +192,39 @@ def test_build_cli_writes_scales_eval_and_summary(tmp_path, capsys):
     from loramoe.data.records import load_as_dataset
 
     assert load_as_dataset(out / "eval.jsonl").num_rows == len(read_records(out / "eval.jsonl"))
+
+
+def test_eval_only_relations_are_never_trained_and_facts_are_plentiful():
+    """The default mixture's knowledge eval: >= 2,000 held-out facts, three relations with
+    no training data at all, every fact with a gold choice and 3 same-relation distractors."""
+    from pathlib import Path
+
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig
+
+    path = Path(__file__).resolve().parents[1] / "flows" / "configs" / "default.toml"
+    config = PipelineConfig.from_dict(tomllib.loads(path.read_text()),
+                                      base_dir=path.parent)
+    built = build_mixture(config.mixture)
+    knowledge = built.eval[built.eval["task_type"] == "knowledge"]
+    assert len(knowledge) >= 2000
+    untrained = {"city_country", "subdivision_country", "country_language"}
+    assert config.untrained_tasks == untrained
+    for frame in built.train.values():
+        assert not set(frame["task"]) & untrained
+    assert set(knowledge["task"]) >= untrained
+    for gold, answers, choices in zip(knowledge["answers"].map(lambda a: a[0]),
+                                      knowledge["answers"], knowledge["choices"], strict=True):
+        assert choices[0] == gold and len(choices) == 4
+        assert not {c.lower() for c in choices[1:]} & {a.lower() for a in answers}
+
+
+def test_ambiguous_entity_names_are_dropped():
+    from loramoe.data.knowledge import RELATIONS
+
+    cities = next(r for r in RELATIONS if r.name == "city_country").facts()
+    names = [f.entity for f in cities]
+    assert len(names) == len(set(names)) > 5000
+    assert "Georgia" not in {f.entity for f in next(
+        r for r in RELATIONS if r.name == "subdivision_country").facts()}

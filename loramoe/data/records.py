@@ -35,6 +35,10 @@ class EvalRecord:
     prompt: str
     answers: list[str] = field(default_factory=list)  # the gold answer and its aliases
     metric: str = "exact_match"
+    # likelihood probe (knowledge facts): the answer is scored as the continuation of
+    # answer_prefix in the assistant turn, against choices[1:] (choices[0] is the gold)
+    answer_prefix: str = ""
+    choices: list[str] = field(default_factory=list)
 
 
 def normalize_text(text: str) -> str:

@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from loramoe.evaluate.generation import generate_predictions
+from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
 from loramoe.evaluate.scoring import compare_with_base, retention, score_predictions, summarize
 from loramoe.precision import default_device, resolve_dtype
@@ -45,15 +47,31 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     return m.to(device).eval(), tok, config
 
 
+def generation_subset(frame: pd.DataFrame, per_task: int) -> pd.DataFrame:
+    """All non-knowledge items, and the first `per_task` items of each knowledge task
+    (0: all items)."""
+    if not per_task:
+        return frame
+    knowledge = frame["task_type"] == "knowledge"
+    first = frame[knowledge].groupby("task", sort=False).head(per_task).index
+    return frame[~knowledge | frame.index.isin(first)].reset_index(drop=True)
+
+
 def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = None,
              run: str | Path | None = None, base_dir: str | Path | None = None,
              batch_size: int = 16, progress: bool = True, dtype: str | None = None,
-             device: str | None = None) -> dict[str, Any]:
-    """Evaluate and write predictions.jsonl, metrics.json (and router.json/.png)."""
+             device: str | None = None, generate_per_task: int = 0,
+             untrained_tasks: set[str] | None = None) -> dict[str, Any]:
+    """Evaluate and write predictions.jsonl, probe.jsonl, metrics.json (and router.json/.png).
+
+    Every fact with choices is probed (probe.py); generation runs on every downstream item
+    and, with generate_per_task, on that many knowledge items per task (a stratified subset:
+    the builders shuffle each task's items)."""
     from loramoe.data.records import check_records, read_records, write_records
 
-    frame = read_records(Path(eval_file)).reset_index(drop=True)
-    check_records(frame, "eval", eval_file)  # before any model is loaded
+    full = read_records(Path(eval_file)).reset_index(drop=True)
+    check_records(full, "eval", eval_file)  # before any model is loaded
+    frame = generation_subset(full, generate_per_task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_model, tokenizer, config = load_for_eval(model, run, dtype, device)
@@ -80,5 +98,26 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         metrics["router_type_weights"] = {t: v["type_weights"]
                                           for t, v in analysis["tasks"].items()}
         recorder.detach()
+    # after the router analysis: the probe's forwards must not reach the recorder
+    metrics.update(probe_metrics(hf_model, tokenizer, full, out, base_dir, batch_size,
+                                 untrained_tasks))
+    metrics["generated_items"] = int(len(frame))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def probe_metrics(model, tokenizer, full: pd.DataFrame, out: Path, base_dir, batch_size: int,
+                  untrained_tasks: set[str] | None) -> dict[str, Any]:
+    """Probe every fact (probe.jsonl); its summary, and its retention vs the base's probe."""
+    from loramoe.data.records import read_records, write_records
+
+    probe = probe_facts(model, tokenizer, full, batch_size=max(batch_size, 64))
+    write_records(probe, out / "probe.jsonl")
+    if not len(probe):
+        return {}
+    found = {"probe": probe_summary(probe, full)}
+    base_probe = Path(base_dir) / "probe.jsonl" if base_dir is not None else None
+    if base_probe is not None and base_probe.is_file():
+        found["probe_retention"] = probe_retention(read_records(base_probe), probe, full,
+                                                   untrained_tasks)
+    return found

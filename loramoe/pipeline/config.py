@@ -69,6 +69,8 @@ class PipelineConfig:
     # lower 95% bound >= threshold; "best": point retention only (for random-model smoke runs)
     champion_rule: str = "significant"
     eval_batch_size: int = 16
+    # knowledge items generated per task (0: all); the likelihood probe scores every fact
+    eval_generate_per_task: int = 0
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 2, "memory": 8000,
                                                                "gpu": 0})
     retry_times: int = 0
@@ -90,6 +92,7 @@ class PipelineConfig:
             ("retention_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
             ("champion_rule", lambda v: v in ("significant", "best"), "'significant' or 'best'"),
             ("eval_batch_size", lambda v: v >= 1, ">= 1"),
+            ("eval_generate_per_task", lambda v: v >= 0, ">= 0 (0: every item)"),
             ("retry_times", lambda v: v >= 0, ">= 0"),
             ("timeout_minutes", lambda v: v >= 1, ">= 1"),
             ("local_parallel_branches", lambda v: v >= 1, ">= 1"),
@@ -163,6 +166,11 @@ class PipelineConfig:
         data = asdict(self)
         data["mixture"]["tasks"] = [asdict(t) for t in self.mixture.tasks]
         return data
+
+    @property
+    def untrained_tasks(self) -> set[str]:
+        """Eval-only tasks: relations the mixture never trains on."""
+        return {t.name for t in self.mixture.tasks if not t.train}
 
     def branches(self) -> list[dict[str, Any]]:
         return [{"method": name, "scale": scale} for scale in self.mixture.scales

@@ -18,7 +18,19 @@ def score_columns(m: dict[str, Any]) -> dict[str, Any]:
     """Scores with their 95% bounds, and the downstream difference vs the base (paired)."""
     retention = m.get("retention", {})
     vs_base = m.get("vs_base", {}).get("downstream", {})
-    return {"knowledge_score": m.get("knowledge_score"),
+    probe, kept = m.get("probe", {}), m.get("probe_retention", {})
+    groups = kept.get("groups", {})
+    probe_columns = {
+        "knowledge_mc": probe.get("mc_accuracy"), **_bounds("knowledge_mc",
+                                                            probe.get("mc_accuracy_ci")),
+        "probe_retention": kept.get("overall"), **_bounds("probe_retention", kept.get("ci")),
+        "probe_base_known": kept.get("base_correct"),
+        **{f"{g}_retention": groups.get(g, {}).get("overall") for g in ("trained", "untrained")},
+        **{k: v for g in ("trained", "untrained")
+           for k, v in _bounds(f"{g}_retention", groups.get(g, {}).get("ci")).items()},
+        "logprob_change": kept.get("logprob_change"),
+        **_bounds("logprob_change", kept.get("logprob_change_ci"))}
+    return {**probe_columns, "knowledge_score": m.get("knowledge_score"),
             **_bounds("knowledge_score", m.get("knowledge_score_ci")),
             "retention": retention.get("overall"), **_bounds("retention", retention.get("ci")),
             "base_known": retention.get("base_correct"),
@@ -43,11 +55,17 @@ def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) 
 
 
 def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
-    """Retention of every two methods at one scale, and of every method's consecutive
-    scales, on the same base-known facts: difference and exact McNemar test."""
+    """Retention (generation, and the probe's multiple choice) of every two methods at one
+    scale, and of every method's consecutive scales, on the same base-known facts:
+    difference and exact McNemar test."""
+    parts = [paired_on(branches, key) for key in ("retention", "probe_retention")]
+    return pd.concat(parts, ignore_index=True) if any(len(p) for p in parts) else parts[0]
+
+
+def paired_on(branches: list[dict[str, Any]], key: str) -> pd.DataFrame:
     from loramoe.evaluate.stats import paired_binary
 
-    ok = [b for b in branches if not b.get("error") and b["metrics"].get("retention")]
+    ok = [b for b in branches if not b.get("error") and b["metrics"].get(key)]
     pairs = [(a, b, "method") for i, a in enumerate(ok) for b in ok[i + 1:]
              if a["scale"] == b["scale"]]
     for method in sorted({b["method_name"] for b in ok}):
@@ -55,16 +73,18 @@ def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
         pairs += [(small, large, "scale") for small, large in pairwise(series)]
     rows = []
     for a, b, kind in pairs:
-        known = a["metrics"]["retention"].get("known_ids", [])
-        kept_a = set(a["metrics"]["retention"].get("kept_ids", []))
-        kept_b = set(b["metrics"]["retention"].get("kept_ids", []))
+        known = a["metrics"][key].get("known_ids", [])
+        kept_a = set(a["metrics"][key].get("kept_ids", []))
+        kept_b = set(b["metrics"][key].get("kept_ids", []))
         test = paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
                              pd.Series([i in kept_b for i in known], dtype=bool))
-        rows.append({"comparison": kind, "a": a["name"], "b": b["name"], "facts": test["n"],
+        rows.append({"measure": key, "comparison": kind, "a": a["name"], "b": b["name"],
+                     "facts": test["n"],
                      "retention_diff": test["diff"], "only_a": test["only_a"],
                      "only_b": test["only_b"], "p": test["p"],
                      "verdict": "significant" if test["significant"] else "not significant"})
-    return pd.DataFrame(rows, columns=["comparison", "a", "b", "facts", "retention_diff",
+    return pd.DataFrame(rows, columns=["measure", "comparison", "a", "b", "facts",
+                                       "retention_diff",
                                        "only_a", "only_b", "p", "verdict"])
 
 
@@ -109,10 +129,14 @@ def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: P
 def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
     """Retention and downstream score vs scale per method, with 95% error bars."""
     ok = table[(table["status"] == "ok") & (table["method"] != "base")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    panels = ((axes[0], "retention"), (axes[2], "downstream_score"),
+              (axes[1], "untrained_retention"))
     for method, group in ok.groupby("method"):
         group = group.sort_values("scale")
-        for ax, column in ((axes[0], "retention"), (axes[1], "downstream_score")):
+        for ax, column in panels:
+            if group[column].isna().all():
+                continue
             # 95% interval as error bars (Wilson for retention, bootstrap for the score)
             values = group[column].astype(float)
             low = (values - group[f"{column}_lo"].astype(float)).clip(lower=0)
@@ -120,10 +144,12 @@ def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
             ax.errorbar(group["scale"], values, yerr=[low.fillna(0), high.fillna(0)],
                         marker="o", capsize=3, label=method)
     base = table[table["method"] == "base"].iloc[0]
-    axes[1].axhline(base["downstream_score"], color="grey", linestyle="--", label="base")
-    axes[0].set(title="Knowledge retention vs data scale", xlabel="training examples",
+    axes[2].axhline(base["downstream_score"], color="grey", linestyle="--", label="base")
+    axes[0].set(title="Knowledge retention (generation)", xlabel="training examples",
                 ylabel="share of base-known facts kept", ylim=(0, 1.05))
-    axes[1].set(title="Downstream score vs data scale", xlabel="training examples",
+    axes[1].set(title="Retention, untrained relations (probe)", xlabel="training examples",
+                ylabel="base-known facts kept (multiple choice)", ylim=(0, 1.05))
+    axes[2].set(title="Downstream score vs data scale", xlabel="training examples",
                 ylabel="macro score")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -155,5 +181,7 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
 
 
-LOGGED = [f"{name}{suffix}" for name in ("knowledge_score", "retention", "downstream_score",
-                                         "downstream_vs_base") for suffix in ("", "_lo", "_hi")]
+LOGGED = [f"{name}{suffix}" for name in (
+    "knowledge_score", "retention", "downstream_score", "downstream_vs_base", "knowledge_mc",
+    "probe_retention", "trained_retention", "untrained_retention", "logprob_change")
+    for suffix in ("", "_lo", "_hi")]

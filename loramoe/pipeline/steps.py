@@ -126,13 +126,15 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     metrics = evaluate(eval_file, workdir / "base", model=config.base_model,
-                       batch_size=config.eval_batch_size, dtype=config.dtype)  # every core
-    return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl")}
+                       batch_size=config.eval_batch_size, dtype=config.dtype,  # every core
+                       generate_per_task=config.eval_generate_per_task)
+    return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl"),
+            "probe": read_records(workdir / "base" / "probe.jsonl")}
 
 
 def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame: pd.DataFrame,
-                    base_predictions: pd.DataFrame, workdir: Path, mlflow_run_id: str | None
-                    ) -> dict[str, Any]:
+                    base_predictions: pd.DataFrame, workdir: Path, mlflow_run_id: str | None,
+                    base_probe: pd.DataFrame | None = None) -> dict[str, Any]:
     """Metrics, retention vs the base, router analysis; logged to the branch's MLflow run."""
     from loramoe.evaluate import evaluate
     from loramoe.tracking import log_metrics, store_folder
@@ -141,10 +143,14 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     base_dir = workdir / "base"
     write_records(base_predictions, base_dir / "predictions.jsonl")
+    if base_probe is not None:
+        write_records(base_probe, base_dir / "probe.jsonl")
     out = workdir / "eval"
     use_branch_threads(config)
     metrics = evaluate(eval_file, out, run=run_dir, base_dir=base_dir,
-                       batch_size=config.eval_batch_size)
+                       batch_size=config.eval_batch_size,
+                       generate_per_task=config.eval_generate_per_task,
+                       untrained_tasks=config.untrained_tasks)
     if mlflow_run_id:
         from loramoe.pipeline.report import LOGGED, score_columns
 

@@ -1,0 +1,69 @@
+"""The likelihood probe: its scores equal log-probs computed by hand from full logits, and
+its retention counts what the base knew."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from loramoe.data.collate import prompt_ids
+from loramoe.evaluate.probe import (
+    continuation_ids,
+    probe_facts,
+    probe_retention,
+    probe_summary,
+)
+from loramoe.model import load_base_model
+
+FACTS = pd.DataFrame({
+    "id": ["a", "b", "c", "d"], "task": ["t1", "t1", "t2", "t2"],
+    "prompt": ["What is the capital of Japan?", "Which country is Lyon in?", "Hi there",
+               "A longer question, so the batch needs left padding?"],
+    "answer_prefix": ["The capital of Japan is", "Lyon is in", "", "It is"],
+    "choices": [["Tokyo", "Osaka", "Kyoto", "Paris"], ["France", "Spain", "United States"],
+                ["x"], ["yes", "no"]],
+})
+
+
+def hand_logprob(model, tokenizer, prompt: str, prefix: str, option: str) -> float:
+    """Sum of log-softmax over the option's tokens from one plain forward of the whole
+    sequence (fp64 softmax, no cache, no batching)."""
+    context = prompt_ids(tokenizer, prompt) + (
+        tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+    option_ids = continuation_ids(tokenizer, prefix, option)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context + option_ids])).logits[0]
+    logp = logits.double().log_softmax(-1)
+    return sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(option_ids))
+
+
+def test_probe_equals_hand_computed_logprobs_on_the_tiny_model(tiny_model_dir):
+    model, tokenizer = load_base_model(str(tiny_model_dir))
+    got = probe_facts(model, tokenizer, FACTS, batch_size=3)  # batches of mixed lengths
+    for row, fact in FACTS.iterrows():
+        hand = [hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)
+                for c in fact.choices]
+        assert got["gold_logprob"][row] == pytest.approx(hand[0], rel=1e-5, abs=1e-5)
+        assert got["mc_correct"][row] == (max(range(len(hand)), key=hand.__getitem__) == 0)
+
+
+def test_rows_without_choices_are_not_probed(tiny_model_dir):
+    model, tokenizer = load_base_model(str(tiny_model_dir))
+    frame = FACTS.assign(choices=[[], ["a", "b"], [], []])
+    assert probe_facts(model, tokenizer, frame)["id"].tolist() == ["b"]
+
+
+def test_probe_retention_counts_base_known_facts_per_group():
+    base = pd.DataFrame({"id": list("abcd"), "gold_logprob": [-1.0, -2.0, -1.0, -5.0],
+                         "mc_correct": [True, True, True, False]})
+    tuned = pd.DataFrame({"id": list("abcd"), "gold_logprob": [-1.5, -2.0, -3.0, -1.0],
+                          "mc_correct": [True, False, True, True]})
+    out = probe_retention(base, tuned, FACTS, untrained_tasks={"t2"})
+    assert (out["kept"], out["base_correct"]) == (2, 3)  # d was not known by the base
+    assert out["groups"]["trained"]["overall"] == 0.5  # a kept, b lost
+    assert out["groups"]["untrained"]["overall"] == 1.0  # c kept
+    assert out["logprob_change"] == pytest.approx(((-0.5 + 0.0) / 2 + (-2.0)) / 2)  # macro
+    assert sorted(out["kept_ids"]) == ["a", "c"]
+    summary = probe_summary(tuned, FACTS)
+    assert summary["mc_accuracy"] == 0.75 and summary["facts"] == 4
