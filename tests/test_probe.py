@@ -67,3 +67,12 @@ def test_probe_retention_counts_base_known_facts_per_group():
     assert sorted(out["kept_ids"]) == ["a", "c"]
     summary = probe_summary(tuned, FACTS)
     assert summary["mc_accuracy"] == 0.75 and summary["facts"] == 4
+
+
+def test_an_eval_file_without_choices_is_not_probed(tiny_model_dir):
+    # Before the fix: KeyError 'answer_prefix' for a user's eval file (no probe columns).
+    model, tokenizer = load_base_model(str(tiny_model_dir))
+    plain = FACTS.drop(columns=["choices", "answer_prefix"])
+    assert probe_facts(model, tokenizer, plain).empty
+    assert probe_facts(model, tokenizer, FACTS.drop(columns=["answer_prefix"]))["id"].tolist() \
+        == ["a", "b", "c", "d"]

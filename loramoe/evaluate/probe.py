@@ -88,11 +88,13 @@ def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[l
 
 def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
     """id, gold_logprob, mc_correct for every row with choices (others are skipped)."""
-    rows = frame[frame["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)] \
-        if "choices" in frame else frame.iloc[:0]
+    if "choices" not in frame:  # e.g. a user's eval file: nothing to probe
+        return pd.DataFrame(columns=["id", "gold_logprob", "mc_correct"])
+    rows = frame[frame["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+    prefixes = rows["answer_prefix"] if "answer_prefix" in rows else [""] * len(rows)
     contexts, options = [], []
-    for prompt, prefix, choices in zip(rows["prompt"], rows["answer_prefix"], rows["choices"],
-                                       strict=True):
+    for prompt, prefix, choices in zip(rows["prompt"], prefixes, rows["choices"], strict=True):
+        prefix = prefix if isinstance(prefix, str) else ""
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         contexts.append(prompt_ids(tokenizer, prompt) + prefix_ids)
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
