@@ -30,15 +30,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(url: str, server: subprocess.Popen, seconds: float) -> None:
-    """Poll url until it answers; fail with the server's output if it dies first."""
+def wait_for(url: str, server: subprocess.Popen, seconds: float, log: Path | None = None
+             ) -> None:
+    """Poll url until it answers; fail with the server's output (its PIPE, or the log
+    file it writes to) if it dies first."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         try:
             urllib.request.urlopen(url, timeout=2)
             return
         except OSError:
-            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert server.poll() is None, (log.read_text() if log else
+                                           server.stdout.read().decode())[-3000:]
             time.sleep(1)
     raise AssertionError(f"{url} did not answer within {seconds}s")
 
@@ -265,11 +268,14 @@ def test_serve_champion_over_http(smoke_run, tmp_path):
 
 def test_pipeline_against_a_real_tracking_server(tmp_path):
     port = free_port()
+    # The server's log goes to a file: an unread PIPE fills (64 KiB of request lines) and
+    # blocks the server, and with it every client call of the flow (seen: register hung).
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen(["bash", str(ROOT / "infra" / "mlflow" / "start_server.sh"),
                                str(port), str(tmp_path / "server")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", server, 90)
+        wait_for(f"http://127.0.0.1:{port}/health", server, 90, tmp_path / "server.log")
         uri = f"http://127.0.0.1:{port}"
         config = write_config(tmp_path / "serial.toml", local_parallel_branches=1)
         run, _, stderr = run_flow(tmp_path, config, env={"MLFLOW_TRACKING_URI": uri},
@@ -287,6 +293,7 @@ def test_pipeline_against_a_real_tracking_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
         shutil.rmtree(tmp_path / "server", ignore_errors=True)
 
 
