@@ -111,8 +111,8 @@ def localized_balancing_loss(
     "sum" adds them (as the official code does). form "paper": Z = I ∘ Q (the formula as
     published); "aligned": Z = Q ⊘ I (minimum where own-type experts get (1+δ)/(1−δ) times the
     others' weight). load "sum" (paper) or "mean" over each sample's tokens. gather, under
-    data parallelism, joins Z
-    (L, N, B) of every process along the samples, so the variance is the global batch's.
+    data parallelism, joins Z (L, N, B) of every process along the samples, so the variance
+    is the global batch's.
     """
     probs = _stack_layers(router_probs)  # (L, B, T, N)
     expert_types = torch.as_tensor(expert_types, dtype=torch.long, device=probs.device)

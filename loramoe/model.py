@@ -196,3 +196,10 @@ def load_base_model(
     if name_or_path.lower() in EMBEDDED_MODELS:
         model.config._name_or_path = name_or_path.lower()
     return model, tokenizer
+
+
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(transformer body, LM head) of a causal LM, through a PEFT wrapper if there is one:
+    for callers that apply the vocabulary projection only where they need logits."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()

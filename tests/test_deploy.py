@@ -5,7 +5,6 @@ Batch/IAM/EC2 calls Metaflow makes while compiling)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,12 @@ from loramoe.pipeline.deploy import (  # noqa: E402
     compile_argo,
     compile_step_functions,
 )
+from loramoe.pipeline.launch import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "flows" / "configs" / "paper.toml"
 BUCKET = "loramoe-ci"
 ACCOUNT_ARN = "arn:aws:iam::123456789012"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,16 @@ MAX_NEW_TOKENS = {"contains": 24, "exact_match": 24, "f1": 16, "accuracy": 8, "r
                   "chrf": 32}
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(rows), longest row), padded on the left (prompts to
+    continue) or on the right."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
     return ids, mask
 
 
@@ -47,7 +50,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     model.eval()
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="generate", disable=not progress):
-        ids, mask = (t.to(model.device) for t in _left_pad([encoded[i] for i in batch], pad_id))
+        ids, mask = (t.to(model.device) for t in pad_rows([encoded[i] for i in batch], pad_id))
         max_new = max_new_tokens or max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24)
                                         for i in batch)
         if recorder is not None:

@@ -18,11 +18,8 @@ import pandas as pd
 import torch
 
 from loramoe.data.collate import prompt_ids
-
-
-def _backbone_and_head(model):
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+from loramoe.evaluate.generation import pad_rows
+from loramoe.model import backbone_and_head
 
 
 def cache_kwarg(backbone) -> str:
@@ -44,31 +41,21 @@ def continuation_ids(tokenizer, prefix: str, option: str) -> list[int]:
     return tokenizer(f" {option}", add_special_tokens=False)["input_ids"]
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
-    return ids, mask
-
-
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[list[list[int]]]
                     ) -> torch.Tensor:
     """(B, K) summed log-probs of each fact's K option continuations (-inf for padding)."""
-    backbone, head = _backbone_and_head(model)
+    backbone, head = backbone_and_head(model)
     device, pad_id = model.device, tokenizer.pad_token_id or 0
     k = max(len(o) for o in options)
-    ids, mask = (t.to(device) for t in _pad(contexts, pad_id, left=True))  # (B, P)
+    ids, mask = (t.to(device) for t in pad_rows(contexts, pad_id, left=True))  # (B, P)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): left padding shifts nothing
     out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     last = out.last_hidden_state[:, -1]  # (B, H): predicts each option's first token
     cache = getattr(out, "cache", None) or out.past_key_values
     cache.batch_repeat_interleave(k)  # (B·K) rows, fact-major
     flat = [o[j] if j < len(o) else o[0] for o in options for j in range(k)]
-    opt_ids, opt_mask = (t.to(device) for t in _pad(flat, pad_id, left=False))  # (B·K, O)
+    opt_ids, opt_mask = (t.to(device) for t in pad_rows(flat, pad_id, left=False))  # (B·K, O)
     start = mask.sum(-1).repeat_interleave(k)  # (B·K,) real context length
     opt_positions = start[:, None] + torch.arange(opt_ids.shape[1], device=device)  # (B·K, O)
     hidden = backbone(input_ids=opt_ids, position_ids=opt_positions, **{cache_kwarg(backbone):
@@ -153,4 +140,5 @@ def probe_retention(base: pd.DataFrame, tuned: pd.DataFrame, frame: pd.DataFrame
     return {**share(known), "known_ids": known["id"].tolist(),
             "kept_ids": known["id"][known["mc_correct_tuned"]].tolist(),
             "groups": {name: share(part) for name, part in groups.items() if len(part)},
-            "per_task": {t: share(g)["overall"] for t, g in known.groupby("task", sort=True)}}
+            "per_task": {t: float(g["mc_correct_tuned"].mean())
+                         for t, g in known.groupby("task", sort=True)}}

@@ -3,7 +3,8 @@
 Knowledge retention is the share of items the *base* model answered correctly that the
 fine-tuned model still answers correctly (items joined on id), with its Wilson interval.
 Scores per task type carry a stratified-bootstrap interval; a tuned model is compared with
-the base on the same items (paired bootstrap). paired_binary compares two runs' retention.
+the base on the same items (paired bootstrap). The retained facts' ids let the report
+compare two runs on the same facts (stats.paired_binary).
 """
 
 from __future__ import annotations

@@ -82,7 +82,6 @@ def branch_params(branch: dict[str, Any], train_config, threads: int, processes:
                   ) -> dict[str, Any]:
     """The child run's params: `method`, `scale`, `lbc_form` first (what the MLflow compare
     view charts against), then the TrainConfig without its temporary paths."""
-
     fields = {k: v for k, v in train_config.to_dict().items()
               if k not in ("train_file", "output_dir", "method")}
     lbc_form = train_config.loramoe.lbc_form if train_config.method == "loramoe" else "none"

@@ -8,10 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loramoe.data.collate import IGNORE_INDEX
-
-
-def _unwrap_hf(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from loramoe.model import backbone_and_head
 
 
 class ResponseLM(torch.nn.Module):
@@ -29,13 +26,12 @@ class ResponseLM(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids, attention_mask, labels, token_count=None) -> torch.Tensor:
-        hf = _unwrap_hf(self.lm)
-        backbone = getattr(hf, hf.base_model_prefix)
+        backbone, head = backbone_and_head(self.lm)
         hidden = backbone(input_ids=input_ids,
                           attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
-        logits = hf.get_output_embeddings()(hidden[:, :-1][keep])  # (K, V)
+        logits = head(hidden[:, :-1][keep])  # (K, V)
         total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return total / (keep.sum() if token_count is None else token_count)
 
