@@ -26,12 +26,42 @@ def cpu_with_bf16(monkeypatch):
 
 
 def test_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.0)
     for flags, want in [({"avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"},
                         torch.bfloat16), ({"avx2", "avx512f"}, torch.float32), (set(),
                         torch.float32)]:
         monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: flags)
         assert resolve_dtype("auto", CPU) == want, flags
         assert resolve_dtype("fp32", CPU) == torch.float32
+
+
+def test_auto_stays_fp32_where_bf16_is_native_but_slower(cpu_with_bf16, monkeypatch):
+    # a Xeon VM that reports avx512_bf16 but hides AMX multiplies bf16 at ~0.56x fp32
+    for speedup, want in [(0.56, torch.float32), (1.1, torch.float32), (1.5, torch.bfloat16)]:
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda speedup=speedup: speedup)
+        assert resolve_dtype("auto", CPU) == want, speedup
+    assert resolve_dtype("bf16", CPU) == torch.bfloat16  # asked for: native, so allowed
+
+
+def test_the_bf16_speedup_is_measured_once_and_cached_per_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMOE_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(precision, "measure_bf16_speedup",
+                        lambda: calls.append(1) or 0.75)
+    precision.cpu_bf16_speedup.cache_clear()
+    try:
+        assert precision.cpu_bf16_speedup() == 0.75
+        precision.cpu_bf16_speedup.cache_clear()  # a new process reads the file
+        assert precision.cpu_bf16_speedup() == 0.75 and len(calls) == 1
+        stored = json.loads((tmp_path / "cpu_bf16_speedup.json").read_text())
+        assert list(stored.values()) == [0.75] and precision.cpu_model_name() in next(
+            iter(stored))
+    finally:
+        precision.cpu_bf16_speedup.cache_clear()
+
+
+def test_the_bf16_measurement_is_a_positive_ratio():
+    assert precision.measure_bf16_speedup(rows=64, repeats=2) > 0
 
 
 def test_bf16_where_it_is_not_native_names_the_field_and_what_is(cpu_without_bf16):

@@ -41,6 +41,11 @@ def continuation_ids(tokenizer, prefix: str, option: str) -> list[int]:
     return tokenizer(f" {option}", add_special_tokens=False)["input_ids"]
 
 
+def width_of(options: list[list[list[int]]]) -> int:
+    """The longest option's token count."""
+    return max(len(choice) for o in options for choice in o)
+
+
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[list[list[int]]]
                     ) -> torch.Tensor:
@@ -50,20 +55,25 @@ def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[l
     k = max(len(o) for o in options)
     ids, mask = (t.to(device) for t in pad_rows(contexts, pad_id, left=True))  # (B, P)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): left padding shifts nothing
-    out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   use_cache=width_of(options) > 1)
     last = out.last_hidden_state[:, -1]  # (B, H): predicts each option's first token
-    cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_repeat_interleave(k)  # (B·K) rows, fact-major
     flat = [o[j] if j < len(o) else o[0] for o in options for j in range(k)]
     opt_ids, opt_mask = (t.to(device) for t in pad_rows(flat, pad_id, left=False))  # (B·K, O)
-    start = mask.sum(-1).repeat_interleave(k)  # (B·K,) real context length
-    opt_positions = start[:, None] + torch.arange(opt_ids.shape[1], device=device)  # (B·K, O)
-    hidden = backbone(input_ids=opt_ids, position_ids=opt_positions, **{cache_kwarg(backbone):
-                                                                          cache},
-                      attention_mask=torch.cat([mask.repeat_interleave(k, 0), opt_mask], -1)
-                      ).last_hidden_state  # (B·K, O, H)
-    # the state before token j predicts it: context's last state, then the options' own
-    before = torch.cat([last.repeat_interleave(k, 0)[:, None], hidden[:, :-1]], 1)  # (B·K,O,H)
+    # the state before token j predicts it: the context's last state, then the option's own
+    # states — an option's last token predicts nothing, so single-token options need no pass
+    before = last.repeat_interleave(k, 0)[:, None]  # (B·K, 1, H)
+    if opt_ids.shape[1] > 1:
+        cache = getattr(out, "cache", None) or out.past_key_values
+        cache.batch_repeat_interleave(k)  # (B·K) rows, fact-major
+        start = mask.sum(-1).repeat_interleave(k)  # (B·K,) real context length
+        steps = opt_ids.shape[1] - 1
+        opt_positions = start[:, None] + torch.arange(steps, device=device)  # (B·K, O-1)
+        hidden = backbone(input_ids=opt_ids[:, :-1], position_ids=opt_positions,
+                          attention_mask=torch.cat([mask.repeat_interleave(k, 0),
+                                                    opt_mask[:, :-1]], -1),
+                          **{cache_kwarg(backbone): cache}).last_hidden_state  # (B·K, O-1, H)
+        before = torch.cat([before, hidden], 1)  # (B·K, O, H)
     keep = opt_mask.bool()  # (B·K, O)
     logp = head(before[keep]).float().log_softmax(-1)  # (M, V), only at choice tokens
     token_logp = torch.zeros(keep.shape, device=device)  # (B·K, O)
@@ -85,7 +95,9 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> 
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         contexts.append(prompt_ids(tokenizer, prompt) + prefix_ids)
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # less padding
+    # less padding, and facts whose options are all one token batch together (no 2nd pass)
+    order = sorted(range(len(contexts)),
+                   key=lambda i: (width_of([options[i]]), len(contexts[i])))
     scores: dict[int, torch.Tensor] = {}
     model.eval()
     for at in range(0, len(order), batch_size):
