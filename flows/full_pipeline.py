@@ -132,6 +132,9 @@ class LoRAMoEPipeline(FlowSpec):
                                    Path(tempfile.mkdtemp(prefix="loramoe-base-")))
         self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
         self.base_probe = base["probe"]  # likelihood probe of every fact, for retention
+        cached = self.base_metrics.get("cache", {})
+        print(f"base evaluation {'reused from' if cached.get('hit') else 'computed, stored in'}"
+              f" the cache (key {cached.get('key', 'none: base_eval_cache = false')})")
         self.branches = config.branches()
         self.next(self.train, foreach="branches")
 

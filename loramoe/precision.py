@@ -8,7 +8,8 @@ measured bf16 matmul beats fp32 by BF16_MIN_SPEEDUP — and fp32 elsewhere. The 
 not enough: on a 2-core Xeon VM that reports avx512_bf16 but hides AMX, a bf16 matmul ran at
 134 vs 240 GFLOP/s for fp32 (0.56x), while a 2-core AMD EPYC with the same flag ran the
 default pipeline 1.48x faster in bf16. The measurement (~0.2 s) is cached per CPU model,
-torch version and thread count in the loramoe cache folder. fp16 is for GPUs only. Asking for bf16/fp16 on hardware that lacks it is an error that says
+torch version and thread count in the loramoe cache folder. fp16 is for GPUs only.
+Asking for bf16/fp16 on hardware that lacks it is an error that says
 what the machine does support, raised before any model is loaded.
 """
 

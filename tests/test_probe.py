@@ -40,12 +40,15 @@ def hand_logprob(model, tokenizer, prompt: str, prefix: str, option: str) -> flo
 
 def test_probe_equals_hand_computed_logprobs_on_the_tiny_model(tiny_model_dir):
     model, tokenizer = load_base_model(str(tiny_model_dir))
-    got = probe_facts(model, tokenizer, FACTS, batch_size=3)  # batches of mixed lengths
-    for row, fact in FACTS.iterrows():
-        hand = [hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)
-                for c in fact.choices]
-        assert got["gold_logprob"][row] == pytest.approx(hand[0], rel=1e-5, abs=1e-5)
-        assert got["mc_correct"][row] == (max(range(len(hand)), key=hand.__getitem__) == 0)
+    # 3: batches of mixed lengths; 1: fact "c" alone, whose one-token option needs no 2nd pass
+    for batch_size in (3, 1):
+        got = probe_facts(model, tokenizer, FACTS, batch_size=batch_size)
+        for row, fact in FACTS.iterrows():
+            hand = [hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)
+                    for c in fact.choices]
+            assert got["gold_logprob"][row] == pytest.approx(hand[0], rel=1e-5, abs=1e-5)
+            assert got["mc_correct"][row] == (max(range(len(hand)),
+                                                  key=hand.__getitem__) == 0)
 
 
 def test_rows_without_choices_are_not_probed(tiny_model_dir):

@@ -71,6 +71,8 @@ class PipelineConfig:
     eval_batch_size: int = 16
     # knowledge items generated per task (0: all); the likelihood probe scores every fact
     eval_generate_per_task: int = 0
+    # reuse the base model's evaluation across runs (evaluate/cache.py: keyed by content hash)
+    base_eval_cache: bool = True
     resources: dict[str, Any] = field(default_factory=lambda: {"cpu": 2, "memory": 8000,
                                                                "gpu": 0})
     retry_times: int = 0

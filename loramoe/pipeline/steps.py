@@ -121,14 +121,27 @@ def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:
 
 def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path
                         ) -> dict[str, Any]:
+    """The base model's generation metrics and probe on the eval set; reused from the cache
+    when this model, eval set, dtype, settings and evaluation code were evaluated before."""
     from loramoe.evaluate import evaluate
+    from loramoe.evaluate.cache import cached_base_evaluation
+    from loramoe.precision import default_device, resolve_dtype
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
-    metrics = evaluate(eval_file, workdir / "base", model=config.base_model,
-                       batch_size=config.eval_batch_size, dtype=config.dtype,  # every core
-                       generate_per_task=config.eval_generate_per_task)
-    return {"metrics": metrics, "predictions": read_records(workdir / "base" / "predictions.jsonl"),
-            "probe": read_records(workdir / "base" / "probe.jsonl")}
+    settings = {"dtype": resolve_dtype(config.dtype, field="train.dtype"),
+                "device": default_device().type, "batch_size": config.eval_batch_size,
+                "generate_per_task": config.eval_generate_per_task}
+
+    def compute(out: Path) -> dict[str, Any]:
+        return evaluate(eval_file, out, model=config.base_model,
+                        batch_size=config.eval_batch_size, dtype=config.dtype,  # every core
+                        generate_per_task=config.eval_generate_per_task)
+
+    base_dir = workdir / "base"
+    metrics = (cached_base_evaluation(config.base_model, eval_file, base_dir, settings, compute)
+               if config.base_eval_cache else compute(base_dir))
+    return {"metrics": metrics, "predictions": read_records(base_dir / "predictions.jsonl"),
+            "probe": read_records(base_dir / "probe.jsonl")}
 
 
 def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame: pd.DataFrame,

@@ -1,0 +1,65 @@
+"""The base model's evaluation is computed once per (model, eval set, settings, code) and
+reused across runs; any change to what it depends on recomputes it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from loramoe.data.records import read_records, write_records
+from loramoe.evaluate import cache as base_cache
+from loramoe.evaluate import run as evaluate_run
+from loramoe.evaluate.cache import cached_base_evaluation
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAMOE_CACHE_DIR", str(tmp_path / "cache"))
+    base_cache.folder_digest.cache_clear()
+    yield tmp_path / "cache" / "base_eval"
+    base_cache.folder_digest.cache_clear()
+
+
+def run_base(model, eval_file, out, settings=None):
+    def compute(folder):
+        return evaluate_run.evaluate(eval_file, folder, model=model, batch_size=4,
+                                     progress=False)
+
+    return cached_base_evaluation(model, eval_file, out, settings or {"batch_size": 4},
+                                  compute)
+
+
+def test_a_second_run_reuses_the_base_evaluation_without_loading_the_model(
+        isolated_cache, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    eval_file = tiny_train_file.parent / "eval.jsonl"
+    first = run_base(str(tiny_model_dir), eval_file, tmp_path / "one")
+    assert first["cache"]["hit"] is False
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cached base evaluation loaded the model")
+
+    monkeypatch.setattr(evaluate_run, "load_for_eval", no_model)
+    second = run_base(str(tiny_model_dir), eval_file, tmp_path / "two")
+    assert second["cache"] == {"hit": True, "key": first["cache"]["key"]}
+    for name in ("predictions.jsonl", "probe.jsonl", "metrics.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert {k: v for k, v in second.items() if k != "cache"} == json.loads(
+        (tmp_path / "one" / "metrics.json").read_text())
+
+
+def test_changed_facts_weights_or_settings_recompute(isolated_cache, tiny_model_dir,
+                                                    tiny_train_file, tmp_path):
+    eval_file = tiny_train_file.parent / "eval.jsonl"
+    key = run_base(str(tiny_model_dir), eval_file, tmp_path / "a")["cache"]["key"]
+    fewer = write_records(read_records(eval_file).iloc[:-1], tmp_path / "fewer.jsonl")
+    assert run_base(str(tiny_model_dir), fewer, tmp_path / "b")["cache"]["hit"] is False
+    assert run_base(str(tiny_model_dir), eval_file, tmp_path / "c",
+                    {"batch_size": 8})["cache"]["hit"] is False
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    changed = run_base(str(other), eval_file, tmp_path / "d")
+    assert changed["cache"]["hit"] is False and changed["cache"]["key"] != key
+    assert run_base(str(tiny_model_dir), eval_file, tmp_path / "e")["cache"]["hit"] is True
