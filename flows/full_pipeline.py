@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import tomllib
@@ -87,6 +88,7 @@ class LoRAMoEPipeline(FlowSpec):
         self.pipeline_config = resolved  # parsed and validated once, here
         self.resolved = resolved.to_dict()  # the same, as plain data for the card and MLflow
         self.workdir = os.environ.get("LORAMOE_WORKDIR", os.getcwd())
+        self.started = time.time()  # the report states the run's wall time to compare
         self.tracking_uri = tracking_uri(self.workdir)
         self.experiment_id = setup(resolved.mlflow_experiment, self.workdir)
         self.parent_run_id = start_parent_run(self.experiment_id, f"{resolved.name}-"
@@ -194,7 +196,7 @@ class LoRAMoEPipeline(FlowSpec):
 
         self.merge_artifacts(inputs, include=["pipeline_config", "resolved", "workdir",
                                               "tracking_uri", "experiment_id", "parent_run_id",
-                                              "base_metrics"])
+                                              "base_metrics", "started"])
         self.outcomes = [branch_outcome(branch) for branch in inputs]
         self.next(self.compare)
 
@@ -207,8 +209,10 @@ class LoRAMoEPipeline(FlowSpec):
         from loramoe.tracking import use_store
 
         use_store(self.tracking_uri)
-        summary = compare_branches(self.outcomes, self.base_metrics, self.parent_run_id,
-                                   Path(tempfile.mkdtemp(prefix="loramoe-compare-")))
+        out = Path(self.workdir) / "outputs" / "reports" / current.run_id
+        summary = compare_branches(self.outcomes, self.base_metrics, self.parent_run_id, out,
+                                   self.pipeline_config, time.time() - self.started)
+        print(f"report: {summary['report']}")
         self.results, self.failed_branches = summary["rows"], summary["failed"]
         comparison_card(current.card["comparison"], self.resolved["name"], summary)
         self.next(self.register)
@@ -253,6 +257,11 @@ def comparison_card(card, name: str, summary: dict) -> None:
         paired_headers = list(summary["paired"][0])
         card.append(Table([[_fmt(row[h]) for h in paired_headers] for row in summary["paired"]],
                           headers=paired_headers))
+    if summary["claims"]:
+        card.append(Markdown("## Paper claims"))
+        card.append(Table([[row[h] for h in ("claim", "paper", "ours", "verdict")]
+                           for row in summary["claims"]],
+                          headers=["claim", "paper", "this run", "verdict"]))
     for path in summary["plots"]:
         card.append(Image(path.read_bytes(), label=path.stem))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from loramoe.data import (
@@ -19,6 +20,7 @@ from loramoe.data import (
     read_records,
 )
 from loramoe.data.__main__ import main as data_cli
+from loramoe.data.mixture import quotas
 from loramoe.data.records import to_frame
 
 SMALL = {"tasks": [{"name": "country_capital"}, {"name": "element_symbol", "weight": 2},
@@ -228,3 +230,49 @@ def test_ambiguous_entity_names_are_dropped():
     assert len(names) == len(set(names)) > 5000
     assert "Georgia" not in {f.entity for f in next(
         r for r in RELATIONS if r.name == "subdivision_country").facts()}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_users_qa_file_is_probed_with_its_answers_kept_as_a_list(tmp_path, fmt):
+    """Item 8 of #15: a closed-book QA file plugs in as an eval-only knowledge task; its
+    answers stay a list in every format and its facts get distractors from other rows."""
+    frame = pd.DataFrame({"question": [f"Who wrote book {i}?" for i in range(80)],
+                          "answers": [[f"Author {i}", f"A. {i}"] for i in range(80)]})
+    path = tmp_path / f"qa.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in frame.to_dict(orient="records")))
+    elif fmt == "csv":
+        frame.assign(answers=frame["answers"].map(json.dumps)).to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    config = MixtureConfig.from_dict({**SMALL, "tasks": [
+        {"name": "arithmetic"}, {"name": "my_qa", "source": "local", "path": str(path),
+                                 "task_type": "knowledge", "train": False,
+                                 "answer_prefix": "The author is",
+                                 "columns": {"prompt": "question"}}]})
+    built = build_mixture(config)
+    mine = built.eval[built.eval["task"] == "my_qa"]
+    assert len(mine) >= 5 and "my_qa" not in set(built.train[30]["task"])
+    for answers, choices, prefix in zip(mine["answers"], mine["choices"], mine["answer_prefix"],
+                                        strict=True):
+        assert isinstance(answers, list) and len(answers) == 2
+        assert choices[0] == answers[0] and len(choices) == 4 and prefix == "The author is"
+        assert not {normalize_text(c) for c in choices[1:]} & {normalize_text(a)
+                                                               for a in answers}
+
+
+def test_knowledge_share_fixes_the_knowledge_part_of_every_scale():
+    tasks = [{"name": "country_capital"}, {"name": "element_symbol"},
+             {"name": "arithmetic"}, {"name": "sort_numbers"}, {"name": "nli"}]
+    config = MixtureConfig.from_dict({"tasks": tasks, "scales": [50, 200], "eval_size": 2,
+                                      "knowledge_share": 0.2})
+    for scale in (50, 200):
+        counts = quotas(config, scale)
+        assert sum(counts.values()) == scale
+        assert counts["country_capital"] + counts["element_symbol"] == round(0.2 * scale)
+    built = build_mixture(config)
+    assert (built.train[200]["task_type"] == "knowledge").mean() == pytest.approx(0.2)
+    with pytest.raises(MixtureError, match="knowledge_share"):
+        MixtureConfig.from_dict({"tasks": tasks[:2], "scales": [10], "knowledge_share": 0.2})
+    with pytest.raises(MixtureError, match="knowledge_share"):
+        MixtureConfig.from_dict({"tasks": tasks, "scales": [10], "knowledge_share": 1.5})

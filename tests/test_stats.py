@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from loramoe.evaluate.stats import (
+    group_difference,
     mcnemar_exact,
     paired_binary,
     paired_bootstrap,
@@ -98,3 +99,16 @@ def test_comparison_with_the_base_is_paired_on_items():
     summary = summarize(tuned.assign(metric="accuracy"))
     lo, hi = summary["downstream_score_ci"]
     assert lo < summary["downstream_score"] < hi
+
+
+def test_group_difference_is_the_macro_gap_between_task_types():
+    # knowledge tasks k1/k2 put weight 0.7/0.5 on knowledge experts, downstream tasks 0.4/0.4
+    values = pd.Series([0.7] * 10 + [0.5] * 30 + [0.4] * 20)
+    tasks = pd.Series(["k1"] * 10 + ["k2"] * 30 + ["d1"] * 10 + ["d2"] * 10)
+    got = group_difference(values, tasks, tasks.str.startswith("k"))
+    assert got["value"] == pytest.approx((0.7 + 0.5) / 2 - 0.4)  # macro, not item-weighted
+    assert got["ci"] == pytest.approx([0.2, 0.2]) and got["significant"]
+    noisy = group_difference(pd.Series([0.0, 1.0] * 20), tasks[:40].where(
+        pd.Series(range(40)) < 20, "d1"), pd.Series(range(40)) < 20)
+    assert noisy["ci"][0] < 0 < noisy["ci"][1] and not noisy["significant"]
+    assert group_difference(values, tasks, pd.Series([True] * 60))["value"] is None

@@ -233,11 +233,18 @@ def _train_builder(relation: Relation):
 DISTRACTORS = 3  # wrong choices per fact for the likelihood probe's multiple choice
 
 
+def pick_distractors(answers: list[str], pool: list[str], rng: random.Random) -> list[str]:
+    """DISTRACTORS answers of other items from `pool`, never one of `answers` (normalised)."""
+    from loramoe.data.records import normalize_text
+
+    wrong = {normalize_text(a) for a in answers}
+    options = [a for a in pool if normalize_text(a) not in wrong]
+    return rng.sample(options, min(DISTRACTORS, len(options)))
+
+
 def _distractors(fact: Fact, pool: list[str], rng: random.Random) -> list[str]:
     """Other entities' canonical answers of the same relation, never one of this fact's."""
-    wrong = set(a.lower() for a in fact.answers)
-    options = [a for a in pool if a.lower() not in wrong]
-    return rng.sample(options, min(DISTRACTORS, len(options)))
+    return pick_distractors(list(fact.answers), pool, rng)
 
 
 def _eval_builder(relation: Relation):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -17,11 +16,7 @@ from loramoe.data.records import (
     METRICS,
     EvalRecord,
     TrainRecord,
-    is_text,
-    line_number,
-    normalize_answers,
     normalize_text,
-    read_records,
     to_frame,
     write_records,
 )
@@ -46,6 +41,9 @@ class TaskSpec:
     columns: dict[str, str] = field(default_factory=dict)  # local: prompt/response/answers
     train: bool = True  # False: eval only (a relation the mixture never trains on)
     eval_size: int | None = None  # this task's eval items (default: mixture.eval_size)
+    # local knowledge task: the likelihood probe scores the gold answer after this prefix in
+    # the assistant turn, against other rows' answers as distractors
+    answer_prefix: str = ""
 
     def __post_init__(self) -> None:
         where = f"tasks[{self.name!r}]"
@@ -80,6 +78,9 @@ class MixtureConfig:
     seed: int = 0
     eval_size: int = 50  # per task
     task_types: list[str] = field(default_factory=lambda: ["knowledge", "downstream"])
+    # share of every scale given to the trained tasks of the first type ("knowledge"), split
+    # by weight; the other types share the rest. None: every trained task by weight alone
+    knowledge_share: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, list):
@@ -92,14 +93,23 @@ class MixtureConfig:
             ("eval_size", lambda v: v >= 1, ">= 1"),
             ("task_types", lambda v: v and all(v) and len(set(v)) == len(v),
              "a list of distinct, non-empty type names"),
+            ("knowledge_share", lambda v: v is None or 0 < v < 1, "None or in (0, 1)"),
         ], MixtureError, prefix="mixture")
         self.scales = sorted(set(self.scales))
         for spec in self.tasks:
-            task_type = spec.task_type or (get_task(spec.name).task_type
-                                           if spec.source == "registry" else None)
+            task_type = self.type_of(spec)
             if task_type not in self.task_types:
                 raise MixtureError(f"tasks[{spec.name!r}].task_type: {task_type!r} is not one "
                                    f"of task_types {self.task_types}")
+        if self.knowledge_share is not None:
+            kinds = {self.type_of(t) == self.task_types[0] for t in self.tasks if t.train}
+            if kinds != {True, False}:
+                raise MixtureError(f"mixture.knowledge_share: needs trained tasks of type "
+                                   f"{self.task_types[0]!r} and of another type")
+
+    def type_of(self, spec: TaskSpec) -> str | None:
+        return spec.task_type or (get_task(spec.name).task_type
+                                  if spec.source == "registry" else None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MixtureConfig:
@@ -124,56 +134,11 @@ class MixtureConfig:
         return cls.from_dict(data)
 
 
-def _bad_row(spec: TaskSpec, index: int, column: str, value: Any, rule: str) -> None:
-    raise MixtureError(f"tasks[{spec.name!r}]: {spec.path} line {line_number(index, spec.path)}:"
-                       f" column '{column}' must hold {rule}, got {value!r}")
-
-
-def _local_task(spec: TaskSpec) -> Task:
-    """A task over a local file; rows split train/test by a stable hash of the prompt."""
-    columns = {"prompt": "prompt", "response": "response", "answers": "answers", **spec.columns}
-
-    def rows(split: str) -> list[tuple[str, list[str]]]:
-        frame = read_records(Path(spec.path))
-        missing = [c for c in (columns["prompt"], columns["answers"]) if c not in frame.columns]
-        if missing and not (columns["answers"] in missing and columns["response"] in frame):
-            raise MixtureError(f"tasks[{spec.name!r}]: {spec.path} lacks column(s) {missing}; "
-                               f"found {list(frame.columns)}")
-        out = []
-        answer_column = columns["answers"] if columns["answers"] in frame else columns["response"]
-        for index, (prompt, raw) in enumerate(zip(frame[columns["prompt"]], frame[answer_column],
-                                                  strict=True)):
-            # Whatever the column's name and the file's format, a list stays a list.
-            answers = normalize_answers(raw)
-            if not is_text(prompt):
-                _bad_row(spec, index, columns["prompt"], prompt, "a non-empty string")
-            if answers is None and isinstance(raw, str):
-                answers = [raw]  # an empty answer: the validate step reports it by line and id
-            elif answers is None:
-                _bad_row(spec, index, answer_column, raw, "an answer or a list of answers")
-            digest = hashlib.sha256(f"{spec.name}:{prompt}".encode()).digest()
-            if (int.from_bytes(digest[:4], "big") % 100 < 20) == (split == "test"):
-                out.append((prompt, answers))
-        return out
-
-    def build_train(n: int, seed: int) -> list[TrainRecord]:
-        items = rows("train")
-        random.Random(seed).shuffle(items)
-        return [TrainRecord(f"{spec.name}-train-{i}", spec.name, spec.task_type, p, a[0])
-                for i, (p, a) in enumerate(items[:n])]
-
-    def build_eval(n: int, seed: int) -> list[EvalRecord]:
-        items = rows("test")
-        random.Random(seed).shuffle(items)
-        return [EvalRecord(f"{spec.name}-test-{i}", spec.name, spec.task_type, p, a, spec.metric)
-                for i, (p, a) in enumerate(items[:n])]
-
-    return Task(spec.name, spec.task_type, spec.metric, "local", build_train, build_eval)
-
-
 def resolve_task(spec: TaskSpec) -> Task:
     if spec.source == "local":
-        return _local_task(spec)
+        from loramoe.data.local import local_task
+
+        return local_task(spec)
     task = get_task(spec.name)
     if spec.task_type and spec.task_type != task.task_type:
         return Task(task.name, spec.task_type, task.metric, task.source, task.build_train,
@@ -183,10 +148,18 @@ def resolve_task(spec: TaskSpec) -> Task:
 
 def quotas(config: MixtureConfig, scale: int) -> dict[str, int]:
     """Records per trained task at a scale, proportional to weights (largest-remainder
-    rounding); eval-only tasks get none."""
+    rounding); with knowledge_share, the first type's tasks get that share of the scale and
+    the others the rest; eval-only tasks get none."""
     trained = [t for t in config.tasks if t.train]
-    total = sum(t.weight for t in trained)
-    exact = {t.name: scale * t.weight / total for t in trained}
+    share = {t.name: 1.0 for t in trained}
+    if config.knowledge_share is not None:
+        first = [config.type_of(t) == config.task_types[0] for t in trained]
+        mass = {True: config.knowledge_share, False: 1 - config.knowledge_share}
+        weight_of = {kind: sum(t.weight for t, k in zip(trained, first, strict=True) if k == kind)
+                     for kind in (True, False)}
+        share = {t.name: mass[k] / weight_of[k] for t, k in zip(trained, first, strict=True)}
+    total = sum(t.weight * share[t.name] for t in trained)
+    exact = {t.name: scale * t.weight * share[t.name] / total for t in trained}
     counts = {name: int(value) for name, value in exact.items()}
     leftovers = sorted(exact, key=lambda name: exact[name] - counts[name], reverse=True)
     for name in leftovers[: scale - sum(counts.values())]:

@@ -66,7 +66,21 @@ def router_analysis(recorder: RouterRecorder, scored: pd.DataFrame, expert_type_
             "expert_weights": per_layer.mean(0).tolist(),
             "per_layer_type_weights": by_type_layer.tolist(),
         }
+    result["separation"] = type_separation(weights, scored, types == 0, type_names[0])
     return result
+
+
+def type_separation(weights: torch.Tensor, scored: pd.DataFrame, first_type: torch.Tensor,
+                    type_name: str) -> dict[str, Any]:
+    """The paper's Fig. 7 in one number: the weight on the first type's experts (type_name,
+    "knowledge") on items of that task type minus on the other items (macro over tasks, 95%
+    bootstrap interval); > 0 means the router sends knowledge tasks to knowledge experts."""
+    from loramoe.evaluate.stats import group_difference
+
+    per_item = weights[:, :, first_type].sum(-1).mean(0)  # (S,): over its experts, then layers
+    tasks = scored["task"].reset_index(drop=True)
+    of_type = scored["task_type"].reset_index(drop=True) == type_name
+    return group_difference(pd.Series(per_item.double().numpy()), tasks, of_type)
 
 
 def plot_router(analysis: dict[str, Any], path: Path, title: str = "") -> Path:

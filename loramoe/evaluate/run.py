@@ -97,11 +97,14 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
                     f"({Path(run).name})")
         metrics["router_type_weights"] = {t: v["type_weights"]
                                           for t, v in analysis["tasks"].items()}
+        metrics["router_separation"] = analysis["separation"]
         recorder.detach()
     # after the router analysis: the probe's forwards must not reach the recorder
     metrics.update(probe_metrics(hf_model, tokenizer, full, out, base_dir, batch_size,
                                  untrained_tasks))
     metrics["generated_items"] = int(len(frame))
+    # per item, so the comparison step can pair two branches' downstream scores
+    metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

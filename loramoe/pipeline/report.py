@@ -38,7 +38,9 @@ def score_columns(m: dict[str, Any]) -> dict[str, Any]:
             **_bounds("downstream_score", m.get("downstream_score_ci")),
             "downstream_vs_base": vs_base.get("diff"),
             **_bounds("downstream_vs_base", vs_base.get("ci")),
-            "downstream_vs_base_significant": vs_base.get("significant")}
+            "downstream_vs_base_significant": vs_base.get("significant"),
+            "router_separation": m.get("router_separation", {}).get("value"),
+            **_bounds("router_separation", m.get("router_separation", {}).get("ci"))}
 
 
 def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) -> pd.DataFrame:
@@ -161,27 +163,41 @@ def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
 
 
 def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any],
-                     parent_run_id: str, out: Path) -> dict[str, Any]:
-    """The comparison step: results table and plots, logged to the MLflow parent run
+                     parent_run_id: str, out: Path, config=None,
+                     wall_seconds: float | None = None) -> dict[str, Any]:
+    """The comparison step: results table, paired tests, paper claims, plots and the
+    markdown report (report.md, written from these numbers), logged to the MLflow parent run
     (artifacts under compare/, each branch's scores as `branch/metric`)."""
+    from loramoe.pipeline.claims import paper_claims
+    from loramoe.pipeline.markdown import write_report
     from loramoe.tracking import log_metrics, store_folder
 
+    out.mkdir(parents=True, exist_ok=True)
     table = results_table(outcomes, base_metrics)
     paired = paired_comparisons(outcomes)
+    claims = paper_claims(outcomes)
     plots = comparison_plots(table, outcomes, out)
     table.to_csv(out / "results.csv", index=False)
     paired.to_csv(out / "paired.csv", index=False)
-    store_folder(parent_run_id, [*plots, out / "results.csv", out / "paired.csv"], "compare")
+    claims.to_csv(out / "claims.csv", index=False)
+    files = [*plots, out / "results.csv", out / "paired.csv", out / "claims.csv"]
+    if config is not None:
+        files.append(write_report(out / "report.md", config, table, paired, claims, plots,
+                                  f"LoRAMoE study: {config.name}", wall_seconds))
+    store_folder(parent_run_id, files, "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
     log_metrics(parent_run_id, {f"{r['branch']}/{k}": r[k] for r in tuned
                                 for k in LOGGED if r.get(k) is not None})
     return {"rows": rows, "headers": list(table.columns), "plots": plots,
             "paired": paired.to_dict(orient="records"),
+            "claims": claims.to_dict(orient="records"),
+            "report": out / "report.md" if config is not None else None,
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
 
 
 LOGGED = [f"{name}{suffix}" for name in (
     "knowledge_score", "retention", "downstream_score", "downstream_vs_base", "knowledge_mc",
-    "probe_retention", "trained_retention", "untrained_retention", "logprob_change")
+    "probe_retention", "trained_retention", "untrained_retention", "logprob_change",
+    "router_separation")
     for suffix in ("", "_lo", "_hi")]

@@ -1,0 +1,127 @@
+"""The run's results report as markdown, written by the compare step from the run's own
+numbers (no hand-copied figures): setup, the results table with 95% intervals, the paired
+comparisons, router type separation, and the paper-claims table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _signed(value) -> str:
+    return "–" if value is None or pd.isna(value) else f"{value:+.3f}"
+
+
+def with_ci(row: pd.Series, column: str, signed: bool = False) -> str:
+    value, lo, hi = (row.get(c) for c in (column, f"{column}_lo", f"{column}_hi"))
+    if value is None or pd.isna(value):
+        return "–"
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    if lo is None or pd.isna(lo):
+        return fmt.format(value)
+    return f"{fmt.format(value)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+RESULT_COLUMNS = [  # (header, column, signed)
+    ("knowledge MC (probe)", "knowledge_mc", False),
+    ("probe retention", "probe_retention", False),
+    ("trained relations", "trained_retention", False),
+    ("untrained relations", "untrained_retention", False),
+    ("Δ gold log-prob", "logprob_change", True),
+    ("generation retention", "retention", False),
+    ("downstream", "downstream_score", False),
+    ("downstream vs base", "downstream_vs_base", True),
+    ("router separation", "router_separation", True),
+]
+
+
+def results_section(results: pd.DataFrame) -> str:
+    headers = ["branch", "scale", *(h for h, _, _ in RESULT_COLUMNS)]
+    rows = []
+    for _, row in results.iterrows():
+        if row["status"] != "ok":
+            rows.append([row["branch"], _num(row["scale"]), row["status"],
+                         *[""] * (len(RESULT_COLUMNS) - 1)])
+            continue
+        rows.append([row["branch"], _num(row["scale"]),
+                     *(with_ci(row, c, s) for _, c, s in RESULT_COLUMNS)])
+    base = results[results["method"] == "base"]
+    known = int(base["probe_base_known"].iloc[0]) if len(base) and pd.notna(
+        base["probe_base_known"].iloc[0]) else None
+    first = results[(results["method"] != "base") & results["probe_base_known"].notna()]
+    known = known or (int(first["probe_base_known"].iloc[0]) if len(first) else None)
+    note = (f"Probe retention is the share of the {known} facts the base model got right by "
+            f"multiple choice that the tuned model still gets right (Wilson 95% interval). "
+            if known else "")
+    return ("## Results (95% intervals)\n\n" + note + "Downstream: macro score over tasks, "
+            "bootstrap over items; vs base: paired bootstrap on the same items. Router "
+            "separation: weight on the knowledge experts on knowledge tasks minus on downstream "
+            "tasks (> 0: the router routes by type).\n\n" + table(headers, rows))
+
+
+def paired_section(paired: pd.DataFrame) -> str:
+    if not len(paired):
+        return ""
+    rows = [[r["measure"], r["comparison"], r["a"], r["b"], _num(r["facts"]),
+             _signed(r["retention_diff"]), f"{r['only_a']} / {r['only_b']}", _num(r["p"]),
+             r["verdict"]] for _, r in paired.iterrows()]
+    return ("## Paired comparisons (same base-known facts, exact McNemar)\n\n" +
+            table(["measure", "kind", "a", "b", "facts", "a − b", "only a / only b", "p",
+                   "verdict"], rows))
+
+
+def claims_section(claims: pd.DataFrame) -> str:
+    rows = [[r["claim"], r["paper"], r["ours"], f"**{r['verdict']}**"]
+            for _, r in claims.iterrows()]
+    return ("## Paper claims\n\nEach claim tested on this run at the largest scale the roles "
+            "share; *inconclusive* means the 95% interval or paired test cannot tell.\n\n" +
+            table(["claim", "paper", "this run", "verdict"], rows))
+
+
+def setup_section(config, wall_seconds: float | None) -> str:
+    mixture = config.mixture
+    methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
+                                                 f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
+                                                 if c.method == "loramoe" else "") + ")"
+                        for n, c in config.methods.items())
+    trained = [t.name for t in mixture.tasks if t.train]
+    untrained = [t.name for t in mixture.tasks if not t.train]
+    from loramoe.precision import cpu_model_name, default_device, resolve_dtype
+
+    first = next(iter(config.methods.values()))
+    device = default_device()
+    where = cpu_model_name() if device.type == "cpu" else device.type
+    dtype = str(resolve_dtype(first.dtype, device)).removeprefix("torch.")
+    lines = [f"- Config `{config.name}`: model `{first.model}`, dtype `{first.dtype}` "
+             f"(= {dtype} on {where}), "
+             f"batch {first.batch_size}, epochs {first.epochs}, max_length {first.max_length}",
+             f"- Methods: {methods}", f"- Scales (nested): {mixture.scales}" + (
+                 f", knowledge share {mixture.knowledge_share}" if mixture.knowledge_share
+                 is not None else ""),
+             f"- Trained tasks: {', '.join(trained)}",
+             f"- Eval-only relations: {', '.join(untrained) or 'none'}"]
+    if wall_seconds is not None:
+        lines.append(f"- Wall time to the compare step: {wall_seconds:,.0f} s")
+    return "## Setup\n\n" + "\n".join(lines)
+
+
+def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame,
+                 claims: pd.DataFrame, plots: list[Path], title: str,
+                 wall_seconds: float | None = None) -> Path:
+    figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
+    parts = [f"# {title}", setup_section(config, wall_seconds), results_section(results),
+             claims_section(claims), paired_section(paired), "## Figures\n\n" + figures]
+    path.write_text("\n\n".join(p for p in parts if p) + "\n")
+    return path
