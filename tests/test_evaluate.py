@@ -90,3 +90,39 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
     lines = (tmp_path / "tuned" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(eval_file.read_text().splitlines())
     assert {"prediction", "score", "answers"} <= set(json.loads(lines[0]))
+
+
+def test_style_breakdown_separates_format_losses_from_knowledge_losses():
+    import pandas as pd
+
+    from loramoe.evaluate.scoring import style_breakdown
+
+    base = pd.DataFrame({"id": list("abcde"), "task_type": ["knowledge"] * 4 + ["downstream"],
+                         "prediction": ["Tokyo", "Well, the capital city of that country is "
+                                        "certainly Paris", "Rome", "no", "x"],
+                         "score": [1.0, 1.0, 1.0, 0.0, 1.0]})
+    tuned = pd.DataFrame({"id": list("abcde"), "score": [0.0, 0.0, 1.0, 1.0, 0.0]})
+    probe = pd.DataFrame({"id": list("abcd"), "mc_correct": [True, False, True, True]})
+    got = style_breakdown(base, tuned, probe)
+    # a and b lost by generation; the probe still knows a (format) but not b (knowledge)
+    assert got["generation_lost"] == 2 and got["lost_still_known"] == 1
+    assert got["lost_still_known_share"] == 0.5 and got["lost_still_known_ci"][0] < 0.5
+    assert got["base_long_answers"] == 1 and got["base_correct"] == 3
+
+
+def test_short_answers_stop_at_the_first_newline(tiny_model_dir):
+    import torch
+
+    from loramoe.evaluate.stopping import StopAtNewline, first_line, newline_token_ids
+    from loramoe.model import load_base_model
+
+    _, tokenizer = load_base_model(str(tiny_model_dir))
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+    assert newline in newline_token_ids(tokenizer).tolist()
+    other = tokenizer("a", add_special_tokens=False)["input_ids"][-1]
+    prompt = [other] * 3
+    ids = torch.tensor([prompt + [other, newline], prompt + [other, other],
+                        prompt + [newline, other]])
+    stop = StopAtNewline(tokenizer, prompt_width=3, applies=torch.tensor([True, True, False]))
+    assert stop(ids).tolist() == [True, False, False]  # the 3rd row is not a short answer
+    assert first_line("Paris\nIt is also...") == "Paris"

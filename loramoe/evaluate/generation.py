@@ -1,4 +1,5 @@
-"""Batched greedy generation: left padding, KV cache, stop at EOS; short answers for QA."""
+"""Batched greedy generation: left padding, KV cache, stop at EOS; short answers (QA,
+labels) also stop at their first newline and keep only that line."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import warnings
 
 import pandas as pd
 import torch
+from transformers import StoppingCriteriaList
 
 from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.routing import RouterRecorder
+from loramoe.evaluate.stopping import SHORT_ANSWER_METRICS, StopAtNewline, first_line
 
 MAX_NEW_TOKENS = {"contains": 24, "exact_match": 24, "f1": 16, "accuracy": 8, "rouge_l": 64,
                   "chrf": 32}
@@ -53,16 +56,19 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
         ids, mask = (t.to(model.device) for t in pad_rows([encoded[i] for i in batch], pad_id))
         max_new = max_new_tokens or max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24)
                                         for i in batch)
+        short = [frame["metric"].iloc[i] in SHORT_ANSWER_METRICS for i in batch]
+        stop = StopAtNewline(tokenizer, ids.shape[1], torch.tensor(short))
         if recorder is not None:
             recorder.start_batch(mask)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+                                 do_sample=False, pad_token_id=pad_id, eos_token_id=eos,
+                                 stopping_criteria=StoppingCriteriaList([stop]))
         if recorder is not None:
             recorder.end_batch()
         for row, index in enumerate(batch):
-            text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
-            predictions[index] = text.strip()
+            text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True).strip()
+            predictions[index] = first_line(text) if short[row] else text
     if recorder is not None:  # re-order recorded samples to the frame's order
         recorder.per_sample = [torch.cat(recorder.per_sample, dim=1)[:, _inverse(order)]]
     return [predictions[i] for i in range(len(encoded))]

@@ -15,7 +15,13 @@ import torch
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
-from loramoe.evaluate.scoring import compare_with_base, retention, score_predictions, summarize
+from loramoe.evaluate.scoring import (
+    compare_with_base,
+    retention,
+    score_predictions,
+    style_breakdown,
+    summarize,
+)
 from loramoe.precision import default_device, resolve_dtype
 
 
@@ -102,6 +108,8 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     # after the router analysis: the probe's forwards must not reach the recorder
     metrics.update(probe_metrics(hf_model, tokenizer, full, out, base_dir, batch_size,
                                  untrained_tasks))
+    if base_dir is not None and (out / "probe.jsonl").is_file():
+        metrics["style"] = style_breakdown(base, scored, read_records(out / "probe.jsonl"))
     metrics["generated_items"] = int(len(frame))
     # per item, so the comparison step can pair two branches' downstream scores
     metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}

@@ -90,3 +90,28 @@ def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowled
         "per_task": {task: share(kept[known["task"] == task])
                      for task in sorted(joined["task"].unique())},
     }
+
+
+LONG_ANSWER_WORDS = 8  # a "contains" hit inside a longer sentence, not a short answer
+
+
+def style_breakdown(base: pd.DataFrame, tuned: pd.DataFrame, tuned_probe: pd.DataFrame
+                    ) -> dict[str, Any]:
+    """How much of the generation-retention drop is answer style, not knowledge: of the
+    knowledge items the base answered right and the tuned model no longer does, the share
+    the tuned model still picks by the likelihood probe (it knows the fact, it only says it
+    differently); and how many base hits were long sentences that merely contain the gold."""
+    joined = base[base["task_type"] == "knowledge"][["id", "prediction", "score"]].merge(
+        tuned[["id", "score"]], on="id", suffixes=("_base", "_tuned"))
+    known = joined[joined["score_base"] >= CORRECT]
+    lost = known[known["score_tuned"] < CORRECT]
+    probe_right = set(tuned_probe["id"][tuned_probe["mc_correct"].astype(bool)])
+    probed = set(tuned_probe["id"])
+    lost_probed = lost[lost["id"].isin(probed)]
+    still = int(lost_probed["id"].isin(probe_right).sum())
+    long = int((known["prediction"].str.split().str.len() > LONG_ANSWER_WORDS).sum())
+    return {"generation_lost": int(len(lost)), "lost_probed": int(len(lost_probed)),
+            "lost_still_known": still,
+            "lost_still_known_share": still / len(lost_probed) if len(lost_probed) else None,
+            "lost_still_known_ci": wilson_interval(still, int(len(lost_probed))),
+            "base_long_answers": long, "base_correct": int(len(known))}

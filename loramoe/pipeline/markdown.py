@@ -43,6 +43,7 @@ RESULT_COLUMNS = [  # (header, column, signed)
     ("generation retention", "retention", False),
     ("downstream", "downstream_score", False),
     ("downstream vs base", "downstream_vs_base", True),
+    ("generation losses the probe still knows", "lost_still_known", False),
     ("router separation", "router_separation", True),
 ]
 
@@ -66,7 +67,10 @@ def results_section(results: pd.DataFrame) -> str:
             f"multiple choice that the tuned model still gets right (Wilson 95% interval). "
             if known else "")
     return ("## Results (95% intervals)\n\n" + note + "Downstream: macro score over tasks, "
-            "bootstrap over items; vs base: paired bootstrap on the same items. Router "
+            "bootstrap over items; vs base: paired bootstrap on the same items. Generation losses "
+            "the probe still knows: of the facts the base answered right by generation and "
+            "the tuned model no longer does, the share the tuned model still picks by the "
+            "probe — answer style, not lost knowledge. Router "
             "separation: weight on the knowledge experts on knowledge tasks minus on downstream "
             "tasks (> 0: the router routes by type).\n\n" + table(headers, rows))
 

@@ -39,6 +39,8 @@ def score_columns(m: dict[str, Any]) -> dict[str, Any]:
             "downstream_vs_base": vs_base.get("diff"),
             **_bounds("downstream_vs_base", vs_base.get("ci")),
             "downstream_vs_base_significant": vs_base.get("significant"),
+            "lost_still_known": m.get("style", {}).get("lost_still_known_share"),
+            **_bounds("lost_still_known", m.get("style", {}).get("lost_still_known_ci")),
             "router_separation": m.get("router_separation", {}).get("value"),
             **_bounds("router_separation", m.get("router_separation", {}).get("ci"))}
 
@@ -199,5 +201,5 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
 LOGGED = [f"{name}{suffix}" for name in (
     "knowledge_score", "retention", "downstream_score", "downstream_vs_base", "knowledge_mc",
     "probe_retention", "trained_retention", "untrained_retention", "logprob_change",
-    "router_separation")
+    "lost_still_known", "router_separation")
     for suffix in ("", "_lo", "_hi")]
