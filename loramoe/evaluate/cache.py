@@ -2,8 +2,9 @@
 
 The key is a content hash: the bytes of every file of the model folder (weights, config,
 tokenizer), the eval file's bytes, the resolved dtype and device type, the evaluation's
-settings, and the source of the evaluation code itself (so a change to scoring or to the
-probe recomputes instead of reusing stale numbers). A hit copies predictions.jsonl,
+settings, the source of the evaluation code and of the prompt formatting, and the torch and
+transformers versions (so a change to scoring, the probe or the chat formatting recomputes
+instead of reusing stale numbers). A hit copies predictions.jsonl,
 probe.jsonl and metrics.json into the output folder without loading the model.
 
 Hashing reads the model's files once per process (the default model's ~540 MB folder in
@@ -54,10 +55,16 @@ def model_digest(model: str) -> str:
 
 
 def code_digest() -> str:
-    """The evaluation code's source: a change to how answers are scored invalidates."""
-    folder = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
+    """The evaluation code's source (and the prompt formatting it uses) and the torch and
+    transformers versions: a change to how answers are produced or scored invalidates."""
+    import torch
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    sources = [*sorted(here.glob("*.py")), here.parent / "data" / "collate.py",
+               here.parent / "data" / "records.py"]
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__}".encode())
+    for path in sources:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
