@@ -35,7 +35,7 @@ def test_verdicts_on_constructed_outcomes():
         outcome("sft-10", "sft", 10, 200, ones), outcome("sft-100", "sft", 100, 150, ones),
         outcome("lora-100", "lora", 100, 148, half),
         outcome("moe_paper-100", "loramoe", 100, 190, ones,
-                separation={"value": 0.001, "ci": [-0.004, 0.006]}),
+                separation={"value": 0.001, "ci": [0.0005, 0.0015]}),  # > 0, negligible
         outcome("moe_aligned-100", "loramoe", 100, 150, zeros, form="aligned",
                 separation={"value": 0.2, "ci": [0.1, 0.3]}),
         outcome("moe_b0-100", "loramoe", 100, 150, ones, beta=0.0),

@@ -155,8 +155,9 @@ def claim_separation(branches, form: str) -> dict[str, Any]:
     if not sep or sep.get("ci") is None:
         return {**row, "ours": f"needs loramoe with the {form} LBC", "verdict": "not measured"}
     lo, hi = sep["ci"]
-    verdict = ("reproduced" if lo > 0 else "not reproduced" if hi < 0 or
-               (lo > -NO_SEPARATION and hi < NO_SEPARATION) else "inconclusive")
+    # a CI inside ±NO_SEPARATION is no separation worth the name, even if it excludes 0
+    verdict = ("not reproduced" if hi < 0 or (lo > -NO_SEPARATION and hi < NO_SEPARATION)
+               else "reproduced" if lo > 0 else "inconclusive")
     return {**row, "ours": f"knowledge-expert weight, knowledge − downstream tasks, at "
                            f"{found[0]['scale']}: {_ci(sep, 'value')}", "verdict": verdict}
 
