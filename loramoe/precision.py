@@ -32,16 +32,19 @@ class PrecisionError(ValueError):
     """The requested dtype or device cannot be used here; the message names the field."""
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+def cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` line of Linux /proc/cpuinfo; None where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        return None
+    return next((line.partition(":")[2].strip() for line in text.splitlines()
+                 if line.startswith(name)), None)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def cpu_has_native_bf16() -> bool:
@@ -49,12 +52,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_model_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return next((line.partition(":")[2].strip() for line in text.splitlines()
-                 if line.startswith("model name")), "unknown")
+    return cpuinfo_field("model name") or "unknown"
 
 
 def measure_bf16_speedup(rows: int = 1024, repeats: int = 5) -> float:

@@ -34,7 +34,8 @@ def local_task(spec: TaskSpec) -> Task:
     """A task over a local file; rows split train/test by a stable hash of the prompt."""
     columns = {"prompt": "prompt", "response": "response", "answers": "answers", **spec.columns}
 
-    def rows(split: str) -> list[tuple[str, list[str]]]:
+    def rows() -> dict[str, list[tuple[str, list[str]]]]:
+        """The file's (prompt, answers) rows by split, read once per call."""
         frame = read_records(Path(spec.path))
         missing = [c for c in (columns["prompt"], columns["answers"]) if c not in frame.columns]
         if missing and not (columns["answers"] in missing and columns["response"] in frame):
@@ -42,7 +43,7 @@ def local_task(spec: TaskSpec) -> Task:
 
             raise MixtureError(f"tasks[{spec.name!r}]: {spec.path} lacks column(s) {missing}; "
                                f"found {list(frame.columns)}")
-        out = []
+        out: dict[str, list[tuple[str, list[str]]]] = {"train": [], "test": []}
         answer_column = columns["answers"] if columns["answers"] in frame else columns["response"]
         for index, (prompt, raw) in enumerate(zip(frame[columns["prompt"]], frame[answer_column],
                                                   strict=True)):
@@ -55,12 +56,12 @@ def local_task(spec: TaskSpec) -> Task:
             elif answers is None:
                 _bad_row(spec, index, answer_column, raw, "an answer or a list of answers")
             digest = hashlib.sha256(f"{spec.name}:{prompt}".encode()).digest()
-            if (int.from_bytes(digest[:4], "big") % 100 < 20) == (split == "test"):
-                out.append((prompt, answers))
+            test = int.from_bytes(digest[:4], "big") % 100 < 20
+            out["test" if test else "train"].append((prompt, answers))
         return out
 
     def build_train(n: int, seed: int) -> list[TrainRecord]:
-        items = rows("train")
+        items = rows()["train"]
         random.Random(seed).shuffle(items)
         return [TrainRecord(f"{spec.name}-train-{i}", spec.name, spec.task_type, p, a[0])
                 for i, (p, a) in enumerate(items[:n])]
@@ -68,11 +69,12 @@ def local_task(spec: TaskSpec) -> Task:
     def build_eval(n: int, seed: int) -> list[EvalRecord]:
         from loramoe.data.knowledge import DISTRACTORS, pick_distractors
 
-        items = rows("test")
+        split = rows()
+        items = split["test"]
         rng = random.Random(seed)
         rng.shuffle(items)
         # knowledge files are probed too: other rows' answers (both splits) as distractors
-        pool = sorted({a[0] for _, a in rows("train") + items if a and a[0].strip()})
+        pool = sorted({a[0] for _, a in split["train"] + items if a and a[0].strip()})
         probe = spec.task_type == "knowledge" and len(pool) > DISTRACTORS
         return [EvalRecord(f"{spec.name}-test-{i}", spec.name, spec.task_type, p, a, spec.metric,
                            answer_prefix=spec.answer_prefix if probe else "",

@@ -106,10 +106,11 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         metrics["router_separation"] = analysis["separation"]
         recorder.detach()
     # after the router analysis: the probe's forwards must not reach the recorder
-    metrics.update(probe_metrics(hf_model, tokenizer, full, out, base_dir, batch_size,
-                                 untrained_tasks))
-    if base_dir is not None and (out / "probe.jsonl").is_file():
-        metrics["style"] = style_breakdown(base, scored, read_records(out / "probe.jsonl"))
+    probe, found = probe_metrics(hf_model, tokenizer, full, out, base_dir, batch_size,
+                                 untrained_tasks)
+    metrics.update(found)
+    if base_dir is not None:
+        metrics["style"] = style_breakdown(base, scored, probe)
     metrics["generated_items"] = int(len(frame))
     # per item, so the comparison step can pair two branches' downstream scores
     metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
@@ -118,17 +119,18 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
 
 
 def probe_metrics(model, tokenizer, full: pd.DataFrame, out: Path, base_dir, batch_size: int,
-                  untrained_tasks: set[str] | None) -> dict[str, Any]:
-    """Probe every fact (probe.jsonl); its summary, and its retention vs the base's probe."""
+                  untrained_tasks: set[str] | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Probe every fact (probe.jsonl): the probe, and its summary and retention vs the base's
+    probe."""
     from loramoe.data.records import read_records, write_records
 
     probe = probe_facts(model, tokenizer, full, batch_size=max(batch_size, 64))
     write_records(probe, out / "probe.jsonl")
     if not len(probe):
-        return {}
+        return probe, {}
     found = {"probe": probe_summary(probe, full)}
     base_probe = Path(base_dir) / "probe.jsonl" if base_dir is not None else None
     if base_probe is not None and base_probe.is_file():
         found["probe_retention"] = probe_retention(read_records(base_probe), probe, full,
                                                    untrained_tasks)
-    return found
+    return probe, found

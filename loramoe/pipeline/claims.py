@@ -46,13 +46,9 @@ def at_largest_shared_scale(branches, *roles: str) -> list[dict[str, Any]] | Non
 
 def retention_pair(a: dict, b: dict) -> dict[str, Any]:
     """Probe retention of A minus B on the base-known facts (exact McNemar)."""
-    from loramoe.evaluate.stats import paired_binary
+    from loramoe.pipeline.report import paired_kept
 
-    ka, kb = a["metrics"]["probe_retention"], b["metrics"]["probe_retention"]
-    known = ka["known_ids"]
-    kept_a, kept_b = set(ka["kept_ids"]), set(kb["kept_ids"])
-    return paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
-                         pd.Series([i in kept_b for i in known], dtype=bool))
+    return paired_kept(a, b, "probe_retention")
 
 
 def downstream_pair(a: dict, b: dict) -> dict[str, Any]:
@@ -63,6 +59,10 @@ def downstream_pair(a: dict, b: dict) -> dict[str, Any]:
     both = sa.merge(sb[["id", "score"]], on="id", suffixes=("_a", "_b"))
     both = both[both["task_type"] == "downstream"].reset_index(drop=True)
     return paired_bootstrap(both["score_a"], both["score_b"], both["task"])
+
+
+def _not_measured(row: dict[str, str], needs: str) -> dict[str, str]:
+    return {**row, "ours": needs, "verdict": "not measured"}
 
 
 def _verdict(significant: bool, better: bool, n: int | None = None) -> str:
@@ -93,7 +93,7 @@ def claim_forgetting(branches) -> dict[str, Any]:
            "paper": "abstract: 'large-scale increases in instruction data can damage the world "
                     "knowledge previously stored in LLMs'"}
     if len(sft) < 2:
-        return {**row, "ours": "needs SFT at ≥ 2 scales", "verdict": "not measured"}
+        return _not_measured(row, "needs SFT at ≥ 2 scales")
     test = retention_pair(sft[-1], sft[0])  # largest minus smallest, same facts
     return {**row, "ours": f"SFT probe retention {sft[-1]['scale']} vs {sft[0]['scale']} "
                            f"examples: {_ret(test)}",
@@ -106,8 +106,7 @@ def claim_keeps_knowledge(branches, other: str) -> dict[str, Any]:
                     "knowledge stored in the LLM'"}
     pair = at_largest_shared_scale(branches, "loramoe_paper", other)
     if pair is None:
-        return {**row, "ours": f"needs loramoe (LBC, paper form) and {other}",
-                "verdict": "not measured"}
+        return _not_measured(row, f"needs loramoe (LBC, paper form) and {other}")
     test = retention_pair(*pair)
     return {**row, "ours": f"probe retention at {pair[0]['scale']}: {_ret(test)}",
             "verdict": _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])}
@@ -119,10 +118,10 @@ def claim_downstream(branches) -> dict[str, Any]:
                     "downstream tasks'"}
     pair = at_largest_shared_scale(branches, "loramoe_paper", "sft")
     if pair is None:
-        return {**row, "ours": "needs loramoe (LBC) and sft", "verdict": "not measured"}
+        return _not_measured(row, "needs loramoe (LBC) and sft")
     test = downstream_pair(*pair)
     if test["ci"] is None:
-        return {**row, "ours": "no downstream items", "verdict": "not measured"}
+        return _not_measured(row, "no downstream items")
     lo, hi = test["ci"]
     verdict = ("reproduced" if lo > -DOWNSTREAM_MARGIN else
                "not reproduced" if hi < -DOWNSTREAM_MARGIN else "inconclusive")
@@ -136,8 +135,7 @@ def claim_lbc_helps(branches, form: str) -> dict[str, Any]:
                     "(ablation in the paper)"}
     pair = at_largest_shared_scale(branches, f"loramoe_{form}", "loramoe_nolbc")
     if pair is None:
-        return {**row, "ours": f"needs loramoe with the {form} LBC and with β = 0",
-                "verdict": "not measured"}
+        return _not_measured(row, f"needs loramoe with the {form} LBC and with β = 0")
     kept, down = retention_pair(*pair), downstream_pair(*pair)
     signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
     worse, better = any(d < 0 for d in signs), any(d > 0 for d in signs)
@@ -153,7 +151,7 @@ def claim_separation(branches, form: str) -> dict[str, Any]:
     found = at_largest_shared_scale(branches, f"loramoe_{form}")
     sep = found[0]["metrics"].get("router_separation") if found else None
     if not sep or sep.get("ci") is None:
-        return {**row, "ours": f"needs loramoe with the {form} LBC", "verdict": "not measured"}
+        return _not_measured(row, f"needs loramoe with the {form} LBC")
     lo, hi = sep["ci"]
     # a CI inside ±NO_SEPARATION is no separation worth the name, even if it excludes 0
     verdict = ("not reproduced" if hi < 0 or (lo > -NO_SEPARATION and hi < NO_SEPARATION)

@@ -66,9 +66,19 @@ def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if any(len(p) for p in parts) else parts[0]
 
 
-def paired_on(branches: list[dict[str, Any]], key: str) -> pd.DataFrame:
+def paired_kept(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
+    """Retention `key` of A minus B on A's base-known facts (the base's, shared by every
+    branch): difference of shares and the exact McNemar test."""
     from loramoe.evaluate.stats import paired_binary
 
+    known = a["metrics"][key].get("known_ids", [])
+    kept_a = set(a["metrics"][key].get("kept_ids", []))
+    kept_b = set(b["metrics"][key].get("kept_ids", []))
+    return paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
+                         pd.Series([i in kept_b for i in known], dtype=bool))
+
+
+def paired_on(branches: list[dict[str, Any]], key: str) -> pd.DataFrame:
     ok = [b for b in branches if not b.get("error") and b["metrics"].get(key)]
     pairs = [(a, b, "method") for i, a in enumerate(ok) for b in ok[i + 1:]
              if a["scale"] == b["scale"]]
@@ -77,11 +87,7 @@ def paired_on(branches: list[dict[str, Any]], key: str) -> pd.DataFrame:
         pairs += [(small, large, "scale") for small, large in pairwise(series)]
     rows = []
     for a, b, kind in pairs:
-        known = a["metrics"][key].get("known_ids", [])
-        kept_a = set(a["metrics"][key].get("kept_ids", []))
-        kept_b = set(b["metrics"][key].get("kept_ids", []))
-        test = paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
-                             pd.Series([i in kept_b for i in known], dtype=bool))
+        test = paired_kept(a, b, key)
         rows.append({"measure": key, "comparison": kind, "a": a["name"], "b": b["name"],
                      "facts": test["n"],
                      "retention_diff": test["diff"], "only_a": test["only_a"],
