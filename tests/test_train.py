@@ -144,6 +144,48 @@ def test_resume_matches_uninterrupted_run(tiny_model_dir, tiny_train_file, tmp_p
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # step 4 was never logged before the crash
 
 
+def test_snapshot_under_constant_lr_is_the_shorter_run(tiny_model_dir, tiny_train_file,
+                                                        tmp_path):
+    """The nested-prefix design: with a constant lr, the snapshot after 3 of 6 steps is the
+    adapter a 3-step run writes (same seed, same batches); with cosine it is not."""
+    from loramoe.evaluate.run import load_for_eval
+
+    def adapter(folder):
+        return load_file(folder / "adapter" / WEIGHTS_NAME)
+
+    common = dict(method="loramoe", lr=2e-2, warmup_ratio=0.0)
+    runs = {}
+    for schedule in ("constant", "cosine"):
+        long = train(config_for(tiny_model_dir, tiny_train_file, tmp_path / f"{schedule}6",
+                                max_steps=6, snapshot_steps=[3, 6], lr_schedule=schedule,
+                                **common), progress=False)
+        short = train(config_for(tiny_model_dir, tiny_train_file, tmp_path / f"{schedule}3",
+                                 max_steps=3, lr_schedule=schedule, **common), progress=False)
+        runs[schedule] = (long.output_dir / "snapshots", short.output_dir, long.output_dir)
+    snaps, short, long = runs["constant"]
+    for key, value in adapter(short).items():
+        torch.testing.assert_close(adapter(snaps / "step-00003")[key], value, rtol=0, atol=0)
+    for key, value in adapter(long).items():
+        torch.testing.assert_close(adapter(snaps / "step-00006")[key], value, rtol=0, atol=0)
+    snaps, short, _ = runs["cosine"]
+    assert any(not torch.equal(adapter(snaps / "step-00003")[k], v)
+               for k, v in adapter(short).items())
+    model, _, config = load_for_eval(run=runs["constant"][0] / "step-00003", device="cpu")
+    assert config["snapshot_steps"] == [3, 6] and model.training is False
+
+
+def test_snapshot_steps_past_the_run_name_the_field(tiny_model_dir, tiny_train_file, tmp_path):
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=4,
+                        snapshot_steps=[2, 9])
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.snapshot_steps: \[9\]"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "snapshots").exists()
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.snapshot_steps"):
+        TrainConfig(snapshot_steps=[0])
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
 def test_nan_loss_stops_with_last_checkpoint(tiny_model_dir, tiny_train_file, tmp_path,
                                              monkeypatch):
     import loramoe.train.loop as train_module

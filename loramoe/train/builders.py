@@ -47,7 +47,7 @@ def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total_steps: int):
-    """AdamW with linear warm-up then cosine decay to 0 over total_steps."""
+    """AdamW with linear warm-up, then cosine decay to 0 over total_steps or a constant lr."""
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total_steps)
@@ -55,6 +55,8 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 

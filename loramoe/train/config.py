@@ -33,6 +33,9 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; None: run `epochs`
     epochs: float = 1.0
     warmup_ratio: float = 0.03
+    # after the warm-up: "cosine" decays to 0 at the last step; "constant" holds the lr, so a
+    # snapshot after s steps is what an s-step run would give (nested-prefix scale design)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = 0.0
     seed: int = 0
     max_length: int = 256
@@ -41,6 +44,9 @@ class TrainConfig:
     # where the hardware multiplies it natively, else fp32 (loramoe/precision.py)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    # also write the model/adapter after these optimizer steps, each in
+    # output_dir/snapshots/step-NNNNN/ (a folder `python -m loramoe.evaluate --run` reads)
+    snapshot_steps: list[int] = field(default_factory=list)
     log_every: int = 1
     # LoRAMoE (method="loramoe"); lbc_beta=0 is the no-LBC ablation
     loramoe: LoRAMoEConfig = field(default_factory=LoRAMoEConfig)
@@ -70,6 +76,8 @@ class TrainConfig:
             ("weight_decay", lambda v: v >= 0, ">= 0"),
             ("max_length", lambda v: v >= 8, ">= 8"),
             ("save_every", lambda v: v >= 0, ">= 0"),
+            ("snapshot_steps", lambda v: all(isinstance(s, int) and s >= 1 for s in v),
+             "a list of optimizer steps >= 1"),
             ("log_every", lambda v: v >= 1, ">= 1"),
             ("lora_rank", lambda v: v >= 1, ">= 1"),
             ("lora_alpha", lambda v: v > 0, "> 0"),
@@ -77,6 +85,7 @@ class TrainConfig:
             ("untyped_task_types", lambda v: not set(v) & set(self.loramoe.type_names),
              f"task types that are not expert types {self.loramoe.type_names}"),
         ], TrainConfigError)
+        self.snapshot_steps = sorted(set(self.snapshot_steps))
         if self.lr is None:  # resolved once, so the saved config holds the lr that was used
             self.lr = DEFAULT_LR[self.method]
 

@@ -18,7 +18,7 @@ import torch
 
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
-from loramoe.train.config import TrainConfig
+from loramoe.train.config import TrainConfig, TrainConfigError
 from loramoe.train.objective import gather_samples, global_token_share
 
 
@@ -77,6 +77,10 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     from tqdm.auto import tqdm
 
     run = build_training(config, resume)
+    late = [s for s in config.snapshot_steps if s > run.total_steps]
+    if late:
+        raise TrainConfigError(f"TrainConfig.snapshot_steps: {late} lie past the run's "
+                               f"{run.total_steps} optimizer steps")
     acc, model, optimizer, output_dir = run.accelerator, run.model, run.optimizer, \
         Path(config.output_dir)
     sinks = [sink] if sink is not None else []
@@ -116,6 +120,8 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
                 each.log_metrics(last, at.step)
         bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update(1)
+        if at.step in config.snapshot_steps:
+            write_artifact(run, output_dir / "snapshots" / f"step-{at.step:05d}")
         if config.save_every and at.step % config.save_every == 0:
             save_if_finite(acc, run.params, output_dir, at.to_dict(), config.learning_rate)
         if at.step >= run.total_steps:
@@ -145,16 +151,28 @@ def sharded_state(acc, model) -> dict[str, torch.Tensor] | None:
     return {key.removeprefix("lm."): value for key, value in state.items()}
 
 
-def finish(run: Training, last: dict[str, float]) -> TrainResult:
-    """Write the adapter (or model) and the final metrics, on the main process."""
-    acc, config, output_dir = run.accelerator, run.config, Path(run.config.output_dir)
+def write_artifact(run: Training, folder: Path) -> Path:
+    """The adapter (or model) as it is now, in folder/adapter (folder/model), with the run's
+    train_config.json beside it: a folder load_for_eval(run=...) reads."""
+    acc, config = run.accelerator, run.config
     acc.wait_for_everyone()
-    artifact = output_dir / ("model" if config.method == "sft" else "adapter")
+    artifact = folder / ("model" if config.method == "sft" else "adapter")
     # Sharded weights (FSDP, ZeRO-3) are gathered on every process; rank 0 writes them.
     full = sharded_state(acc, run.model) if config.method == "sft" else None
     if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
         artifact = save_artifact(acc.unwrap_model(run.model).lm, run.tokenizer, config,
-                                 output_dir, full)
+                                 folder, full)
+        (folder / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    acc.wait_for_everyone()
+    return artifact
+
+
+def finish(run: Training, last: dict[str, float]) -> TrainResult:
+    """Write the adapter (or model) and the final metrics, on the main process."""
+    acc, output_dir = run.accelerator, Path(run.config.output_dir)
+    artifact = write_artifact(run, output_dir)
+    if acc.is_main_process:
         (output_dir / "final_metrics.json").write_text(
             json.dumps({"steps": run.progress.step, "processes": acc.num_processes, **last}))
     acc.wait_for_everyone()

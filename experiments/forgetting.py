@@ -1,0 +1,141 @@
+"""Does fine-tuning the default model make it forget what it knew as the data grow?
+
+    python experiments/forgetting.py [--config flows/configs/forgetting.toml]
+                                     [--out outputs/forgetting] [--methods sft,loramoe]
+
+The nested-prefix design of issue #15 item 4: one training run per method over the largest
+scale, with a constant lr after the warm-up, and a snapshot of the model/adapter after the
+optimizer steps that make up each smaller scale (examples seen = steps x batch size). What it
+changes against the paper's one-run-per-scale design: every scale shares one run's data order
+and its schedule has no decay at the end. Each snapshot and the base model go through the
+likelihood probe on every held-out fact (each model under the same answer prefix, so answer
+style does not count) and through generation on the downstream items. The report
+(report.md, results.csv, retention.png in --out) is written after each method, so a run cut
+short keeps what it measured: retention of the base-known facts with its Wilson interval,
+overall and on relations never trained on, the mean change of their gold log-prob, the
+downstream score, and exact McNemar tests of each snapshot against the method's first one
+on the same facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+
+from forgetting_report import write_report  # noqa: E402  (experiments/, beside this file)
+
+from loramoe.data import build_mixture, write_mixture  # noqa: E402
+from loramoe.data.records import read_records, write_records  # noqa: E402
+from loramoe.evaluate.generation import generate_predictions  # noqa: E402
+from loramoe.evaluate.probe import probe_facts, probe_retention  # noqa: E402
+from loramoe.evaluate.run import load_for_eval  # noqa: E402
+from loramoe.evaluate.scoring import score_predictions  # noqa: E402
+from loramoe.evaluate.stats import paired_binary, stratified_bootstrap  # noqa: E402
+from loramoe.pipeline import PipelineConfig  # noqa: E402
+from loramoe.train import train  # noqa: E402
+
+
+def measure(model_name: str | None, run: Path | None, facts: pd.DataFrame,
+            downstream: pd.DataFrame, batch: int) -> tuple[pd.DataFrame, dict]:
+    """(probe of every fact, downstream macro score with its bootstrap interval)."""
+    model, tokenizer, _ = load_for_eval(model=model_name, run=run)
+    probe = probe_facts(model, tokenizer, facts, batch_size=64)
+    scored = score_predictions(downstream, generate_predictions(model, tokenizer, downstream,
+                                                                batch))
+    score = stratified_bootstrap(scored["score"], scored["task"])
+    return probe, {"downstream": score["value"], "downstream_ci": score["ci"]}
+
+
+def retention_row(base: pd.DataFrame, probe: pd.DataFrame, facts: pd.DataFrame,
+                  untrained: set[str]) -> dict:
+    kept = probe_retention(base, probe, facts, untrained)
+    row = {"retention": kept["overall"], "retention_ci": kept["ci"], "kept": kept["kept"],
+           "known": kept["base_correct"], "logprob_change": kept["logprob_change"],
+           "logprob_change_ci": kept["logprob_change_ci"]}
+    for group, part in kept["groups"].items():
+        row[f"retention_{group}"], row[f"retention_{group}_ci"] = part["overall"], part["ci"]
+        row[f"kept_{group}"], row[f"known_{group}"] = part["kept"], part["base_correct"]
+    return row
+
+
+def versus_first(rows: list[dict], probes: list[pd.DataFrame], base: pd.DataFrame) -> None:
+    """Each snapshot vs the method's first, on the base-known facts (exact McNemar)."""
+    known = base.loc[base["mc_correct"], ["id"]]
+    kept = [known.merge(p, on="id")["mc_correct"] for p in probes]
+    for row, now in zip(rows, kept, strict=True):
+        test = paired_binary(now, kept[0])
+        row["vs_first_diff"], row["vs_first_p"] = test["diff"], test["p"]
+        row["vs_first_lost"], row["vs_first_regained"] = test["only_b"], test["only_a"]
+
+
+def loss_at(run_dir: Path, step: int, window: int = 4) -> float:
+    """The mean training lm loss of the `window` steps up to `step`."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    near = [r["lm_loss"] for r in rows if step - window < r["step"] <= step]
+    return sum(near) / len(near)
+
+
+def run_method(name: str, config: PipelineConfig, data: Path, out: Path, facts, downstream,
+               base_probe, args) -> list[dict]:
+    """Train one method over the largest scale with snapshots, measure every snapshot."""
+    scales = config.mixture.scales
+    method = config.train_config(name, data / f"train_{scales[-1]}.jsonl", out / name)
+    per_step = method.batch_size * method.grad_accum
+    steps = [math.ceil(scale / per_step) for scale in scales]
+    method = replace(method, snapshot_steps=steps, max_steps=steps[-1])
+    started = time.perf_counter()
+    train(method, progress=False)
+    train_s = time.perf_counter() - started
+    rows, probes = [], []
+    for scale, step in zip(scales, steps, strict=True):
+        snapshot = out / name / "snapshots" / f"step-{step:05d}"
+        probe, scores = measure(None, snapshot, facts, downstream, args.batch)
+        write_records(probe, snapshot / "probe.jsonl")
+        probes.append(probe)
+        rows.append({"method": name, "lr": method.lr, "scale": scale, "steps": step,
+                     "train_loss": loss_at(out / name, step), **scores,
+                     **retention_row(base_probe, probe, facts, config.untrained_tasks)})
+        print(f"[{name}] scale {scale}: retention {rows[-1]['retention']:.3f}", flush=True)
+    versus_first(rows, probes, base_probe)
+    for row in rows:
+        row["train_seconds"] = round(train_s)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "flows/configs/forgetting.toml"))
+    parser.add_argument("--out", default=str(ROOT / "outputs/forgetting"))
+    parser.add_argument("--methods", default="", help="comma-separated subset of [methods]")
+    parser.add_argument("--batch", type=int, default=16, help="generation batch size")
+    args = parser.parse_args()
+    path = Path(args.config)
+    config = PipelineConfig.from_dict(tomllib.loads(path.read_text()), base_dir=path.parent)
+    out = Path(args.out)
+    data = write_mixture(build_mixture(config.mixture), config.mixture, out / "data")
+    frame = read_records(data / "eval.jsonl")
+    facts = frame[frame["task_type"] == "knowledge"].reset_index(drop=True)
+    downstream = frame[frame["task_type"] != "knowledge"].reset_index(drop=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    base_probe, base_scores = measure(config.base_model, None, facts, downstream, args.batch)
+    write_records(base_probe, out / "base_probe.jsonl")
+    rows = [{"method": "base", "scale": 0, "steps": 0, **base_scores,
+             "known": int(base_probe["mc_correct"].sum()), "facts": len(base_probe)}]
+    for name in args.methods.split(",") if args.methods else list(config.methods):
+        rows += run_method(name, config, data, out, facts, downstream, base_probe, args)
+        write_report(pd.DataFrame(rows), config, out, " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
