@@ -1,0 +1,54 @@
+"""experiments/forgetting.py end to end on the tiny random model: snapshots, probe, report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+name = "fg-tiny"
+mlflow_experiment = "fg-tiny"
+registered_model = "fg-tiny"
+[mixture]
+scales = [16, 32]
+seed = 0
+eval_size = 3
+knowledge_share = 0.25
+task_types = ["knowledge", "downstream"]
+tasks = [{ name = "country_capital", eval_size = 20 },
+         { name = "city_country", train = false, eval_size = 20 },
+         { name = "arithmetic" }, { name = "sort_numbers" }]
+[train]
+model = "tiny-random-llama"
+batch_size = 8
+max_length = 128
+lr = 0.005
+lr_schedule = "constant"
+[methods]
+sft = { method = "sft" }
+loramoe = { method = "loramoe", lr = 0.02 }
+"""
+
+
+def test_forgetting_experiment_writes_its_report(tmp_path):
+    config = tmp_path / "forgetting.toml"
+    config.write_text(CONFIG)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "experiments/forgetting.py"),
+                           "--config", str(config), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pd.read_csv(out / "results.csv")
+    tuned = rows[rows["method"] != "base"]
+    assert list(tuned["scale"]) == [16, 32, 16, 32] and list(tuned["steps"]) == [2, 4, 2, 4]
+    assert (tuned["known"] == rows.loc[rows["method"] == "base", "known"].iloc[0]).all()
+    assert (tuned["kept"] <= tuned["known"]).all() and tuned["retention_untrained"].notna().all()
+    assert (tuned.groupby("method")["vs_first_p"].first() == 1.0).all()  # first vs itself
+    for method in ("sft", "loramoe"):
+        assert (out / method / "snapshots" / "step-00002" / "probe.jsonl").is_file()
+    report = (out / "report.md").read_text()
+    assert report.count("Verdict:") == 2 and (out / "retention.png").is_file()
