@@ -41,8 +41,9 @@ from loramoe.evaluate.generation import generate_predictions  # noqa: E402
 from loramoe.evaluate.probe import probe_facts, probe_retention  # noqa: E402
 from loramoe.evaluate.run import load_for_eval  # noqa: E402
 from loramoe.evaluate.scoring import score_predictions  # noqa: E402
-from loramoe.evaluate.stats import paired_binary, stratified_bootstrap  # noqa: E402
+from loramoe.evaluate.stats import stratified_bootstrap  # noqa: E402
 from loramoe.pipeline import PipelineConfig  # noqa: E402
+from loramoe.pipeline.report import paired_kept, score_columns  # noqa: E402
 from loramoe.train import train  # noqa: E402
 
 
@@ -54,27 +55,20 @@ def measure(model_name: str | None, run: Path | None, facts: pd.DataFrame,
     scored = score_predictions(downstream, generate_predictions(model, tokenizer, downstream,
                                                                 batch))
     score = stratified_bootstrap(scored["score"], scored["task"])
-    return probe, {"downstream": score["value"], "downstream_ci": score["ci"]}
+    return probe, {"downstream_score": score["value"], "downstream_score_ci": score["ci"]}
 
 
-def retention_row(base: pd.DataFrame, probe: pd.DataFrame, facts: pd.DataFrame,
-                  untrained: set[str]) -> dict:
-    kept = probe_retention(base, probe, facts, untrained)
-    row = {"retention": kept["overall"], "retention_ci": kept["ci"], "kept": kept["kept"],
-           "known": kept["base_correct"], "logprob_change": kept["logprob_change"],
-           "logprob_change_ci": kept["logprob_change_ci"]}
-    for group, part in kept["groups"].items():
-        row[f"retention_{group}"], row[f"retention_{group}_ci"] = part["overall"], part["ci"]
-        row[f"kept_{group}"], row[f"known_{group}"] = part["kept"], part["base_correct"]
-    return row
+def retention_columns(kept: dict, scores: dict) -> dict:
+    """The pipeline's result columns (value, _lo, _hi) for one snapshot's probe retention and
+    downstream score, and the kept count."""
+    return {**score_columns({"probe_retention": kept, **scores}), "kept": kept["kept"]}
 
 
-def versus_first(rows: list[dict], probes: list[pd.DataFrame], base: pd.DataFrame) -> None:
+def versus_first(rows: list[dict], kept: list[dict]) -> None:
     """Each snapshot vs the method's first, on the base-known facts (exact McNemar)."""
-    known = base.loc[base["mc_correct"], ["id"]]
-    kept = [known.merge(p, on="id")["mc_correct"] for p in probes]
+    first = {"metrics": {"probe_retention": kept[0]}}
     for row, now in zip(rows, kept, strict=True):
-        test = paired_binary(now, kept[0])
+        test = paired_kept({"metrics": {"probe_retention": now}}, first, "probe_retention")
         row["vs_first_diff"], row["vs_first_p"] = test["diff"], test["p"]
         row["vs_first_lost"], row["vs_first_regained"] = test["only_b"], test["only_a"]
 
@@ -97,17 +91,17 @@ def run_method(name: str, config: PipelineConfig, data: Path, out: Path, facts, 
     started = time.perf_counter()
     train(method, progress=False)
     train_s = time.perf_counter() - started
-    rows, probes = [], []
+    rows, kept = [], []
     for scale, step in zip(scales, steps, strict=True):
         snapshot = out / name / "snapshots" / f"step-{step:05d}"
         probe, scores = measure(None, snapshot, facts, downstream, args.batch)
         write_records(probe, snapshot / "probe.jsonl")
-        probes.append(probe)
+        kept.append(probe_retention(base_probe, probe, facts, config.untrained_tasks))
         rows.append({"method": name, "lr": method.lr, "scale": scale, "steps": step,
-                     "train_loss": loss_at(out / name, step), **scores,
-                     **retention_row(base_probe, probe, facts, config.untrained_tasks)})
-        print(f"[{name}] scale {scale}: retention {rows[-1]['retention']:.3f}", flush=True)
-    versus_first(rows, probes, base_probe)
+                     "train_loss": loss_at(out / name, step),
+                     **retention_columns(kept[-1], scores)})
+        print(f"[{name}] scale {scale}: retention {kept[-1]['overall']:.3f}", flush=True)
+    versus_first(rows, kept)
     for row in rows:
         row["train_seconds"] = round(train_s)
     return rows
@@ -130,8 +124,9 @@ def main() -> None:
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     base_probe, base_scores = measure(config.base_model, None, facts, downstream, args.batch)
     write_records(base_probe, out / "base_probe.jsonl")
-    rows = [{"method": "base", "scale": 0, "steps": 0, **base_scores,
-             "known": int(base_probe["mc_correct"].sum()), "facts": len(base_probe)}]
+    rows = [{"method": "base", "scale": 0, "steps": 0, **score_columns(base_scores),
+             "probe_base_known": int(base_probe["mc_correct"].sum()),
+             "facts": len(base_probe)}]
     for name in args.methods.split(",") if args.methods else list(config.methods):
         rows += run_method(name, config, data, out, facts, downstream, base_probe, args)
         write_report(pd.DataFrame(rows), config, out, " ".join(sys.argv))

@@ -8,15 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from loramoe.pipeline.markdown import setup_section, table, with_ci
+
 ALPHA = 0.05
-
-
-def interval(value, ci, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "–"
-    if ci is None or (isinstance(ci, float) and pd.isna(ci)):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def verdict(rows: pd.DataFrame) -> str:
@@ -34,20 +28,16 @@ def verdict(rows: pd.DataFrame) -> str:
             f"{last['vs_first_regained']:.0f}, exact McNemar p = {last['vs_first_p']:.2g})")
 
 
-def method_table(rows: pd.DataFrame) -> list[str]:
-    lines = ["| examples | steps | train loss | downstream | retention (kept/known) | "
-             "untrained relations | Δ gold log-prob | vs first: lost / regained, p |",
-             "|---|---|---|---|---|---|---|---|"]
-    for _, r in rows.iterrows():
-        lines.append(
-            f"| {r['scale']:.0f} | {r['steps']:.0f} | {r['train_loss']:.3f} | "
-            f"{interval(r['downstream'], r['downstream_ci'])} | "
-            f"{interval(r['retention'], r['retention_ci'])} ({r['kept']:.0f}/{r['known']:.0f}) | "
-            f"{interval(r.get('retention_untrained'), r.get('retention_untrained_ci'))} | "
-            f"{interval(r['logprob_change'], r['logprob_change_ci'], 2)} | "
-            f"{r['vs_first_lost']:.0f} / {r['vs_first_regained']:.0f}, "
-            f"p = {r['vs_first_p']:.2g} |")
-    return lines
+def method_table(rows: pd.DataFrame) -> str:
+    return table(
+        ["examples", "steps", "train loss", "downstream", "retention (kept/known)",
+         "untrained relations", "Δ gold log-prob", "vs first: lost / regained, p"],
+        [[f"{r['scale']:.0f}", f"{r['steps']:.0f}", f"{r['train_loss']:.3f}",
+          with_ci(r, "downstream_score"),
+          f"{with_ci(r, 'probe_retention')} ({r['kept']:.0f}/{r['probe_base_known']:.0f})",
+          with_ci(r, "untrained_retention"), with_ci(r, "logprob_change", signed=True),
+          f"{r['vs_first_lost']:.0f} / {r['vs_first_regained']:.0f}, "
+          f"p = {r['vs_first_p']:.2g}"] for _, r in rows.iterrows()])
 
 
 def plot(tuned: pd.DataFrame, path: Path) -> None:
@@ -57,11 +47,10 @@ def plot(tuned: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, title in ((axes[0], "retention", "all base-known facts"),
-                           (axes[1], "retention_untrained", "relations never trained on")):
+    for ax, key, title in ((axes[0], "probe_retention", "all base-known facts"),
+                           (axes[1], "untrained_retention", "relations never trained on")):
         for method, rows in tuned.groupby("method", sort=False):
-            lo = [v - ci[0] for v, ci in zip(rows[key], rows[f"{key}_ci"], strict=True)]
-            hi = [ci[1] - v for v, ci in zip(rows[key], rows[f"{key}_ci"], strict=True)]
+            lo, hi = rows[key] - rows[f"{key}_lo"], rows[f"{key}_hi"] - rows[key]
             ax.errorbar(rows["scale"], rows[key], yerr=[lo, hi], marker="o", capsize=3,
                         label=f"{method} (lr {rows['lr'].iloc[0]:g})")
         ax.set(xscale="log", xlabel="training examples seen", title=title)
@@ -73,21 +62,16 @@ def plot(tuned: pd.DataFrame, path: Path) -> None:
 
 
 def setup_lines(frame: pd.DataFrame, config, command: str) -> list[str]:
-    from loramoe.precision import cpuinfo_field
-
     base = frame[frame["method"] == "base"].iloc[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     shared = next(iter(config.methods.values()))
-    return [f"Command: `{command}` (commit {commit or 'unknown'}, CPU: "
-            f"{cpuinfo_field('model name') or 'unknown'}).", "",
-            f"Model {config.base_model}; nested scales {config.mixture.scales} with knowledge "
-            f"a fixed {config.mixture.knowledge_share} share; batch {shared.batch_size}, "
-            f"max_length {shared.max_length}, {shared.lr_schedule} lr after "
-            f"{shared.warmup_ratio:.0%} warm-up. The base model knows "
-            f"**{base['known']:.0f} of {base['facts']:.0f}** held-out facts (probe, 4-option "
-            f"multiple choice); its downstream score is "
-            f"{interval(base['downstream'], base['downstream_ci'])}.", ""]
+    return [f"Command: `{command}` (commit {commit or 'unknown'}).", "",
+            setup_section(config, None), "",
+            f"{shared.lr_schedule.capitalize()} lr after {shared.warmup_ratio:.0%} warm-up. "
+            f"The base model knows **{base['probe_base_known']:.0f} of {base['facts']:.0f}** "
+            f"held-out facts (probe, 4-option multiple choice); its downstream score is "
+            f"{with_ci(base, 'downstream_score')}.", ""]
 
 
 def write_report(frame: pd.DataFrame, config, out: Path, command: str) -> Path:
@@ -98,7 +82,7 @@ def write_report(frame: pd.DataFrame, config, out: Path, command: str) -> Path:
                                                                            command)]
     for method, rows in tuned.groupby("method", sort=False):
         lines += [f"## {method} (lr {rows['lr'].iloc[0]:g}, training "
-                  f"{rows['train_seconds'].iloc[0]:.0f} s)", "", *method_table(rows), "",
+                  f"{rows['train_seconds'].iloc[0]:.0f} s)", "", method_table(rows), "",
                   f"Verdict: {verdict(rows)}.", ""]
     lines += ["![retention vs examples](retention.png)", ""]
     path = out / "report.md"

@@ -45,8 +45,10 @@ def test_forgetting_experiment_writes_its_report(tmp_path):
     rows = pd.read_csv(out / "results.csv")
     tuned = rows[rows["method"] != "base"]
     assert list(tuned["scale"]) == [16, 32, 16, 32] and list(tuned["steps"]) == [2, 4, 2, 4]
-    assert (tuned["known"] == rows.loc[rows["method"] == "base", "known"].iloc[0]).all()
-    assert (tuned["kept"] <= tuned["known"]).all() and tuned["retention_untrained"].notna().all()
+    assert (tuned["probe_base_known"]
+            == rows.loc[rows["method"] == "base", "probe_base_known"].iloc[0]).all()
+    assert (tuned["kept"] <= tuned["probe_base_known"]).all()
+    assert tuned["untrained_retention"].notna().all()
     assert (tuned.groupby("method")["vs_first_p"].first() == 1.0).all()  # first vs itself
     for method in ("sft", "loramoe"):
         assert (out / method / "snapshots" / "step-00002" / "probe.jsonl").is_file()
