@@ -13,8 +13,9 @@ style does not count) and through generation on the downstream items. The report
 (report.md, results.csv, retention.png in --out) is written after each method, so a run cut
 short keeps what it measured: retention of the base-known facts with its Wilson interval,
 overall and on relations never trained on, the mean change of their gold log-prob, the
-downstream score, and exact McNemar tests of each snapshot against the method's first one
-on the same facts.
+downstream score, and exact McNemar tests on the same facts of each snapshot against the
+method's first one, of consecutive snapshots and of every two methods at one scale
+(paired.csv).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from loramoe.evaluate.run import load_for_eval  # noqa: E402
 from loramoe.evaluate.scoring import score_predictions  # noqa: E402
 from loramoe.evaluate.stats import stratified_bootstrap  # noqa: E402
 from loramoe.pipeline import PipelineConfig  # noqa: E402
-from loramoe.pipeline.report import paired_kept, score_columns  # noqa: E402
+from loramoe.pipeline.report import paired_kept, paired_on, score_columns  # noqa: E402
 from loramoe.train import train  # noqa: E402
 
 
@@ -80,9 +81,16 @@ def loss_at(run_dir: Path, step: int, window: int = 4) -> float:
     return sum(near) / len(near)
 
 
+def as_branches(name: str, scales: list[int], kept: list[dict]) -> list[dict]:
+    """One snapshot per scale in the shape the pipeline's paired comparisons read."""
+    return [{"name": f"{name}-{scale}", "method_name": name, "scale": scale,
+             "metrics": {"probe_retention": now}} for scale, now in zip(scales, kept, strict=True)]
+
+
 def run_method(name: str, config: PipelineConfig, data: Path, out: Path, facts, downstream,
-               base_probe, args) -> list[dict]:
-    """Train one method over the largest scale with snapshots, measure every snapshot."""
+               base_probe, args) -> tuple[list[dict], list[dict]]:
+    """Train one method over the largest scale with snapshots, measure every snapshot:
+    (result rows, the snapshots as branches for the paired comparisons)."""
     scales = config.mixture.scales
     method = config.train_config(name, data / f"train_{scales[-1]}.jsonl", out / name)
     per_step = method.batch_size * method.grad_accum
@@ -104,7 +112,7 @@ def run_method(name: str, config: PipelineConfig, data: Path, out: Path, facts, 
     versus_first(rows, kept)
     for row in rows:
         row["train_seconds"] = round(train_s)
-    return rows
+    return rows, as_branches(name, scales, kept)
 
 
 def main() -> None:
@@ -127,9 +135,14 @@ def main() -> None:
     rows = [{"method": "base", "scale": 0, "steps": 0, **score_columns(base_scores),
              "probe_base_known": int(base_probe["mc_correct"].sum()),
              "facts": len(base_probe)}]
+    branches: list[dict] = []
     for name in args.methods.split(",") if args.methods else list(config.methods):
-        rows += run_method(name, config, data, out, facts, downstream, base_probe, args)
-        write_report(pd.DataFrame(rows), config, out, " ".join(sys.argv))
+        method_rows, method_branches = run_method(name, config, data, out, facts, downstream,
+                                                  base_probe, args)
+        rows, branches = rows + method_rows, branches + method_branches
+        # every two methods at one scale, each method's consecutive scales (exact McNemar)
+        paired = paired_on(branches, "probe_retention")
+        write_report(pd.DataFrame(rows), paired, config, out, " ".join(sys.argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from loramoe.pipeline.markdown import setup_section, table, with_ci
+from loramoe.pipeline.markdown import paired_section, setup_section, table, with_ci
 
 ALPHA = 0.05
 
@@ -74,8 +74,10 @@ def setup_lines(frame: pd.DataFrame, config, command: str) -> list[str]:
             f"{with_ci(base, 'downstream_score')}.", ""]
 
 
-def write_report(frame: pd.DataFrame, config, out: Path, command: str) -> Path:
+def write_report(frame: pd.DataFrame, paired: pd.DataFrame, config, out: Path, command: str
+                 ) -> Path:
     frame.to_csv(out / "results.csv", index=False)
+    paired.to_csv(out / "paired.csv", index=False)
     tuned = frame[frame["method"] != "base"]
     plot(tuned, out / "retention.png")
     lines = ["# Forgetting with data: nested-prefix runs", "", *setup_lines(frame, config,
@@ -84,7 +86,7 @@ def write_report(frame: pd.DataFrame, config, out: Path, command: str) -> Path:
         lines += [f"## {method} (lr {rows['lr'].iloc[0]:g}, training "
                   f"{rows['train_seconds'].iloc[0]:.0f} s)", "", method_table(rows), "",
                   f"Verdict: {verdict(rows)}.", ""]
-    lines += ["![retention vs examples](retention.png)", ""]
+    lines += [paired_section(paired), "", "![retention vs examples](retention.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
