@@ -126,3 +126,19 @@ def test_short_answers_stop_at_the_first_newline(tiny_model_dir):
     stop = StopAtNewline(tokenizer, prompt_width=3, applies=torch.tensor([True, True, False]))
     assert stop(ids).tolist() == [True, False, False]  # the 3rd row is not a short answer
     assert first_line("Paris\nIt is also...") == "Paris"
+
+
+def test_a_batch_holds_one_answer_budget(tiny_model_dir):
+    """A chrF item (32 new tokens) batched with a ROUGE-L item (64) used to decode 64 tokens;
+    each item must get its own metric's budget, the same as generated alone."""
+    from loramoe.model import load_base_model
+
+    model, tokenizer = load_base_model(str(tiny_model_dir))
+    metrics = ["rouge_l", "chrf", "exact_match", "chrf", "rouge_l"]
+    frame = pd.DataFrame({"prompt": ["Summarise: a b c", "Translate: hello there",
+                                     "What is 2+2?", "Translate: good day", "Summarise: d e"],
+                          "metric": metrics})
+    batched = generate_predictions(model, tokenizer, frame, batch_size=2)
+    single = [generate_predictions(model, tokenizer, frame.iloc[[i]], batch_size=1)[0]
+              for i in range(len(frame))]
+    assert batched == single

@@ -45,17 +45,20 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
         warnings.warn(f"{cut} prompt(s) longer than {max_prompt_tokens} tokens keep only their "
                       f"last {max_prompt_tokens} tokens", stacklevel=2)
         encoded = [e[-max_prompt_tokens:] for e in encoded]
-    # Batches of similar length waste less compute on padding.
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    # A batch decodes until its longest answer is done: items of one answer budget (short
+    # answers with their newline stop apart from 64-token summaries) batch together, and
+    # within a budget prompts of similar length waste less compute on padding.
+    budgets = [max_new_tokens or MAX_NEW_TOKENS.get(m, 24) for m in frame["metric"]]
+    order = sorted(range(len(encoded)), key=lambda i: (budgets[i], len(encoded[i])))
     predictions: dict[int, str] = {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
     model.eval()
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [group[i:i + batch_size] for group in budget_groups(order, budgets)
+               for i in range(0, len(group), batch_size)]
     for batch in tqdm(batches, desc="generate", disable=not progress):
         ids, mask = (t.to(model.device) for t in pad_rows([encoded[i] for i in batch], pad_id))
-        max_new = max_new_tokens or max(MAX_NEW_TOKENS.get(frame["metric"].iloc[i], 24)
-                                        for i in batch)
+        max_new = max(budgets[i] for i in batch)
         short = [frame["metric"].iloc[i] in SHORT_ANSWER_METRICS for i in batch]
         stop = StopAtNewline(tokenizer, ids.shape[1], torch.tensor(short))
         if recorder is not None:
@@ -72,6 +75,17 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     if recorder is not None:  # re-order recorded samples to the frame's order
         recorder.per_sample = [torch.cat(recorder.per_sample, dim=1)[:, _inverse(order)]]
     return [predictions[i] for i in range(len(encoded))]
+
+
+def budget_groups(order: list[int], budgets: list[int]) -> list[list[int]]:
+    """`order` cut where the answer budget changes (order is sorted by budget)."""
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and budgets[groups[-1][-1]] == budgets[index]:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def _inverse(order: list[int]) -> list[int]:
