@@ -49,7 +49,11 @@ def set_max_workers_from_config(argv: list[str]) -> None:
         os.environ.setdefault(f"METAFLOW_{command}_MAX_WORKERS", str(workers))
 
 
-set_max_workers_from_config(sys.argv)
+# Only when this file is the command (`python flows/full_pipeline.py run ...`): Metaflow's
+# Runner also imports it into the caller's process, where argv is the caller's and the
+# variable set here would override the config of every run that process starts.
+if __name__ == "__main__":
+    set_max_workers_from_config(sys.argv)
 
 from metaflow import (  # noqa: E402
     Config,

@@ -45,6 +45,19 @@ def test_flow_is_scheduled_weekly():
     assert schedule["weekly"] is True
 
 
+def test_importing_the_flow_leaves_max_workers_alone():
+    """The Runner imports the flow file in the caller's process: that import used to set
+    METAFLOW_RUN_MAX_WORKERS from default.toml, so a Runner run of another config (one
+    branch at a time) ran default.toml's two at once."""
+    code = ("import os, sys; sys.path.insert(0, 'flows'); import full_pipeline; "
+            "print(os.environ.get('METAFLOW_RUN_MAX_WORKERS', 'unset'))")
+    env = {k: v for k, v in os.environ.items() if "MAX_WORKERS" not in k}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**env, "METAFLOW_USER": "test"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "unset"
+
+
 def test_train_and_evaluate_take_gpu_resources_from_config():
     paper, default = compiled_steps("paper.toml"), compiled_steps("default.toml")
     wanted = tomllib.loads((ROOT / "flows" / "configs" / "paper.toml").read_text())
