@@ -30,8 +30,8 @@ def compiled_steps(config: str) -> dict[str, dict]:
 
 
 def test_flow_is_scheduled_weekly():
-    # In a process of its own: importing the flow file sets METAFLOW_RUN_MAX_WORKERS, which
-    # later flow runs of this test session would inherit.
+    # In a process of its own: the flow module's Metaflow state (configs, decorators) stays
+    # out of this test session.
     code = ("import json, sys; sys.path.insert(0, 'flows'); "
             "from full_pipeline import LoRAMoEPipeline; from metaflow import FlowSpec; "
             # Metaflow's accessor for a flow's decorators (an instance property)

@@ -4,6 +4,7 @@ labels) also stop at their first newline and keep only that line."""
 from __future__ import annotations
 
 import warnings
+from itertools import groupby
 
 import pandas as pd
 import torch
@@ -79,13 +80,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
 
 def budget_groups(order: list[int], budgets: list[int]) -> list[list[int]]:
     """`order` cut where the answer budget changes (order is sorted by budget)."""
-    groups: list[list[int]] = []
-    for index in order:
-        if groups and budgets[groups[-1][-1]] == budgets[index]:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
+    return [list(group) for _, group in groupby(order, key=budgets.__getitem__)]
 
 
 def _inverse(order: list[int]) -> list[int]:
