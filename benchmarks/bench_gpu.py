@@ -6,8 +6,11 @@
 Models are built from configs with random weights (a SmolLM2-135M-shaped and a ~1B
 Llama-shaped one, TinyLlama's shape), frozen weights in bf16 (fp32 where the device has no
 bf16), adapters fp32, FFN targets, forward + backward + AdamW (the LoRAMoE step with the
-LBC). Variants run interleaved; peak memory is torch.cuda.max_memory_allocated per variant
-(model, optimizer state and activations of one step). Imports only torch, transformers,
+LBC). Two LoRAMoE variants: the formula (what a GPU runs by default) and the fused node
+as a GPU backend candidate (bf16 products, dense dropout mask; kept only if it saves >= 5 %
+of the whole step, docs/benchmarks.md). One variant is alive at a time; peak memory is
+torch.cuda.max_memory_allocated per variant (model, optimizer state and activations of one
+step). Imports only torch, transformers,
 peft and loramoe's core, as the bare GPU machine has nothing else.
 """
 
@@ -24,6 +27,8 @@ from train_step import make_step
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loramoe import LoRAMoEConfig, apply_loramoe
+from loramoe.backends import attach_backend
+from loramoe.backends.fused import FusedBackend
 from loramoe.precision import resolve_dtype
 
 SHAPES = {
@@ -36,13 +41,15 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2),  # a check of the script
 }
 FFN = ["gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("frozen base", "PEFT LoRA r=4", "LoRAMoE N=6 r=4")
+MOE, FUSED = "LoRAMoE N=6 r=4", "LoRAMoE fused node"
+VARIANTS = ("frozen base", "PEFT LoRA r=4", MOE, FUSED)
 
 
 def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
-    model = LlamaForCausalLM(config).to(device, dtype)
+    with torch.device(device):  # random init on the device: seconds, not a minute, for 1B
+        model = LlamaForCausalLM(config).to(dtype)
     if variant == "frozen base":
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -51,6 +58,8 @@ def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype):
                                                  target_modules=FFN, task_type="CAUSAL_LM"))
     else:
         apply_loramoe(model, LoRAMoEConfig(target_modules=FFN))
+        attach_backend(model, FusedBackend(devices=("cpu", device.type)) if variant == FUSED
+                       else "formula")
     return model.train()
 
 
@@ -59,30 +68,52 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """{variant: (ms per step, peak GiB)}: one variant alive at a time, for honest peaks."""
-    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=device)
-    results = {}
-    for variant in VARIANTS:
-        model = build(shape, variant, device, dtype)
-        step = make_step(model, ids, variant.startswith("LoRAMoE"))
-        step()  # warm-up
+def time_variant(shape: str, variant: str, ids: torch.Tensor, args, device: torch.device,
+                 dtype: torch.dtype) -> tuple[float, float]:
+    """(median ms per step, peak GiB) of one variant, the only model alive."""
+    model = build(shape, variant, device, dtype)
+    step = make_step(model, ids, variant in (MOE, FUSED))
+    step()  # warm-up
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
         sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        results[variant] = (1000 * statistics.median(times), peak)
-        del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return results
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return 1000 * statistics.median(times), peak
+
+
+def measure(shape: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """{variant: [(ms per step, peak GiB) per round]}: rounds of every variant in turn, one
+    alive at a time (honest peaks); a variant that fails is reported and skipped."""
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (args.batch, args.seq), device=device)
+    results: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            try:
+                results[variant].append(time_variant(shape, variant, ids, args, device, dtype))
+            except Exception as err:  # noqa: BLE001 - one broken variant must not hide the rest
+                print(f"  {shape:<14} {variant:<17} FAILED: {type(err).__name__}: {err}"[:400])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {v: r for v, r in results.items() if r}
+
+
+def ratio_line(shape: str, name: str, results: dict, a: str, b: str) -> str:
+    """a / b in time (per round, and of the medians) and in peak memory."""
+    if a not in results or b not in results:
+        return f"  {shape:<14} {name}: not measured"
+    per_round = [x[0] / y[0] for x, y in zip(results[a], results[b], strict=False)]
+    ms_a, ms_b = (statistics.median(t for t, _ in results[v]) for v in (a, b))
+    peak_a, peak_b = results[a][0][1], results[b][0][1]
+    memory = f", memory {peak_a / peak_b:.3f}x" if peak_b else ""
+    rounds = ", ".join(f"{r:.3f}" for r in per_round)
+    return f"  {shape:<14} {name}: time {ms_a / ms_b:.3f}x (rounds {rounds}){memory}"
 
 
 def main() -> None:
@@ -92,23 +123,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = resolve_dtype("auto", device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"Train step on {name}, frozen weights {dtype}, batch {args.batch} x {args.seq}, "
-          f"torch {torch.__version__}, median of {args.repeats}")
+          f"torch {torch.__version__}, median of {args.repeats} steps, {args.rounds} rounds")
     print(f"  {'model':<14} {'variant':<17} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>9}")
     for shape in args.models.split(","):
         results = measure(shape, args, device, dtype)
-        for variant, (ms, peak) in results.items():
+        for variant, rounds in results.items():
+            ms = statistics.median(t for t, _ in rounds)
             print(f"  {shape:<14} {variant:<17} {ms:9.1f} "
-                  f"{args.batch * args.seq / ms * 1000:10.0f} {peak:9.2f}")
-        moe, lora, base = (results[v] for v in ("LoRAMoE N=6 r=4", "PEFT LoRA r=4",
-                                                 "frozen base"))
-        memory = f", memory {moe[1] / lora[1]:.3f}x (target <= 1.10x)" if lora[1] else ""
-        print(f"  {shape:<14} LoRAMoE / PEFT LoRA: time {moe[0] / lora[0]:.3f}x "
-              f"(target <= 1.15x){memory}; LoRAMoE / frozen base {moe[0] / base[0]:.3f}x")
+                  f"{args.batch * args.seq / ms * 1000:10.0f} {rounds[0][1]:9.2f}")
+        for variant in (MOE, FUSED):
+            print(ratio_line(shape, f"{variant} / PEFT LoRA (target <= 1.15x time, <= 1.10x "
+                                    "memory)", results, variant, "PEFT LoRA r=4"))
+            print(ratio_line(shape, f"{variant} / frozen base", results, variant,
+                             "frozen base"))
+        print(ratio_line(shape, "fused node / formula (a backend stays at <= 0.95x)", results,
+                         FUSED, MOE))
 
 
 if __name__ == "__main__":

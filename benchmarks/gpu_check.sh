@@ -9,8 +9,12 @@
 # tests (tests/test_cuda.py: layer in bf16 vs the fp64 formula, generate with the KV cache,
 # one train step of each method) and the train-step benchmark (benchmarks/bench_gpu.py:
 # LoRAMoE vs PEFT LoRA vs frozen base, tokens/s and peak memory, SmolLM2-135M-shaped and
-# ~1B Llama-shaped random models, batch 8 x 1024). The smoke flow with gpu = 1 needs
-# metaflow and mlflow wheels, which do not fit in what can be brought: not run here.
+# ~1B Llama-shaped random models, batch 8 x 1024; the fused node as a GPU backend candidate
+# against the formula) and the launch check (benchmarks/gpu_launch_check.py: full SFT and
+# LoRAMoE under infra/accelerate/fsdp.yaml, LoRAMoE under ddp.yaml, launched as a gpu > 1
+# branch launches them, against one plain process). The smoke flow with gpu = 1 needs
+# mlflow, metaflow and great-expectations wheels: ~61 MiB beyond the machine's packages
+# (44 without boto), too close to the 64 MiB that can be brought: not run here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
@@ -23,5 +27,7 @@ echo "== CUDA tests"
 timeout 240 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs \
     2>&1 | tail -15 || status=1
 echo "== train step: LoRAMoE vs PEFT LoRA vs frozen base"
-timeout 300 python benchmarks/bench_gpu.py --device cuda --repeats 10 || status=1
+timeout 240 python benchmarks/bench_gpu.py --device cuda --repeats 10 --rounds 2 || status=1
+echo "== launched branches: FSDP / DDP configs vs one plain process"
+timeout 150 python benchmarks/gpu_launch_check.py 2>&1 | grep -v "it/s" || status=1
 exit $status

@@ -67,7 +67,7 @@ def same_dropout(formula_layer, x, monkeypatch) -> None:
     p = formula_layer.dropout.p
     dropped = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) < p
     positions = dropped.flatten().nonzero().flatten()
-    monkeypatch.setattr(fused, "bernoulli_positions", lambda numel, q: positions)
+    monkeypatch.setattr(fused, "draw_dropped", lambda numel, q, device: positions)
     formula_layer.dropout = FixedMask(~dropped, p)
 
 
@@ -87,6 +87,25 @@ def test_fused_backend_equals_the_formula(kind, top_k, dropout, monkeypatch):
     for name, g, w in zip(NAMES, got[2], want[2], strict=True):
         assert w.abs().sum() > 0, f"grad of {name} is zero: the comparison would be vacuous"
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_a_bool_mask_and_its_positions_give_the_same_node(top_k):
+    """The GPU hands the node a dense bool mask, the CPU the positions: same values."""
+    layer = make_layer(top_k=top_k)
+    route = None if layer.dense else layer.gates_from_logits
+    weight_t, bias = layer.base_layer.weight.t(), layer.base_layer.bias
+    x = torch.randn(4, 6, 12, dtype=torch.float64)
+    mask = torch.rand(x.numel(), generator=torch.Generator().manual_seed(4)) < 0.3
+    results = []
+    for dropped in (mask, mask.nonzero().flatten()):
+        xi = x.clone().requires_grad_(True)
+        out, probs = FusedLoRAMoE.apply(xi, *layer.expert_weights(), weight_t, bias, route,
+                                        layer.scaling / 0.7, dropped)
+        grads = torch.autograd.grad(out.square().sum() + probs.sum(), [xi, *layer.expert_weights()])
+        results.append((out, probs, *grads))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
@@ -173,7 +192,8 @@ def test_the_backend_declines_what_it_does_not_cover():
     fp16 = LoRAMoELinear(nn.Linear(12, 20).to(torch.float16), LoRAMoEConfig())
     assert not covers(fp16, x32.to(torch.float16))  # fp16 takes the formula
     assert FusedBackend()(fp16, x32.to(torch.float16)) is None
-    assert not covers(bf16, x32.to(torch.bfloat16).to("meta"))  # CPU only
+    assert not covers(bf16, x32.to(torch.bfloat16).to("meta"))  # CPU only by default
+    assert not covers(bf16, x32.to(torch.bfloat16), devices=("cuda",))  # where it may run
 
 
 def test_a_model_trains_through_the_fused_node_and_the_same_without_it(tiny_llama):

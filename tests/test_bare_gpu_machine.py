@@ -78,7 +78,26 @@ runpy.run_path("benchmarks/bench_gpu.py", run_name="__main__")
 """
     done = run_bare(code, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "LoRAMoE / PEFT LoRA: time" in done.stdout
+    assert "LoRAMoE N=6 r=4 / PEFT LoRA (target" in done.stdout
+    assert "fused node / formula" in done.stdout
+
+
+def test_the_launch_check_runs_on_the_cpu_without_them(tmp_path):
+    """benchmarks/gpu_launch_check.py imports only the bare machine's packages (its launched
+    processes are ordinary ones: the block guards this one)."""
+    code = """
+import runpy
+sys.argv = ["gpu_launch_check.py", "--processes", "1", "--runs", "loramoe:ddp",
+            "--dtype", "fp32"]
+try:
+    runpy.run_path("benchmarks/gpu_launch_check.py", run_name="__main__")
+except SystemExit as done:
+    sys.exit(done.code)
+"""
+    done = run_bare(code, tmp_path)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    row = next(line.split() for line in done.stdout.splitlines() if "loramoe" in line)
+    assert row[:4] == ["loramoe", "ddp", "1", "3"] and row[-1] == "same", done.stdout
 
 
 def test_the_cuda_tests_collect_and_skip_without_a_gpu(tmp_path):

@@ -83,3 +83,22 @@ def test_sharded_strategies_need_gpus(frame, tmp_path):
     data["launch"] = {"processes": -1}
     with pytest.raises(PipelineConfigError, match=r"config.launch.processes: must be >= 0"):
         PipelineConfig.from_dict(data)
+
+
+def test_fsdp_auto_wrap_finds_the_lm_blocks_through_the_trainer_wrapper(tiny_llama):
+    """accelerate's transformer auto-wrap reads `_no_split_modules` off the module it is
+    given, the trainer's ResponseLM: without them it wraps no block, and FSDP shards the
+    whole model as one unit (a 7B model's weights all gathered at once)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from loramoe.train.objective import ResponseLM
+
+    model = ResponseLM(tiny_llama)
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy,
+                             transformer_cls_names_to_wrap=None)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = [type(m).__name__ for m in model.modules() if policy(m)]
+    assert wrapped == ["LlamaDecoderLayer"] * tiny_llama.config.num_hidden_layers

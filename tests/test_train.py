@@ -237,3 +237,23 @@ def test_two_process_ddp_run_completes(tiny_model_dir, tiny_train_file, tmp_path
     assert (tmp_path / "ddp" / "adapter" / WEIGHTS_NAME).is_file()
     final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
     assert final["steps"] == 3 and final["processes"] == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "loramoe"])
+def test_adapter_init_depends_on_the_seed_not_on_what_loading_drew(method, tiny_model_dir):
+    """A model built the first time (the tiny one, from a config) draws random numbers, one
+    read from a cache does not: the adapters must start the same either way (seen: a first
+    run on a fresh machine trained other adapters than every later run)."""
+    from loramoe.train.builders import build_model
+
+    config = TrainConfig(method=method, model=str(tiny_model_dir), seed=3)
+    starts = []
+    for draws in (0, 7):
+        torch.manual_seed(0)
+        torch.rand(draws)  # what loading might have consumed
+        model, _ = build_model(config)
+        starts.append({k: v.clone() for k, v in model.state_dict().items()
+                       if "lora_A" in k or "router" in k})
+    assert starts[0] and starts[0].keys() == starts[1].keys()
+    for key, value in starts[0].items():
+        assert torch.equal(value, starts[1][key]), key

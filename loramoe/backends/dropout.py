@@ -6,6 +6,7 @@ The gaps between the zeroed positions of such a Bernoulli(p) process are i.i.d.
 Geometric(p), so drawing only those gaps (about p·numel draws) and summing them gives the
 same distribution (to float32 resolution, see bernoulli_positions) at a twentieth of the
 draws. On the default model this saves 13-15 % of a whole train step (docs/benchmarks.md).
+A GPU draws a dense mask instead: its generator is fast, and host-drawn positions are not.
 """
 
 from __future__ import annotations
@@ -40,9 +41,23 @@ def bernoulli_positions(numel: int, p: float, chunk: int | None = None) -> torch
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
+def draw_dropped(numel: int, p: float, device: torch.device) -> torch.Tensor:
+    """One dropout draw over `numel` elements, as the node takes it: on the CPU the sorted
+    flat positions (bernoulli_positions: a twentieth of the draws); on an accelerator a flat
+    bool mask from the device's own generator (one kernel, 1 byte an element), since
+    positions would be drawn on the host and copied over for every layer."""
+    if device.type == "cpu":
+        return bernoulli_positions(numel, p)
+    return torch.rand(numel, device=device) < p
+
+
 def zero_dropped_(t: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """Zero the dropped (flat) positions of a contiguous t in place and return it."""
-    t.view(-1).index_fill_(0, dropped, 0)
+    """Zero the dropped elements of a contiguous t in place and return it; `dropped` is the
+    flat positions or a flat bool mask (draw_dropped)."""
+    if dropped.dtype == torch.bool:
+        t.view(-1).masked_fill_(dropped, 0)
+    else:
+        t.view(-1).index_fill_(0, dropped, 0)
     return t
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from loramoe.backends.dropout import bernoulli_positions, dropped_copy, zero_dropped_
+from loramoe.backends.dropout import draw_dropped, dropped_copy, zero_dropped_
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -108,7 +108,7 @@ class FusedLoRAMoE(torch.autograd.Function):
             # Scaled straight into the parameter's (N, d_out, r) layout and dtype: one pass,
             # and autograd can keep this tensor as .grad without another copy.
             grad_B = torch.mul(grad_B_t.transpose(1, 2), scale,
-                               out=torch.empty(n, d_out, r, dtype=high))
+                               out=torch.empty(n, d_out, r, dtype=high, device=grad_out.device))
         grad_mixed = _mm(b_stacked, grad_out.t()).to(high).mul_(scale).view(n, r, m)  # (N,r,M)
         grad_gates_t = (grad_mixed * codes_t.view(n, r, m)).sum(1)  # (N, M)
         grad_codes_t = grad_mixed.mul_(gates_t.unsqueeze(1)).view(n * r, m)  # (N*r, M)
@@ -154,12 +154,12 @@ def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.transpose(1, 2).reshape(n * r, d_out)  # (N*r, d_out)
 
 
-def covers(layer, x: torch.Tensor) -> bool:
-    """The node covers CPU inputs in the base's dtype (fp32, fp64 or bf16, with adapters in
-    fp32 or wider) on a plain frozen base."""
+def covers(layer, x: torch.Tensor, devices: tuple[str, ...] = ("cpu",)) -> bool:
+    """The node covers inputs on `devices` in the base's dtype (fp32, fp64 or bf16, with
+    adapters in fp32 or wider) on a plain frozen base."""
     base, weight = layer.base_layer, layer.base_layer.weight
     return (
-        x.device.type == "cpu"
+        x.device.type in devices
         and x.dtype == weight.dtype
         and x.dtype in (torch.float32, torch.float64, torch.bfloat16)
         and layer.lora_A.dtype == torch.promote_types(x.dtype, torch.float32)
@@ -171,18 +171,26 @@ def covers(layer, x: torch.Tensor) -> bool:
 
 
 class FusedBackend:
-    """backend(layer, x): the fused node, or None where it does not apply (the formula runs)."""
+    """backend(layer, x): the fused node, or None where it does not apply (the formula runs).
+
+    `devices`: where it runs. The CPU by default, where it pays (docs/benchmarks.md §0);
+    ("cpu", "cuda") is the GPU candidate that benchmarks/bench_gpu.py measures against the
+    formula.
+    """
 
     name = "fused"
 
+    def __init__(self, devices: tuple[str, ...] = ("cpu",)) -> None:
+        self.devices = devices
+
     def __call__(self, layer, x: torch.Tensor):
-        if not covers(layer, x):
+        if not covers(layer, x, self.devices):
             return None
         p = layer.dropout.p
         dropped, keep_scale = None, 1.0
         if layer.training and p > 0:
             keep_scale = 1.0 / (1.0 - p)
-            dropped = bernoulli_positions(x.numel(), p)  # flat positions into x
+            dropped = draw_dropped(x.numel(), p, x.device)  # flat positions or mask
         weight = layer.base_layer.weight
         weight_t = weight.t() if isinstance(layer.base_layer, torch.nn.Linear) else weight
         return FusedLoRAMoE.apply(

@@ -29,6 +29,9 @@ def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
 
     storage = torch.float32 if config.method == "sft" else dtype
     model, tokenizer = load_base_model(config.model, dtype=storage)
+    # The adapters' init draws from the seed alone: loading may or may not draw random
+    # numbers (a model built from a config the first time, read from a cache later).
+    torch.manual_seed(config.seed)
     if config.method == "loramoe":
         apply_loramoe(model, config.loramoe)
     elif config.method == "lora":

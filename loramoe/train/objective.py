@@ -25,6 +25,13 @@ class ResponseLM(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The LM's transformer block classes. FSDP's transformer auto-wrap (accelerate)
+        reads them off the module it is given, this one: without them it wraps no block and
+        shards the whole model as one unit, gathering all of a 7B model's weights at once."""
+        return getattr(self.lm, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, labels, token_count=None) -> torch.Tensor:
         backbone, head = backbone_and_head(self.lm)
         hidden = backbone(input_ids=input_ids,
