@@ -24,10 +24,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch, transformers, peft; print('torch', torch.__version__, '| cuda', \
 torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 echo "== CUDA tests"
-timeout 240 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs \
-    2>&1 | tail -15 || status=1
+LOG=${OUT:-/tmp}  # the device tool brings back what is written under $OUT
+timeout 180 python -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs \
+    2>&1 | tee "$LOG/cuda_tests.log" | tail -25 || status=1
 echo "== train step: LoRAMoE vs PEFT LoRA vs frozen base"
-timeout 240 python benchmarks/bench_gpu.py --device cuda --repeats 10 --rounds 2 || status=1
+timeout 200 python benchmarks/bench_gpu.py --device cuda --repeats 10 --rounds 2 \
+    2>&1 | tee "$LOG/bench_gpu.log" || status=1
 echo "== launched branches: FSDP / DDP configs vs one plain process"
-timeout 150 python benchmarks/gpu_launch_check.py 2>&1 | grep -v "it/s" || status=1
+timeout 150 python benchmarks/gpu_launch_check.py 2>&1 | tee "$LOG/launch_check.log" \
+    | grep -v "it/s" || status=1
 exit $status
