@@ -102,3 +102,30 @@ def test_fsdp_auto_wrap_finds_the_lm_blocks_through_the_trainer_wrapper(tiny_lla
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     wrapped = [type(m).__name__ for m in model.modules() if policy(m)]
     assert wrapped == ["LlamaDecoderLayer"] * tiny_llama.config.num_hidden_layers
+
+
+def test_the_train_forward_runs_under_fsdp_style_activation_checkpointing(tiny_llama):
+    """accelerate's fsdp_activation_checkpointing wraps each block in torch's checkpoint
+    wrapper; a forward that builds a KV cache then appends to it again in the backward's
+    recompute (seen on an H200: keys of 40 positions against a mask of 20). The train
+    forward builds none."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from loramoe.train.objective import ResponseLM
+
+    model = ResponseLM(tiny_llama).train()
+    ids = torch.randint(3, 90, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding: a real mask (without one, sdpa's causal path hid the bug)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    want = model(ids, mask, labels)
+    grads_want = torch.autograd.grad(want, tiny_llama.model.embed_tokens.weight)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    loss = model(ids, mask, labels)
+    (grads,) = torch.autograd.grad(loss, tiny_llama.model.embed_tokens.weight)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grads, grads_want[0])

@@ -34,8 +34,10 @@ class ResponseLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, token_count=None) -> torch.Tensor:
         backbone, head = backbone_and_head(self.lm)
-        hidden = backbone(input_ids=input_ids,
-                          attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        # use_cache=False: training reads no KV cache, and under activation checkpointing
+        # (FSDP's) the recompute would append every block's keys to it a second time
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
         logits = head(hidden[:, :-1][keep])  # (K, V)
