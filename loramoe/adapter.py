@@ -43,25 +43,28 @@ def library_version() -> str:
     return __version__
 
 
-def _base_named_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Base-model parameters under their pre-injection names (".base_layer" removed)."""
+def _base_named_parameters(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                           ) -> list[tuple[str, torch.Tensor]]:
+    """Base-model parameters under their pre-injection names (".base_layer" removed), read
+    from `state` (the model's full state dict) when given."""
     adapter_ids = {
         id(getattr(layer, p)) for _, layer in loramoe_layers(model) for p in ADAPTER_PARAM_NAMES
     }
     return sorted(
-        (name.replace(".base_layer.", "."), param)
+        (name.replace(".base_layer.", "."), param if state is None else state[name])
         for name, param in model.named_parameters()
         if id(param) not in adapter_ids
     )
 
 
-def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+def base_fingerprint(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, Any]:
     """Architecture and weights digests that survive injection and a bf16/fp32 change.
 
     Weights: a strided sample of every base tensor rounded to bf16, so the same checkpoint
     loaded in fp32 or bf16 matches, and hashing a 7B model stays cheap.
     """
-    params = _base_named_parameters(model)
+    params = _base_named_parameters(model, state)
     arch = hashlib.sha256()
     weights = hashlib.sha256()
     for name, param in params:
@@ -105,17 +108,24 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None
-                 ) -> Path:
-    """Write only router + expert weights and the adapter config into ``directory``."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write only router + expert weights and the adapter config into ``directory``.
+
+    `state_dict`: the model's full state, gathered by the caller where the parameters are
+    shards (FSDP, ZeRO-3) that cannot be read as whole tensors; the model is then read only
+    for its structure."""
     layers = loramoe_layers(model)
     if not layers:
         raise AdapterError("model has no LoRAMoE layers: call apply_loramoe first")
     config: LoRAMoEConfig = model.loramoe_config
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    def weight(name: str, layer: nn.Module, p: str) -> torch.Tensor:
+        return getattr(layer, p) if state_dict is None else state_dict[f"{name}.{p}"]
+
     tensors = {
-        f"{name}.{p}": getattr(layer, p).detach().to("cpu").contiguous()
+        f"{name}.{p}": weight(name, layer, p).detach().to("cpu").contiguous()
         for name, layer in layers
         for p in ADAPTER_PARAM_NAMES
     }
@@ -127,7 +137,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "library_version": library_version(),
         "loramoe_config": config.to_dict(),
         "base_model": base_model_name or _base_name(model),
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": base_fingerprint(model, state_dict),
         "layers": [name for name, _ in layers],
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": _file_sha256(weights_path),

@@ -206,3 +206,30 @@ def test_loading_a_peft_folder_says_what_it_is(tmp_path):
                                            r"PeftModel\.from_pretrained"):
         load_adapter(model, tmp_path / "peft")
     assert_untouched(model)
+
+
+@pytest.mark.parametrize("method", ["loramoe", "lora"])
+def test_an_adapter_written_from_a_gathered_state_equals_one_written_from_the_model(
+        method, tiny_model_dir, tmp_path):
+    """Under FSDP the parameters are shards that cannot be written as tensors (seen on an
+    H200: safetensors hit an invalid storage): the trainer gathers the full state and the
+    adapter is written from it. Zeroing the model after the gather shows the state is what
+    is read."""
+    from loramoe.train import TrainConfig
+    from loramoe.train.builders import build_model, save_artifact
+
+    config = TrainConfig(method=method, model=str(tiny_model_dir))
+    model, tokenizer = build_model(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    save_artifact(model, tokenizer, config, tmp_path / "from_model")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    save_artifact(model, tokenizer, config, tmp_path / "from_state", state)
+    for a in sorted((tmp_path / "from_model" / "adapter").iterdir()):
+        b = tmp_path / "from_state" / "adapter" / a.name
+        assert a.read_bytes() == b.read_bytes(), a.name

@@ -195,14 +195,15 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
 
 def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path,
                   state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """The adapter folder (lora, loramoe) or the whole model (sft; `state_dict` when the
-    weights were gathered from shards)."""
+    """The adapter folder (lora, loramoe) or the whole model (sft); `state_dict` when the
+    weights were gathered from shards (FSDP, ZeRO-3)."""
     from loramoe.adapter import save_adapter
 
     if config.method == "loramoe":
-        return save_adapter(model, output_dir / "adapter", base_model_name=config.model)
+        return save_adapter(model, output_dir / "adapter", base_model_name=config.model,
+                            state_dict=state_dict)
     if config.method == "lora":
-        model.save_pretrained(output_dir / "adapter")
+        model.save_pretrained(output_dir / "adapter", state_dict=state_dict)
         return output_dir / "adapter"
     model.save_pretrained(output_dir / "model", state_dict=state_dict)
     tokenizer.save_pretrained(output_dir / "model")

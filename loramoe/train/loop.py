@@ -157,8 +157,9 @@ def write_artifact(run: Training, folder: Path) -> Path:
     acc, config = run.accelerator, run.config
     acc.wait_for_everyone()
     artifact = folder / ("model" if config.method == "sft" else "adapter")
-    # Sharded weights (FSDP, ZeRO-3) are gathered on every process; rank 0 writes them.
-    full = sharded_state(acc, run.model) if config.method == "sft" else None
+    # Sharded weights (FSDP, ZeRO-3) are gathered on every process, adapters' too (their
+    # parameters are shards as well); rank 0 writes them.
+    full = sharded_state(acc, run.model)
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         artifact = save_artifact(acc.unwrap_model(run.model).lm, run.tokenizer, config,
