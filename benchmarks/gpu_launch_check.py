@@ -107,8 +107,9 @@ def main() -> int:
                             write_rows(work / "train.jsonl")), flush=True)
             except Exception as err:  # noqa: BLE001 - report every strategy, then fail
                 failed += 1
+                # the first line names the root cause (LaunchError puts it there)
                 print(f"  {method:<8} {strategy:<6} FAILED: {type(err).__name__}: "
-                      f"{str(err)[-1500:]}", flush=True)
+                      f"{str(err).splitlines()[0][:600]}", flush=True)
     return 1 if failed else 0
 
 

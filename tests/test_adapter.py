@@ -211,12 +211,21 @@ def test_loading_a_peft_folder_says_what_it_is(tmp_path):
 @pytest.mark.parametrize("method", ["loramoe", "lora"])
 def test_an_adapter_written_from_a_gathered_state_equals_one_written_from_the_model(
         method, tiny_model_dir, tmp_path):
-    """Under FSDP the parameters are shards that cannot be written as tensors (seen on an
-    H200: safetensors hit an invalid storage): the trainer gathers the full state and the
-    adapter is written from it. Zeroing the model after the gather shows the state is what
-    is read."""
+    """Under FSDP the trainer writes adapters from the gathered full state: the parameters
+    are shards (seen on an H200: safetensors hit an invalid storage), and the blocks sit in
+    activation-checkpoint wrappers whose names the gathered keys leave out (LoRAMoE's writer
+    then raised a KeyError and PEFT's silently wrote an empty adapter). Here the blocks get
+    torch's checkpoint wrapper, the state is gathered by torch's get_model_state_dict, and
+    the model is zeroed after the gather, so only the state can give the right files."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
     from loramoe.train import TrainConfig
     from loramoe.train.builders import build_model, save_artifact
+    from loramoe.train.objective import ResponseLM
 
     config = TrainConfig(method=method, model=str(tiny_model_dir))
     model, tokenizer = build_model(config)
@@ -225,11 +234,16 @@ def test_an_adapter_written_from_a_gathered_state_equals_one_written_from_the_mo
             if "lora_B" in name:
                 param.normal_()
     save_artifact(model, tokenizer, config, tmp_path / "from_model")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = ResponseLM(model)  # as the trainer holds it
+    apply_activation_checkpointing(trained, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    state = get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True))
+    state = {k.removeprefix("lm."): v.clone() for k, v in state.items()}
     with torch.no_grad():
-        for param in model.parameters():
+        for param in trained.parameters():
             param.zero_()
-    save_artifact(model, tokenizer, config, tmp_path / "from_state", state)
-    for a in sorted((tmp_path / "from_model" / "adapter").iterdir()):
+    save_artifact(trained.lm, tokenizer, config, tmp_path / "from_state", state)
+    written = sorted((tmp_path / "from_model" / "adapter").iterdir())
+    assert any(f.suffix == ".safetensors" and f.stat().st_size > 1000 for f in written)
+    for a in written:
         b = tmp_path / "from_state" / "adapter" / a.name
         assert a.read_bytes() == b.read_bytes(), a.name

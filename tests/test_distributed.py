@@ -129,3 +129,18 @@ def test_the_train_forward_runs_under_fsdp_style_activation_checkpointing(tiny_l
     (grads,) = torch.autograd.grad(loss, tiny_llama.model.embed_tokens.weight)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(grads, grads_want[0])
+
+
+def test_a_failed_launch_names_the_workers_exception():
+    from loramoe.pipeline.launch import root_cause
+
+    stderr = """[rank0]: Traceback (most recent call last):
+[rank0]:   File "x.py", line 3, in f
+[rank0]: KeyError: 'model.layers.0._checkpoint_wrapped_module.mlp.gate_proj.router_weight'
+E1204 01:55:23 torch/distributed/elastic/multiprocessing/api.py:986] failed (exitcode: 1)
+Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+loramoe.pipeline.worker FAILED"""
+    assert root_cause(stderr) == ("KeyError: 'model.layers.0._checkpoint_wrapped_module.mlp."
+                                  "gate_proj.router_weight'")
+    assert root_cause("Killed") == "no exception in the output (see below)"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,6 +56,15 @@ def launcher(config: PipelineConfig, method: str, processes: int, on_gpu: bool
             "--master_addr", "127.0.0.1", "--master_port", port], {"ACCELERATE_USE_CPU": "true"}
 
 
+def root_cause(stderr: str) -> str:
+    """The last exception a worker printed: torchrun's ChildFailedError summary comes after
+    it and says only that a rank failed."""
+    errors = [line.split("]: ", 1)[-1].strip() for line in stderr.splitlines()
+              if re.search(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b", line)
+              and "ChildFailedError" not in line]
+    return errors[-1] if errors else "no exception in the output (see below)"
+
+
 def train_in_processes(config: PipelineConfig, train_config: TrainConfig, processes: int,
                        threads: int, mlflow_run_id: str | None,
                        tracking_uri: str | None) -> dict:
@@ -72,6 +82,6 @@ def train_in_processes(config: PipelineConfig, train_config: TrainConfig, proces
                                                 str(threads)},
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise LaunchError(f"{processes}-process training failed (exit {done.returncode}):\n"
-                          f"{done.stderr[-4000:]}")
+        raise LaunchError(f"{processes}-process training failed (exit {done.returncode}): "
+                          f"{root_cause(done.stderr)}\n{done.stderr[-4000:]}")
     return json.loads((Path(train_config.output_dir) / "final_metrics.json").read_text())

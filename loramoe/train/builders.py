@@ -24,7 +24,7 @@ def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) ready for training with the config's method. Adapter methods keep
     the frozen weights in `dtype`; full SFT keeps fp32 master weights (bf16 compute comes from
     autocast, see precision_plan)."""
-    from loramoe.injection import apply_loramoe, enable_checkpointing, resolve_targets
+    from loramoe.injection import enable_checkpointing
     from loramoe.model import load_base_model
 
     storage = torch.float32 if config.method == "sft" else dtype
@@ -32,6 +32,20 @@ def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
     # The adapters' init draws from the seed alone: loading may or may not draw random
     # numbers (a model built from a config the first time, read from a cache later).
     torch.manual_seed(config.seed)
+    model = add_adapters(model, config)
+    if config.gradient_checkpointing:
+        if config.method == "sft":
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            enable_checkpointing(model.get_base_model() if config.method == "lora" else model)
+    return model, tokenizer
+
+
+def add_adapters(model, config: TrainConfig):
+    """The method's adapters injected into `model` (LoRAMoE in place; PEFT LoRA wraps it);
+    full SFT: the model as it is."""
+    from loramoe.injection import apply_loramoe, resolve_targets
+
     if config.method == "loramoe":
         apply_loramoe(model, config.loramoe)
     elif config.method == "lora":
@@ -41,12 +55,18 @@ def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
         model = get_peft_model(model, LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets, task_type="CAUSAL_LM"))
-    if config.gradient_checkpointing:
-        if config.method == "sft":
-            model.gradient_checkpointing_enable({"use_reentrant": False})
-        else:
-            enable_checkpointing(model.get_base_model() if config.method == "lora" else model)
-    return model, tokenizer
+    return model
+
+
+def skeleton(model, config: TrainConfig):
+    """The trained model's architecture on the meta device, adapters added as in training,
+    without the wrappers that training put around its blocks (activation checkpointing,
+    FSDP): its module names are the gathered state's keys, which those wrappers leave out."""
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model() if config.method == "lora" else model
+    with torch.device("meta"):
+        return add_adapters(AutoModelForCausalLM.from_config(base.config), config)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total_steps: int):
@@ -199,6 +219,8 @@ def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path,
     weights were gathered from shards (FSDP, ZeRO-3)."""
     from loramoe.adapter import save_adapter
 
+    if config.method != "sft" and state_dict is not None:
+        model = skeleton(model, config)  # names that match the gathered state's keys
     if config.method == "loramoe":
         return save_adapter(model, output_dir / "adapter", base_model_name=config.model,
                             state_dict=state_dict)
