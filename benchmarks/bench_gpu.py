@@ -6,9 +6,9 @@
 Models are built from configs with random weights (a SmolLM2-135M-shaped and a ~1B
 Llama-shaped one, TinyLlama's shape), frozen weights in bf16 (fp32 where the device has no
 bf16), adapters fp32, FFN targets, forward + backward + AdamW (the LoRAMoE step with the
-LBC). Two LoRAMoE variants: the formula (what a GPU runs by default) and the fused node
-as a GPU backend candidate (bf16 products, dense dropout mask; kept only if it saves >= 5 %
-of the whole step, docs/benchmarks.md). One variant is alive at a time; peak memory is
+LBC). Two LoRAMoE variants: the layer's formula and the fused node (bf16 products, dense
+dropout mask), the default backend, which stays only while it saves >= 5 % of the whole
+step (docs/benchmarks.md §4). One variant is alive at a time; peak memory is
 torch.cuda.max_memory_allocated per variant (model, optimizer state and activations of one
 step). Imports only torch, transformers,
 peft and loramoe's core, as the bare GPU machine has nothing else.

@@ -5,12 +5,17 @@
 Builds the default config's eval set (flows/configs/default.toml), probes every fact with the
 default model in each dtype (one run), and prints facts/s, multiple-choice accuracy with its
 Wilson interval, the facts right per relation, and the paired comparison of the dtypes on the
-same facts (exact McNemar) with the mean |difference| of the gold log-prob.
+same facts (exact McNemar) with the mean |difference| of the gold log-prob. Then the
+ceiling: the context tokens a fact costs, the matmul FLOPs per token (every linear of the
+blocks; the vocabulary projection runs only at the options' tokens), the rate of this CPU's
+matmul at the probe's own shapes (a batch of facts' tokens through each block linear), and
+the facts/s that rate allows if nothing but those matmuls ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import tomllib
 import torch
 
 from loramoe.data import build_mixture
+from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.probe import probe_facts
 from loramoe.evaluate.stats import paired_binary, wilson_interval
 from loramoe.model import load_base_model
@@ -49,6 +55,7 @@ def main() -> None:
         for task, group in per_task:
             print(f"  {task}: {int(group.sum())}/{len(group)} ({group.mean():.3f})")
         results[name] = probe.set_index("id")
+        ceiling(model, tokenizer, facts, args.batch, DTYPES[name], n / seconds)
     if len(results) == 2:
         a, b = (results[name] for name in results)
         b = b.loc[a.index]
@@ -57,6 +64,52 @@ def main() -> None:
         print(f"paired {names}: diff {test['diff']:+.4f}, discordant {test['only_a']} vs "
               f"{test['only_b']}, exact McNemar p = {test['p']:.3f}; mean |Δ gold log-prob| "
               f"{(a['gold_logprob'] - b['gold_logprob']).abs().mean():.3f}")
+
+
+def context_tokens(tokenizer, facts) -> list[int]:
+    """Tokens each fact's context costs (chat-formatted question + answer prefix)."""
+    rows = facts[facts["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+    return [len(prompt_ids(tokenizer, q)) + len(tokenizer(a, add_special_tokens=False)
+                                                ["input_ids"])
+            for q, a in zip(rows["prompt"], rows["answer_prefix"], strict=True)]
+
+
+def block_linears(model) -> list[torch.nn.Linear]:
+    from loramoe.model import backbone_and_head
+
+    backbone, _ = backbone_and_head(model)
+    return [m for m in backbone.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def matmul_rate(model, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """GFLOP/s of x·Wᵀ through one block's linears (every block has the same shapes),
+    `rows` tokens at a time, median of `repeats`."""
+    linears = block_linears(model)
+    layers = len({id(m) for m in linears})
+    one_block = linears[: layers // model.config.num_hidden_layers]
+    inputs = [torch.randn(rows, m.in_features, dtype=dtype) for m in one_block]
+    flops = sum(2 * rows * m.in_features * m.out_features for m in one_block)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for x, m in zip(inputs, one_block, strict=True):
+                torch.nn.functional.linear(x, m.weight)
+            times.append(time.perf_counter() - start)
+    return flops / statistics.median(times[1:]) / 1e9
+
+
+def ceiling(model, tokenizer, facts, batch: int, dtype: torch.dtype, measured: float) -> None:
+    tokens = context_tokens(tokenizer, facts)
+    per_token = 2 * sum(m.in_features * m.out_features for m in block_linears(model))
+    per_fact = per_token * statistics.mean(tokens)
+    rate = matmul_rate(model, int(batch * statistics.mean(tokens)), dtype)
+    print(f"ceiling ({dtype}, {torch.get_num_threads()} threads): {statistics.mean(tokens):.1f} "
+          f"context tokens a fact, {per_token / 1e6:.0f} MFLOP a token -> "
+          f"{per_fact / 1e9:.2f} GFLOP a fact; block matmuls at the probe's shapes "
+          f"({int(batch * statistics.mean(tokens))} rows) run at {rate:.0f} GFLOP/s -> at most "
+          f"{rate / (per_fact / 1e9):.0f} facts/s from matmuls alone; the probe ran "
+          f"{measured:.1f} ({measured * per_fact / 1e9:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

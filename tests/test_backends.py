@@ -192,7 +192,7 @@ def test_the_backend_declines_what_it_does_not_cover():
     fp16 = LoRAMoELinear(nn.Linear(12, 20).to(torch.float16), LoRAMoEConfig())
     assert not covers(fp16, x32.to(torch.float16))  # fp16 takes the formula
     assert FusedBackend()(fp16, x32.to(torch.float16)) is None
-    assert not covers(bf16, x32.to(torch.bfloat16).to("meta"))  # CPU only by default
+    assert not covers(bf16, x32.to(torch.bfloat16).to("meta"))  # CPU and CUDA only
     assert not covers(bf16, x32.to(torch.bfloat16), devices=("cuda",))  # where it may run
 
 

@@ -35,7 +35,7 @@ def test_layer_in_bf16_on_the_gpu_matches_the_fp64_formula():
         layer64.base_layer.bias.copy_(layer64.base_layer.bias.bfloat16())
     layer = copy.deepcopy(layer64).float().to(CUDA)
     layer.base_layer.to(torch.bfloat16)
-    layer.backend = None  # the fused backend is CPU-only: the GPU runs the formula
+    layer.backend = None  # the formula itself (the fused node has a test of its own)
     x = torch.randn(2, 64, 256, dtype=torch.float64).bfloat16().double()
     x_gpu = x.to(CUDA, torch.bfloat16).requires_grad_(True)
     x_ref = x.clone().requires_grad_(True)
@@ -53,8 +53,8 @@ def test_layer_in_bf16_on_the_gpu_matches_the_fp64_formula():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_the_fused_node_on_the_gpu_matches_the_fp64_formula(dropout):
-    """The GPU candidate of the fused backend (bf16 base, fp32 adapters, a dense dropout
-    mask drawn on the device) against the fp64 formula with the same mask."""
+    """The fused backend on the GPU (bf16 base, fp32 adapters, a dense dropout mask drawn
+    on the device) against the fp64 formula with the same mask."""
     from loramoe.backends import fused
 
     torch.manual_seed(0)

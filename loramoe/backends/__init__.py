@@ -20,8 +20,9 @@ BACKENDS = ("auto", "formula", "fused")
 def select_backend(name: str = "auto"):
     """The backend called `name`; None for "formula" (the layer's plain torch ops).
 
-    "auto" is the fused node, which itself only takes CPU float32/float64 inputs on a plain
-    frozen base and leaves everything else (GPUs, bf16, autocast, hooked bases) to the formula.
+    "auto" is the fused node, which itself only takes CPU or CUDA inputs in the base's dtype
+    (fp32, fp64, bf16) on a plain frozen base and leaves everything else (fp16, autocast,
+    hooked bases) to the formula.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: {name!r} is not one of {list(BACKENDS)}")
