@@ -121,6 +121,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     config: LoRAMoEConfig = model.loramoe_config
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+
     def weight(name: str, layer: nn.Module, p: str) -> torch.Tensor:
         return getattr(layer, p) if state_dict is None else state_dict[f"{name}.{p}"]
 
