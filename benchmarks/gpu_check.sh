@@ -9,12 +9,13 @@
 # tests (tests/test_cuda.py: layer in bf16 vs the fp64 formula, generate with the KV cache,
 # one train step of each method) and the train-step benchmark (benchmarks/bench_gpu.py:
 # LoRAMoE vs PEFT LoRA vs frozen base, tokens/s and peak memory, SmolLM2-135M-shaped and
-# ~1B Llama-shaped random models, batch 8 x 1024; the fused node as a GPU backend candidate
+# ~1B Llama-shaped random models, batch 8 x 1024; the fused node, the default backend,
 # against the formula) and the launch check (benchmarks/gpu_launch_check.py: full SFT and
-# LoRAMoE under infra/accelerate/fsdp.yaml, LoRAMoE under ddp.yaml, launched as a gpu > 1
+# LoRAMoE and LoRA under infra/accelerate/fsdp.yaml, LoRAMoE under ddp.yaml, launched as a gpu > 1
 # branch launches them, against one plain process). The smoke flow with gpu = 1 needs
 # mlflow, metaflow and great-expectations wheels: ~61 MiB beyond the machine's packages
 # (44 without boto), too close to the 64 MiB that can be brought: not run here.
+# Results of the 2026-12-04 H200 run: docs/benchmarks.md §4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false

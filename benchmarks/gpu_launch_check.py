@@ -88,7 +88,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--processes", type=int, default=max(1, torch.cuda.device_count()))
-    parser.add_argument("--runs", default="sft:fsdp,loramoe:fsdp,loramoe:ddp" if on_gpu
+    parser.add_argument("--runs", default="sft:fsdp,loramoe:fsdp,lora:fsdp,loramoe:ddp" if on_gpu
                         else "sft:ddp,loramoe:ddp")
     parser.add_argument("--dtype", default="auto", help="train.dtype of every run")
     args = parser.parse_args()

@@ -27,7 +27,7 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool, lr: flo
         context = (torch.autocast(ids.device.type, dtype=autocast) if autocast is not None
                    else contextlib.nullcontext())
         with context:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # as the trainer
             if with_lbc:
                 loss = loss + config.lbc_beta * localized_balancing_loss(
                     collect_router_probs(model), mask, sample_types, config.expert_type_ids(),
