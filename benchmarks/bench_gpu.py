@@ -10,8 +10,8 @@ LBC). Two LoRAMoE variants: the layer's formula and the fused node (bf16 product
 dropout mask), the default backend, which stays only while it saves >= 5 % of the whole
 step (docs/benchmarks.md §4). One variant is alive at a time; peak memory is
 torch.cuda.max_memory_allocated per variant (model, optimizer state and activations of one
-step). Imports only torch, transformers,
-peft and loramoe's core, as the bare GPU machine has nothing else.
+step). Imports only torch, transformers, peft and loramoe's core, as the bare GPU machine
+has nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loramoe import LoRAMoEConfig, apply_loramoe
 from loramoe.backends import attach_backend
-from loramoe.backends.fused import FusedBackend
 from loramoe.precision import resolve_dtype
 
 SHAPES = {
@@ -58,8 +57,7 @@ def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype):
                                                  target_modules=FFN, task_type="CAUSAL_LM"))
     else:
         apply_loramoe(model, LoRAMoEConfig(target_modules=FFN))
-        attach_backend(model, FusedBackend(devices=("cpu", device.type)) if variant == FUSED
-                       else "formula")
+        attach_backend(model, "fused" if variant == FUSED else "formula")
     return model.train()
 
 

@@ -85,8 +85,7 @@ def matmul_rate(model, rows: int, dtype: torch.dtype, repeats: int = 5) -> float
     """GFLOP/s of x·Wᵀ through one block's linears (every block has the same shapes),
     `rows` tokens at a time, median of `repeats`."""
     linears = block_linears(model)
-    layers = len({id(m) for m in linears})
-    one_block = linears[: layers // model.config.num_hidden_layers]
+    one_block = linears[: len(linears) // model.config.num_hidden_layers]
     inputs = [torch.randn(rows, m.in_features, dtype=dtype) for m in one_block]
     flops = sum(2 * rows * m.in_features * m.out_features for m in one_block)
     times = []
@@ -100,14 +99,15 @@ def matmul_rate(model, rows: int, dtype: torch.dtype, repeats: int = 5) -> float
 
 
 def ceiling(model, tokenizer, facts, batch: int, dtype: torch.dtype, measured: float) -> None:
-    tokens = context_tokens(tokenizer, facts)
+    tokens = statistics.mean(context_tokens(tokenizer, facts))
+    rows = int(batch * tokens)
     per_token = 2 * sum(m.in_features * m.out_features for m in block_linears(model))
-    per_fact = per_token * statistics.mean(tokens)
-    rate = matmul_rate(model, int(batch * statistics.mean(tokens)), dtype)
-    print(f"ceiling ({dtype}, {torch.get_num_threads()} threads): {statistics.mean(tokens):.1f} "
+    per_fact = per_token * tokens
+    rate = matmul_rate(model, rows, dtype)
+    print(f"ceiling ({dtype}, {torch.get_num_threads()} threads): {tokens:.1f} "
           f"context tokens a fact, {per_token / 1e6:.0f} MFLOP a token -> "
           f"{per_fact / 1e9:.2f} GFLOP a fact; block matmuls at the probe's shapes "
-          f"({int(batch * statistics.mean(tokens))} rows) run at {rate:.0f} GFLOP/s -> at most "
+          f"({rows} rows) run at {rate:.0f} GFLOP/s -> at most "
           f"{rate / (per_fact / 1e9):.0f} facts/s from matmuls alone; the probe ran "
           f"{measured:.1f} ({measured * per_fact / 1e9:.0f} GFLOP/s)")
 

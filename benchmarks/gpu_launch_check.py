@@ -49,9 +49,9 @@ def pipeline_config(strategy: str, processes: int, dtype: str) -> PipelineConfig
     # (a bf16 base rounds a batch of 4 and one of 8 differently: ~3e-2 after 3 Adam steps
     # on 2 CPU processes, 1e-4 in fp32)
     data["train"].update(batch_size=8 // processes, max_steps=3, max_length=64, dtype=dtype)
-    data["methods"] = {m: {"method": m, "loramoe": {"dropout": 0.0}} if m == "loramoe"
-                       else {"method": m, "lora_dropout": 0.0} if m == "lora"
-                       else {"method": m} for m in ("sft", "lora", "loramoe")}
+    data["methods"] = {"sft": {"method": "sft"},
+                       "lora": {"method": "lora", "lora_dropout": 0.0},
+                       "loramoe": {"method": "loramoe", "loramoe": {"dropout": 0.0}}}
     return PipelineConfig.from_dict(data)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ from loramoe.layer import LoRAMoELinear
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
                                                    reason="no CUDA GPU on this machine")]
 CUDA = torch.device("cuda")
-sys.path.insert(0, str(Path(__file__).parent))  # test_probe's facts and hand computation
 
 
 def test_layer_in_bf16_on_the_gpu_matches_the_fp64_formula():

@@ -34,6 +34,7 @@ import torch
 from loramoe.backends.dropout import draw_dropped, dropped_copy, zero_dropped_
 
 Router = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+DEVICES = ("cpu", "cuda")  # where the node is measured to pay (docs/benchmarks.md §0, §4)
 
 
 class FusedLoRAMoE(torch.autograd.Function):
@@ -157,7 +158,7 @@ def stacked_B(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.transpose(1, 2).reshape(n * r, d_out)  # (N*r, d_out)
 
 
-def covers(layer, x: torch.Tensor, devices: tuple[str, ...] = ("cpu", "cuda")) -> bool:
+def covers(layer, x: torch.Tensor, devices: tuple[str, ...] = DEVICES) -> bool:
     """The node covers inputs on `devices` in the base's dtype (fp32, fp64 or bf16, with
     adapters in fp32 or wider) on a plain frozen base."""
     base, weight = layer.base_layer, layer.base_layer.weight
@@ -176,12 +177,12 @@ def covers(layer, x: torch.Tensor, devices: tuple[str, ...] = ("cpu", "cuda")) -
 class FusedBackend:
     """backend(layer, x): the fused node, or None where it does not apply (the formula runs).
 
-    `devices`: where it runs; both measured to pay (docs/benchmarks.md §0 and §4).
+    `devices`: where it runs (DEVICES by default).
     """
 
     name = "fused"
 
-    def __init__(self, devices: tuple[str, ...] = ("cpu", "cuda")) -> None:
+    def __init__(self, devices: tuple[str, ...] = DEVICES) -> None:
         self.devices = devices
 
     def __call__(self, layer, x: torch.Tensor):
