@@ -20,6 +20,7 @@ from loramoe import (
     parameter_summary,
     save_adapter,
 )
+from loramoe.model import contiguous_head_input
 
 # (question, answer, task type): a knowledge fact and a downstream skill.
 EXAMPLES = [
@@ -39,6 +40,7 @@ def encode(tokenizer, question: str, answer: str | None = None) -> torch.Tensor:
 
 def answer(model, tokenizer, question: str) -> str:
     ids = encode(tokenizer, question)
+    contiguous_head_input(model)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                              do_sample=False)

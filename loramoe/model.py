@@ -203,3 +203,20 @@ def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     for callers that apply the vocabulary projection only where they need logits."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(hf, hf.base_model_prefix), hf.get_output_embeddings()
+
+
+def contiguous_head_input(model) -> None:
+    """Make the LM head's input contiguous (idempotent), before any generation.
+
+    generate() asks for the logits of the last position only, so the head gets a
+    non-contiguous (B, 1, H) slice. torch's matmul folds such an input into one matmul only
+    when the weight requires grad; with the head frozen (LoRA, LoRAMoE) it runs a bmm over
+    the weight expanded B times instead: on CPU a copy of B x 49,152 x 576 for the default
+    model, 3.6 GB at B = 64, 8.5 s of a prefill that takes 1.9 s (torch 2.13). Copying the
+    (B, 1, H) slice costs nothing.
+    """
+    head = backbone_and_head(model)[1]
+    if not getattr(head, "_loramoe_contiguous_input", False):
+        head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+        head._loramoe_contiguous_input = True
+

@@ -13,6 +13,7 @@ from transformers import StoppingCriteriaList
 from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.routing import RouterRecorder
 from loramoe.evaluate.stopping import SHORT_ANSWER_METRICS, StopAtNewline, first_line
+from loramoe.model import contiguous_head_input
 
 MAX_NEW_TOKENS = {"contains": 24, "exact_match": 24, "f1": 16, "accuracy": 8, "rouge_l": 64,
                   "chrf": 32}
@@ -55,6 +56,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
     model.eval()
+    contiguous_head_input(model)
     batches = [group[i:i + batch_size] for group in budget_groups(order, budgets)
                for i in range(0, len(group), batch_size)]
     for batch in tqdm(batches, desc="generate", disable=not progress):
