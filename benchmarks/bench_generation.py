@@ -1,11 +1,15 @@
 """Greedy generation speed on the default eval's generation subset, in questions per second.
 
     python benchmarks/bench_generation.py [--batches 16,64] [--dtype auto]
+        [--methods base,lora,loramoe] [--threads 1]
 
 Builds the default config's eval set (flows/configs/default.toml), takes its generation
 subset (12 knowledge facts per relation + every downstream item) and generates with the
 default model at each batch size (one run): short-answer knowledge questions alone, then the
 whole subset. Short answers stop at their first newline (loramoe/evaluate/stopping.py).
+With --methods, also with each method's adapters attached as the trainer attaches them (B
+filled with small seeded random values, so the adapters' path computes something): the
+speed of a tuned branch's evaluation. --threads 1 is how a pipeline branch evaluates.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 
 import tomllib
+import torch
 
 from loramoe.data import build_mixture
 from loramoe.evaluate.generation import generate_predictions
@@ -22,30 +27,51 @@ from loramoe.evaluate.run import generation_subset
 from loramoe.model import load_base_model
 from loramoe.pipeline import PipelineConfig
 from loramoe.precision import resolve_dtype
+from loramoe.train.builders import add_adapters
+from loramoe.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
+
+
+def with_adapters(model, base_model: str, method: str):
+    """`model` with `method`'s adapters (none for "base"), their B seeded non-zero."""
+    if method == "base":
+        return model
+    torch.manual_seed(0)
+    model = add_adapters(model, TrainConfig(model=base_model, method=method))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    return model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="16,64")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--methods", default="base")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
                                       base_dir=CONFIGS)
     frame = generation_subset(build_mixture(config.mixture).eval, config.eval_generate_per_task)
     knowledge = frame[frame["task_type"] == "knowledge"].reset_index(drop=True)
     dtype = resolve_dtype(args.dtype)
-    model, tokenizer = load_base_model(config.base_model, dtype=dtype)
-    generate_predictions(model, tokenizer, knowledge.head(8), batch_size=8)  # warm-up
-    print(f"dtype {dtype}; {len(knowledge)} knowledge questions, {len(frame)} in all")
-    for batch in (int(b) for b in args.batches.split(",")):
-        for name, part in (("knowledge (short answers)", knowledge), ("whole subset", frame)):
-            start = time.perf_counter()
-            generate_predictions(model, tokenizer, part, batch_size=batch)
-            seconds = time.perf_counter() - start
-            print(f"batch {batch:>3}, {name}: {len(part)} in {seconds:.1f} s = "
-                  f"{len(part) / seconds:.1f} questions/s")
+    print(f"dtype {dtype}, {torch.get_num_threads()} thread(s); {len(knowledge)} knowledge "
+          f"questions, {len(frame)} in all")
+    for method in args.methods.split(","):
+        model, tokenizer = load_base_model(config.base_model, dtype=dtype)
+        model = with_adapters(model, config.base_model, method)
+        generate_predictions(model, tokenizer, knowledge.head(8), batch_size=8)  # warm-up
+        for batch in (int(b) for b in args.batches.split(",")):
+            for name, part in (("knowledge (short answers)", knowledge), ("whole subset", frame)):
+                start = time.perf_counter()
+                generate_predictions(model, tokenizer, part, batch_size=batch)
+                seconds = time.perf_counter() - start
+                print(f"{method}, batch {batch:>3}, {name}: {len(part)} in {seconds:.1f} s = "
+                      f"{len(part) / seconds:.1f} questions/s")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,17 @@ def test_parallel_branches_overlap_up_to_the_configured_limit(smoke_run):
     assert {r.data.params["torch_threads"] for r in children} == {str(max(1, cores // 2))}
 
 
+def test_largest_scale_trains_first_and_reports_sort_by_scale(smoke_run):
+    """The longest trainings start first so short tasks fill the slots behind them; the
+    results table still reads smallest scale first, methods in config order."""
+    _, run, _, _ = smoke_run
+    started = sorted(run["train"], key=lambda t: t.created_at)
+    assert [t.data.branch["scale"] for t in started[:2]] == [32, 32]
+    rows = [r["branch"] for r in run["compare"].task.data.results]
+    assert rows == ["base", "sft-16", "lora-16", "loramoe-16", "sft-32", "lora-32",
+                    "loramoe-32"]
+
+
 def test_failed_branch_is_reported_and_others_kept(smoke_run):
     _, run, _, _ = smoke_run
     results = run["compare"].task.data.results

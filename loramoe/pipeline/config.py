@@ -175,8 +175,12 @@ class PipelineConfig:
         return {t.name for t in self.mixture.tasks if not t.train}
 
     def branches(self) -> list[dict[str, Any]]:
-        return [{"method": name, "scale": scale} for scale in self.mixture.scales
-                for name in self.methods]
+        """The foreach's branches, largest scale first: Metaflow's local runtime starts
+        tasks in this order, so the longest trainings start first and the short ones and the
+        evaluations fill the slots behind them (small scales first left one core idle for
+        the whole last evaluation). Reports sort by scale themselves."""
+        return [{"method": name, "scale": scale}
+                for scale in sorted(self.mixture.scales, reverse=True) for name in self.methods]
 
     def train_config(self, method: str, train_file: Path, output_dir: Path) -> TrainConfig:
         """The method's TrainConfig (validated once, at construction) for one branch."""

@@ -181,6 +181,8 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     from loramoe.tracking import log_metrics, store_folder
 
     out.mkdir(parents=True, exist_ok=True)
+    # by scale (the foreach runs the largest first); stable, so methods keep config order
+    outcomes = sorted(outcomes, key=lambda b: b["scale"])
     table = results_table(outcomes, base_metrics)
     paired = paired_comparisons(outcomes)
     claims = paper_claims(outcomes)
