@@ -257,3 +257,38 @@ def test_adapter_init_depends_on_the_seed_not_on_what_loading_drew(method, tiny_
     assert starts[0] and starts[0].keys() == starts[1].keys()
     for key, value in starts[0].items():
         assert torch.equal(value, starts[1][key]), key
+
+
+def test_fused_adamw_steps_like_the_plain_one():
+    """The CPU trainer's fused AdamW (one kernel) against torch's plain for-loop AdamW, fp64,
+    random non-zero gradients, three steps through warm-up and decay."""
+    from loramoe.train.builders import build_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 7, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    config = TrainConfig(model="m", train_file="t", output_dir="o", lr=1e-2, weight_decay=0.1,
+                         warmup_ratio=0.4)
+    finals = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer, scheduler = build_optimizer(params, config, total_steps=3, fused=fused)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+            scheduler.step()
+        finals.append([p.detach() for p in params])
+    for before, plain, fused in zip(start, *finals, strict=True):
+        assert (plain - before).abs().min() > 1e-6  # every weight moved
+        torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_training_uses_fused_adamw(tiny_model_dir, tiny_train_file, tmp_path):
+    from loramoe.train.builders import build_training
+
+    config = TrainConfig(model=str(tiny_model_dir), train_file=str(tiny_train_file),
+                         output_dir=str(tmp_path / "run"), method="loramoe", max_steps=1)
+    training = build_training(config, resume=False)
+    assert training.optimizer.optimizer.defaults["fused"] is True
