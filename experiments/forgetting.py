@@ -2,6 +2,7 @@
 
     python experiments/forgetting.py [--config flows/configs/forgetting.toml]
                                      [--out outputs/forgetting] [--methods sft,loramoe]
+                                     [--scales 64,256,1024,4096]
 
 The nested-prefix design of issue #15 item 4: one training run per method over the largest
 scale, with a constant lr after the warm-up, and a snapshot of the model/adapter after the
@@ -121,9 +122,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs/forgetting"))
     parser.add_argument("--methods", default="", help="comma-separated subset of [methods]")
     parser.add_argument("--batch", type=int, default=16, help="generation batch size")
+    parser.add_argument("--scales", default="", help="comma-separated, replaces the config's")
     args = parser.parse_args()
     path = Path(args.config)
     config = PipelineConfig.from_dict(tomllib.loads(path.read_text()), base_dir=path.parent)
+    config = config.with_overrides(scales=args.scales)
     out = Path(args.out)
     data = write_mixture(build_mixture(config.mixture), config.mixture, out / "data")
     frame = read_records(data / "eval.jsonl")
