@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from train_step import make_step
+from train_step import interleaved, make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 from loramoe.precision import resolve_dtype
@@ -48,14 +47,7 @@ def main() -> None:
           f"frozen/compute dtype {resolve_dtype('auto')}")
     for method in ("sft", "loramoe"):
         steps = {name: build(method, name == "fused", ids) for name in ("default", "fused")}
-        for step in steps.values():
-            step()  # warm-up: allocates the optimizer state
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(args.repeats):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved(steps, args.repeats)
         median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
         ratio = median["fused"] / median["default"]
         print(f"{method}: default AdamW {median['default']:.0f} ms/step, fused "

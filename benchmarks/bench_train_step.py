@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from train_step import make_step
+from train_step import interleaved, make_step
 
 from loramoe import (
     LoRAMoEConfig,
@@ -49,14 +48,7 @@ def main() -> None:
     ids = torch.randint(100, base.config.vocab_size, (args.batch, args.seq))
     steps = {name: make_step(m, ids, with_lbc=name.startswith("LoRAMoE"))
              for name, m in make_variants(base).items()}
-    for step in steps.values():  # warm-up
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(steps, args.repeats)
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
     tokens = args.batch * args.seq
     print(f"Train step, SmolLM2-135M-Instruct, FFN targets, batch {args.batch} x {args.seq} "

@@ -5,6 +5,7 @@ LoRAMoE, backward, AdamW. Shared by the bench_*.py scripts (run from the reposit
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,3 +41,18 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool, lr: flo
             optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each step over `repeats` rounds, one step of every variant per round (so
+    slow drift of a noisy machine hits all variants alike), after one warm-up step each."""
+    for step in steps.values():
+        step()  # warm-up: allocates optimizer state, packs weights
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
