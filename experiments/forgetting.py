@@ -126,7 +126,8 @@ def main() -> None:
     args = parser.parse_args()
     path = Path(args.config)
     config = PipelineConfig.from_dict(tomllib.loads(path.read_text()), base_dir=path.parent)
-    config = config.with_overrides(scales=args.scales)
+    # the run's own methods and scales, so the report's setup lists what was run
+    config = config.with_overrides(scales=args.scales, methods=args.methods)
     out = Path(args.out)
     data = write_mixture(build_mixture(config.mixture), config.mixture, out / "data")
     frame = read_records(data / "eval.jsonl")
@@ -139,7 +140,7 @@ def main() -> None:
              "probe_base_known": int(base_probe["mc_correct"].sum()),
              "facts": len(base_probe)}]
     branches: list[dict] = []
-    for name in args.methods.split(",") if args.methods else list(config.methods):
+    for name in config.methods:
         method_rows, method_branches = run_method(name, config, data, out, facts, downstream,
                                                   base_probe, args)
         rows, branches = rows + method_rows, branches + method_branches

@@ -64,3 +64,19 @@ def test_forgetting_experiment_writes_its_report(tmp_path):
     for _, r in paired.iterrows():  # discordant counts agree with the kept counts
         assert r["only_a"] - r["only_b"] == kept[r["a"]] - kept[r["b"]]
     assert "Paired comparisons" in report
+
+
+def test_forgetting_report_lists_only_the_methods_and_scales_it_ran(tmp_path):
+    """--methods / --scales narrow the run, and the report's setup says so (it used to list
+    every method of the config although only the chosen ones ran)."""
+    config = tmp_path / "forgetting.toml"
+    config.write_text(CONFIG)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "experiments/forgetting.py"),
+                           "--config", str(config), "--out", str(out), "--methods", "loramoe",
+                           "--scales", "16"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pd.read_csv(out / "results.csv")
+    assert list(rows["method"]) == ["base", "loramoe"] and list(rows["scale"]) == [0, 16]
+    setup = (out / "report.md").read_text().split("## ")[1]
+    assert "`loramoe`" in setup and "`sft`" not in setup and "[16]" in setup
