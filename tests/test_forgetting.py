@@ -66,9 +66,10 @@ def test_forgetting_experiment_writes_its_report(tmp_path):
     assert "Paired comparisons" in report
 
 
-def test_forgetting_report_lists_only_the_methods_and_scales_it_ran(tmp_path):
+def test_narrowed_runs_report_what_they_ran_and_pair_across_runs(tmp_path):
     """--methods / --scales narrow the run, and the report's setup says so (it used to list
-    every method of the config although only the chosen ones ran)."""
+    every method of the config although only the chosen ones ran); two such runs pair on the
+    same facts with experiments/pair_runs.py, which refuses runs over different facts."""
     config = tmp_path / "forgetting.toml"
     config.write_text(CONFIG)
     out = tmp_path / "out"
@@ -80,3 +81,27 @@ def test_forgetting_report_lists_only_the_methods_and_scales_it_ran(tmp_path):
     assert list(rows["method"]) == ["base", "loramoe"] and list(rows["scale"]) == [0, 16]
     setup = (out / "report.md").read_text().split("## ")[1]
     assert "`loramoe`" in setup and "`sft`" not in setup and "[16]" in setup
+
+    # a second, separate run of the other method pairs with this one on the same facts
+    other = tmp_path / "other"
+    subprocess.run([sys.executable, str(ROOT / "experiments/forgetting.py"), "--config",
+                    str(config), "--out", str(other), "--methods", "sft", "--scales", "16"],
+                   capture_output=True, text=True, timeout=600, check=True)
+    paired = subprocess.run([sys.executable, str(ROOT / "experiments/pair_runs.py"),
+                             str(other), str(out)], capture_output=True, text=True, timeout=300)
+    assert paired.returncode == 0, paired.stderr[-3000:]
+    row = next(line for line in paired.stdout.splitlines() if line.startswith("| 16 |"))
+    _, scale, a, b, kept_a, kept_b, discordant, p, _ = (c.strip() for c in row.split("|"))
+    kept = {m: int(pd.read_csv(d / "results.csv").set_index("method").loc[m, "kept"])
+            for m, d in (("sft", other), ("loramoe", out))}
+    assert (a, b, int(kept_a), int(kept_b)) == ("sft", "loramoe", kept["sft"], kept["loramoe"])
+    only_a, only_b = (int(n) for n in discordant.split("/"))
+    assert only_a - only_b == kept["sft"] - kept["loramoe"] and 0 < float(p) <= 1
+
+    # runs over different facts (or base answers) are refused, not paired
+    base = pd.read_json(other / "base_probe.jsonl", lines=True)
+    base.loc[0, "mc_correct"] = not base.loc[0, "mc_correct"]
+    base.to_json(other / "base_probe.jsonl", orient="records", lines=True)
+    refused = subprocess.run([sys.executable, str(ROOT / "experiments/pair_runs.py"),
+                              str(other), str(out)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "not comparable" in refused.stderr
