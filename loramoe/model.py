@@ -219,4 +219,3 @@ def contiguous_head_input(model) -> None:
     if not getattr(head, "_loramoe_contiguous_input", False):
         head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
         head._loramoe_contiguous_input = True
-
