@@ -9,6 +9,7 @@ import torch
 
 from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.probe import (
+    choice_logprobs,
     continuation_ids,
     probe_facts,
     probe_retention,
@@ -49,6 +50,26 @@ def test_probe_equals_hand_computed_logprobs_on_the_tiny_model(tiny_model_dir):
             assert got["gold_logprob"][row] == pytest.approx(hand[0], rel=1e-5, abs=1e-5)
             assert got["mc_correct"][row] == (max(range(len(hand)),
                                                   key=hand.__getitem__) == 0)
+
+
+def test_every_choice_score_equals_hand_computed_logprobs(tiny_model_dir):
+    # distractors too: one-token and longer options of one fact take different paths (the
+    # first token from the context's last state, the rest from a pass over longer options)
+    model, tokenizer = load_base_model(str(tiny_model_dir))
+    contexts, options, hand = [], [], []
+    for fact in FACTS.itertuples():
+        contexts.append(prompt_ids(tokenizer, fact.prompt) + (tokenizer(
+            fact.answer_prefix, add_special_tokens=False)["input_ids"] if fact.answer_prefix
+            else []))
+        options.append([continuation_ids(tokenizer, fact.answer_prefix, c)
+                        for c in fact.choices])
+        hand.append([hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)
+                     for c in fact.choices])
+    assert {len(o) for opts in options for o in opts} > {1}, "needs mixed option lengths"
+    got = choice_logprobs(model, tokenizer, contexts, options)  # (4, 4)
+    for f, scores in enumerate(hand):
+        assert got[f, :len(scores)].tolist() == pytest.approx(scores, rel=1e-5, abs=1e-5)
+        assert torch.isinf(got[f, len(scores):]).all()
 
 
 def test_rows_without_choices_are_not_probed(tiny_model_dir):

@@ -7,9 +7,10 @@ log-probabilities. gold_logprob is the gold's; mc_correct says whether the gold 
 highest (lm-evaluation-harness's `acc` for multiple choice). Every model sees the same
 prefix, so a model that learned another answer format is not penalised for it.
 
-One forward pass over question + prefix per fact, its KV cache repeated for the choices,
-then one short pass over the choices; the vocabulary projection runs only where a choice's
-token is predicted.
+One forward pass over question + prefix per fact; its last state predicts every choice's
+first token (one vocabulary projection per fact). Only choices of more than one token need
+more: one short pass over them, each reading its fact's context from the KV cache, with the
+vocabulary projection only where a choice's token is predicted.
 """
 
 from __future__ import annotations
@@ -53,34 +54,48 @@ def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[l
     backbone, head = backbone_and_head(model)
     device, pad_id = model.device, tokenizer.pad_token_id or 0
     k = max(len(o) for o in options)
+    # options with more than one token: only they need a pass of their own
+    longer = [(f, j) for f, o in enumerate(options) for j, c in enumerate(o) if len(c) > 1]
     ids, mask = (t.to(device) for t in pad_rows(contexts, pad_id, left=True))  # (B, P)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): left padding shifts nothing
     out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   use_cache=width_of(options) > 1)
-    last = out.last_hidden_state[:, -1]  # (B, H): predicts each option's first token
-    flat = [o[j] if j < len(o) else o[0] for o in options for j in range(k)]
-    opt_ids, opt_mask = (t.to(device) for t in pad_rows(flat, pad_id, left=False))  # (B·K, O)
-    # the state before token j predicts it: the context's last state, then the option's own
-    # states — an option's last token predicts nothing, so single-token options need no pass
-    before = last.repeat_interleave(k, 0)[:, None]  # (B·K, 1, H)
-    if opt_ids.shape[1] > 1:
-        cache = getattr(out, "cache", None) or out.past_key_values
-        cache.batch_repeat_interleave(k)  # (B·K) rows, fact-major
-        start = mask.sum(-1).repeat_interleave(k)  # (B·K,) real context length
-        steps = opt_ids.shape[1] - 1
-        opt_positions = start[:, None] + torch.arange(steps, device=device)  # (B·K, O-1)
-        hidden = backbone(input_ids=opt_ids[:, :-1], position_ids=opt_positions,
-                          attention_mask=torch.cat([mask.repeat_interleave(k, 0),
-                                                    opt_mask[:, :-1]], -1),
-                          **{cache_kwarg(backbone): cache}).last_hidden_state  # (B·K, O-1, H)
-        before = torch.cat([before, hidden], 1)  # (B·K, O, H)
-    keep = opt_mask.bool()  # (B·K, O)
-    logp = head(before[keep]).float().log_softmax(-1)  # (M, V), only at choice tokens
-    token_logp = torch.zeros(keep.shape, device=device)  # (B·K, O)
-    token_logp[keep] = logp.gather(-1, opt_ids[keep][:, None]).squeeze(-1)
-    scores = token_logp.sum(-1).view(len(options), k)  # (B, K)
+                   use_cache=bool(longer))
+    # the context's last state predicts every option's first token: one projection per fact
+    first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V)
+    first_ids = torch.tensor([[o[j][0] if j < len(o) else 0 for j in range(k)]
+                              for o in options], device=device)  # (B, K)
+    scores = first.gather(-1, first_ids)  # (B, K)
+    if longer:
+        scores += rest_logprobs(backbone, head, out, mask, options, longer, pad_id, k)
     exists = torch.tensor([[j < len(o) for j in range(k)] for o in options], device=device)
     return scores.masked_fill(~exists, float("-inf")).cpu()
+
+
+def rest_logprobs(backbone, head, out, mask: torch.Tensor, options: list[list[list[int]]],
+                  longer: list[tuple[int, int]], pad_id: int, k: int) -> torch.Tensor:
+    """(B, K) summed log-probs of the options' tokens after the first (0 for one-token
+    options): the states before them come from one pass over the `longer` options, each
+    reading its fact's context from the first pass's KV cache."""
+    device = mask.device
+    facts = torch.tensor([f for f, _ in longer], device=device)  # (R,)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_select_indices(facts)  # (R) rows: each longer option's own context
+    opt_ids, opt_mask = (t.to(device) for t in pad_rows(
+        [options[f][j] for f, j in longer], pad_id, left=False))  # (R, O)
+    steps = opt_ids.shape[1] - 1
+    start = mask.sum(-1)[facts]  # (R,) real context length
+    hidden = backbone(input_ids=opt_ids[:, :-1],
+                      position_ids=start[:, None] + torch.arange(steps, device=device),
+                      attention_mask=torch.cat([mask[facts], opt_mask[:, :-1]], -1),
+                      **{cache_kwarg(backbone): cache}).last_hidden_state  # (R, O-1, H)
+    # the state at token t predicts token t+1; an option's last token predicts nothing
+    keep = opt_mask[:, 1:].bool()  # (R, O-1)
+    logp = head(hidden[keep]).float().log_softmax(-1)  # (M, V), only at option tokens
+    token_logp = torch.zeros(keep.shape, device=device)  # (R, O-1)
+    token_logp[keep] = logp.gather(-1, opt_ids[:, 1:][keep][:, None]).squeeze(-1)
+    rest = torch.zeros(mask.shape[0], k, device=device)  # (B, K)
+    rest[facts, torch.tensor([j for _, j in longer], device=device)] = token_logp.sum(-1)
+    return rest
 
 
 def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
@@ -95,9 +110,9 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> 
         prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         contexts.append(prompt_ids(tokenizer, prompt) + prefix_ids)
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
-    # less padding, and facts whose options are all one token batch together (no 2nd pass)
+    # by context length (least padding in the pass every fact needs), then option width
     order = sorted(range(len(contexts)),
-                   key=lambda i: (width_of([options[i]]), len(contexts[i])))
+                   key=lambda i: (len(contexts[i]), width_of([options[i]])))
     scores: dict[int, torch.Tensor] = {}
     model.eval()
     for at in range(0, len(order), batch_size):
