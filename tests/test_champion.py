@@ -47,3 +47,34 @@ def test_best_rule_keeps_the_point_estimate_rule_for_smoke_runs():
     best, _ = choose_candidate([flat], threshold=0.0, rule="best")
     assert best is flat
     assert choose_candidate([flat], threshold=0.0)[0] is None
+
+
+def with_probe(b: dict, kept: int, known: int, ci: list[float]) -> dict:
+    b["metrics"]["probe_retention"] = {"overall": kept / known, "kept": kept,
+                                       "base_correct": known, "ci": ci}
+    return b
+
+
+def test_the_probe_retention_is_judged_when_the_eval_has_a_probe():
+    # The default run (2026-12-04): loramoe-256 beat the base on downstream (+0.175, CI
+    # [0.072, 0.278]) and kept 0.985 [0.978, 0.989] of 1,846 base-known facts by the probe,
+    # but was judged by generation retention on 30 facts (0.400 [0.246, 0.577]) — a measure
+    # its own report shows is mostly answer style. Before the fix: not promoted.
+    b = with_probe(branch("loramoe-256", 0.305, gain(0.175, [0.072, 0.278]), 0.40,
+                          [0.246, 0.577]), 1818, 1846, [0.978, 0.989])
+    best, reason = choose_candidate([b], threshold=0.9)
+    assert best is b
+    assert "probe retention 0.985 (lower bound 0.978 >= 0.9)" in reason
+    leaky = with_probe(branch("loramoe-256", 0.305, gain(0.175, [0.072, 0.278]), 0.99,
+                              [0.95, 1.0]), 1500, 1846, [0.794, 0.830])
+    assert choose_candidate([leaky], threshold=0.9)[0] is None  # judged by the probe
+
+
+def test_a_threshold_no_branch_could_reach_is_named():
+    # 30 of 30 facts kept: Wilson lower bound 0.886 < 0.9, so no branch can ever pass
+    tiny = branch("loramoe-256", 0.30, gain(0.20, [0.12, 0.28]), 0.9, [0.74, 0.97])
+    tiny["metrics"]["retention"]["base_correct"] = 30
+    best, reason = choose_candidate([tiny], threshold=0.9)
+    assert best is None
+    assert "generation retention lower bound 0.740 < threshold 0.9" in reason
+    assert "unreachable on 30 facts: keeping all of them gives a lower bound of 0.886" in reason

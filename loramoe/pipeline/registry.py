@@ -9,13 +9,30 @@ from loramoe.pipeline.config import PipelineConfig
 from loramoe.pipeline.steps import restore_run_dir
 
 
-def _retention(branch: dict[str, Any]) -> float | None:
-    return branch["metrics"].get("retention", {}).get("overall")
+def retention_measure(branch: dict[str, Any]) -> dict[str, Any]:
+    """The retention the rule judges: the probe's (every base-known fact, no answer style)
+    when the eval has one, else generation retention (a user's eval file without choices)."""
+    metrics = branch["metrics"]
+    probe = metrics.get("probe_retention") or {}
+    if probe.get("base_correct"):
+        found, name = probe, "probe retention"
+    else:
+        found, name = metrics.get("retention") or {}, "generation retention"
+    ci = found.get("ci")
+    return {"name": name, "value": found.get("overall"), "low": ci[0] if ci else None,
+            "facts": found.get("base_correct")}
 
 
-def _retention_low(branch: dict[str, Any]) -> float | None:
-    ci = branch["metrics"].get("retention", {}).get("ci")
-    return ci[0] if ci else None
+def unreachable(measure: dict[str, Any], threshold: float) -> str:
+    """Why the threshold cannot be met on this many facts (even all kept), or ''."""
+    from loramoe.evaluate.stats import wilson_interval
+
+    n = measure["facts"]
+    if not n or threshold <= 0:
+        return ""
+    best = wilson_interval(n, n)[0]
+    return (f"; unreachable on {n} facts: keeping all of them gives a lower bound of "
+            f"{best:.3f}") if best < threshold else ""
 
 
 def earned(branch: dict[str, Any], threshold: float, rule: str) -> tuple[bool, str]:
@@ -24,22 +41,23 @@ def earned(branch: dict[str, Any], threshold: float, rule: str) -> tuple[bool, s
     significant: downstream beats the base on the same items (paired bootstrap interval
     above 0) and the retention's 95% lower bound is >= threshold. best: the point retention
     is >= threshold (mechanics tests on random models, where nothing is significant).
+    Retention is the probe's when there is one (`retention_measure`).
     """
-    name, retention = branch["name"], _retention(branch)
+    name, measure = branch["name"], retention_measure(branch)
+    retention, low, kind = measure["value"], measure["low"], measure["name"]
     if rule == "best":
         ok = threshold == 0 or (retention is not None and retention >= threshold)
-        return ok, f"{name}: retention {_fmt_opt(retention)} vs threshold {threshold}"
+        return ok, f"{name}: {kind} {_fmt_opt(retention)} vs threshold {threshold}"
     vs_base = branch["metrics"].get("vs_base", {}).get("downstream") or {}
-    low = _retention_low(branch)
     if not vs_base.get("significant") or vs_base["diff"] <= 0:
         ci = vs_base.get("ci")
         return False, (f"{name}: downstream vs base {_fmt_opt(vs_base.get('diff'))} "
                        f"(95% CI {_fmt_ci(ci)}) is not a significant gain")
     if threshold > 0 and (low is None or low < threshold):
-        return False, (f"{name}: retention lower bound {_fmt_opt(low)} < threshold "
-                       f"{threshold}")
+        return False, (f"{name}: {kind} lower bound {_fmt_opt(low)} < threshold "
+                       f"{threshold}{unreachable(measure, threshold)}")
     return True, (f"{name}: downstream +{vs_base['diff']:.4f} vs base (95% CI "
-                  f"{_fmt_ci(vs_base['ci'])}), retention {_fmt_opt(retention)} "
+                  f"{_fmt_ci(vs_base['ci'])}), {kind} {_fmt_opt(retention)} "
                   f"(lower bound {_fmt_opt(low)} >= {threshold})")
 
 
