@@ -64,7 +64,7 @@ class PipelineConfig:
     methods: dict[str, TrainConfig]  # branch method name -> its full TrainConfig
     mlflow_experiment: str = "loramoe"
     registered_model: str = "loramoe"
-    retention_threshold: float = 0.9  # champion: retention (lower bound) must reach this
+    retention_threshold: float = 0.9  # champion: probe retention (lower bound) must reach it
     # "significant": beats the base on downstream (paired bootstrap) and the retention's
     # lower 95% bound >= threshold; "best": point retention only (for random-model smoke runs)
     champion_rule: str = "significant"
