@@ -23,8 +23,7 @@ import tomllib
 import torch
 
 from loramoe.data import build_mixture
-from loramoe.data.collate import prompt_ids
-from loramoe.evaluate.probe import probe_facts
+from loramoe.evaluate.probe import context_ids, probe_facts
 from loramoe.evaluate.stats import paired_binary, wilson_interval
 from loramoe.model import load_base_model
 from loramoe.pipeline import PipelineConfig
@@ -69,8 +68,7 @@ def main() -> None:
 def context_tokens(tokenizer, facts) -> list[int]:
     """Tokens each fact's context costs (chat-formatted question + answer prefix)."""
     rows = facts[facts["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
-    return [len(prompt_ids(tokenizer, q)) + len(tokenizer(a, add_special_tokens=False)
-                                                ["input_ids"])
+    return [len(context_ids(tokenizer, q, a))
             for q, a in zip(rows["prompt"], rows["answer_prefix"], strict=True)]
 
 

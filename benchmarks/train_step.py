@@ -55,4 +55,3 @@ def interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str,
             step()
             times[name].append(time.perf_counter() - start)
     return times
-

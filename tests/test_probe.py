@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.probe import (
     choice_logprobs,
+    context_ids,
     continuation_ids,
     probe_facts,
     probe_retention,
@@ -30,8 +30,7 @@ FACTS = pd.DataFrame({
 def hand_logprob(model, tokenizer, prompt: str, prefix: str, option: str) -> float:
     """Sum of log-softmax over the option's tokens from one plain forward of the whole
     sequence (fp64 softmax, no cache, no batching)."""
-    context = prompt_ids(tokenizer, prompt) + (
-        tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+    context = context_ids(tokenizer, prompt, prefix)
     option_ids = continuation_ids(tokenizer, prefix, option)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([context + option_ids])).logits[0]
@@ -58,9 +57,7 @@ def test_every_choice_score_equals_hand_computed_logprobs(tiny_model_dir):
     model, tokenizer = load_base_model(str(tiny_model_dir))
     contexts, options, hand = [], [], []
     for fact in FACTS.itertuples():
-        contexts.append(prompt_ids(tokenizer, fact.prompt) + (tokenizer(
-            fact.answer_prefix, add_special_tokens=False)["input_ids"] if fact.answer_prefix
-            else []))
+        contexts.append(context_ids(tokenizer, fact.prompt, fact.answer_prefix))
         options.append([continuation_ids(tokenizer, fact.answer_prefix, c)
                         for c in fact.choices])
         hand.append([hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)

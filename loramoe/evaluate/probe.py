@@ -32,6 +32,12 @@ def cache_kwarg(backbone) -> str:
         else "past_key_values"
 
 
+def context_ids(tokenizer, prompt: str, prefix: str) -> list[int]:
+    """The chat-formatted question, then the answer prefix in the model's own turn."""
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    return prompt_ids(tokenizer, prompt) + prefix_ids
+
+
 def continuation_ids(tokenizer, prefix: str, option: str) -> list[int]:
     """The tokens `option` adds after `prefix` (BPE merges across the space respected)."""
     head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
@@ -66,22 +72,23 @@ def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[l
                               for o in options], device=device)  # (B, K)
     scores = first.gather(-1, first_ids)  # (B, K)
     if longer:
-        scores += rest_logprobs(backbone, head, out, mask, options, longer, pad_id, k)
+        facts, cols = (torch.tensor(x, device=device)
+                       for x in zip(*longer, strict=True))  # (R,) each
+        scores[facts, cols] += rest_logprobs(backbone, head, out, mask, facts, pad_id,
+                                             [options[f][j] for f, j in longer])
     exists = torch.tensor([[j < len(o) for j in range(k)] for o in options], device=device)
     return scores.masked_fill(~exists, float("-inf")).cpu()
 
 
-def rest_logprobs(backbone, head, out, mask: torch.Tensor, options: list[list[list[int]]],
-                  longer: list[tuple[int, int]], pad_id: int, k: int) -> torch.Tensor:
-    """(B, K) summed log-probs of the options' tokens after the first (0 for one-token
-    options): the states before them come from one pass over the `longer` options, each
-    reading its fact's context from the first pass's KV cache."""
+def rest_logprobs(backbone, head, out, mask: torch.Tensor, facts: torch.Tensor, pad_id: int,
+                  longer: list[list[int]]) -> torch.Tensor:
+    """(R,) summed log-probs of each `longer` option's tokens after its first: the states
+    before them come from one pass over those options, each reading the context of its fact
+    (`facts`, (R,)) from the first pass's KV cache."""
     device = mask.device
-    facts = torch.tensor([f for f, _ in longer], device=device)  # (R,)
     cache = getattr(out, "cache", None) or out.past_key_values
     cache.batch_select_indices(facts)  # (R) rows: each longer option's own context
-    opt_ids, opt_mask = (t.to(device) for t in pad_rows(
-        [options[f][j] for f, j in longer], pad_id, left=False))  # (R, O)
+    opt_ids, opt_mask = (t.to(device) for t in pad_rows(longer, pad_id, left=False))  # (R, O)
     steps = opt_ids.shape[1] - 1
     start = mask.sum(-1)[facts]  # (R,) real context length
     hidden = backbone(input_ids=opt_ids[:, :-1],
@@ -93,9 +100,7 @@ def rest_logprobs(backbone, head, out, mask: torch.Tensor, options: list[list[li
     logp = head(hidden[keep]).float().log_softmax(-1)  # (M, V), only at option tokens
     token_logp = torch.zeros(keep.shape, device=device)  # (R, O-1)
     token_logp[keep] = logp.gather(-1, opt_ids[:, 1:][keep][:, None]).squeeze(-1)
-    rest = torch.zeros(mask.shape[0], k, device=device)  # (B, K)
-    rest[facts, torch.tensor([j for _, j in longer], device=device)] = token_logp.sum(-1)
-    return rest
+    return token_logp.sum(-1)  # (R,)
 
 
 def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
@@ -107,8 +112,7 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> 
     contexts, options = [], []
     for prompt, prefix, choices in zip(rows["prompt"], prefixes, rows["choices"], strict=True):
         prefix = prefix if isinstance(prefix, str) else ""
-        prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        contexts.append(prompt_ids(tokenizer, prompt) + prefix_ids)
+        contexts.append(context_ids(tokenizer, prompt, prefix))
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
     # by context length (least padding in the pass every fact needs), then option width
     order = sorted(range(len(contexts)),
