@@ -147,15 +147,21 @@ def balance_loss(
     return _reduce(_importance_cv_squared(router_probs, attention_mask), reduction)
 
 
-def _importance_cv_squared(router_probs, attention_mask) -> torch.Tensor:
-    """cv² per layer of each expert's router weight summed over the batch's real tokens."""
+def _importance_cv_squared(router_probs, attention_mask, total=None) -> torch.Tensor:
+    """cv² per layer of each expert's router weight summed over the batch's real tokens
+    (and, with `total`, over every process's batch)."""
     probs = _stack_layers(router_probs)  # (L, B, T, N)
     importance = _per_sample_load(probs, attention_mask).sum(dim=2)  # (L, N)
+    if total is not None:
+        importance = total(importance)  # (L, N), summed over processes
     return _cv_squared(importance)  # (L,)
 
 
 def router_cv(router_probs: Sequence[torch.Tensor] | torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Coefficient of variation of per-expert importance, averaged over layers (paper Fig. 5)."""
+              attention_mask: torch.Tensor | None = None,
+              total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Coefficient of variation of per-expert importance, averaged over layers (paper Fig. 5).
+    `total` sums the (L, N) importance over data-parallel processes, so the value is the
+    global batch's, as one process would compute it."""
     with torch.no_grad():
-        return _importance_cv_squared(router_probs, attention_mask).sqrt().mean()
+        return _importance_cv_squared(router_probs, attention_mask, total).sqrt().mean()

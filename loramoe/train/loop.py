@@ -19,7 +19,7 @@ import torch
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
 from loramoe.train.config import TrainConfig, TrainConfigError
-from loramoe.train.objective import gather_samples, global_token_share
+from loramoe.train.objective import gather_samples, global_mean, global_token_share, process_sum
 
 
 class MetricsSink(Protocol):
@@ -52,16 +52,18 @@ def response_loss(model, batch: dict[str, torch.Tensor], token_count=None) -> to
     return model(batch["input_ids"], batch["attention_mask"], batch["labels"], token_count)
 
 
-def lbc_term(model, batch, config: TrainConfig, gather=None
+def lbc_term(model, batch, config: TrainConfig, gather=None, total=None
              ) -> tuple[torch.Tensor | None, float | None]:
-    """(β-free LBC loss or None, router CV) for LoRAMoE; padding excluded from Q."""
+    """(β-free LBC loss or None, router CV) for LoRAMoE; padding excluded from Q. With
+    several processes, `gather` gives the LBC the global batch's Q and `total` sums the CV's
+    expert importance over processes."""
     if config.method != "loramoe":
         return None, None
     from loramoe.injection import collect_router_probs
     from loramoe.loss import localized_balancing_loss, router_cv
 
     probs = collect_router_probs(model)
-    cv = router_cv(probs, batch["attention_mask"]).item()
+    cv = router_cv(probs, batch["attention_mask"], total).item()
     if config.loramoe.lbc_beta == 0:
         return None, cv
     lbc = localized_balancing_loss(probs, batch["attention_mask"], batch["sample_types"],
@@ -94,8 +96,8 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
         with acc.accumulate(model):
             with run.autocast():
                 lm_loss = response_loss(model, batch, global_token_share(acc, batch))
-                lbc, cv = lbc_term(model, batch, config,
-                                   gather_samples if acc.num_processes > 1 else None)
+                lbc, cv = lbc_term(model, batch, config, *((gather_samples, process_sum(acc))
+                                                           if acc.num_processes > 1 else ()))
                 loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
             if not torch.isfinite(loss.detach()):
                 raise diverged("non-finite loss", at.step, output_dir, config.learning_rate,
@@ -113,8 +115,8 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
         if not acc.sync_gradients:
             continue
         at.step += 1
-        last = step_metrics(lm_loss, lbc, cv, run, tokens / max(time.perf_counter() - start,
-                                                                1e-9))
+        speed = tokens / max(time.perf_counter() - start, 1e-9)
+        last = step_metrics(global_mean(acc, lm_loss), lbc, cv, run, speed)
         if acc.is_main_process and at.step % config.log_every == 0:
             for each in sinks:
                 each.log_metrics(last, at.step)
@@ -130,8 +132,9 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     return finish(run, last)
 
 
-def step_metrics(lm_loss, lbc, cv, run: Training, tokens_per_s: float) -> dict[str, float]:
-    metrics = {"lm_loss": lm_loss.item(), "lr": run.scheduler.get_last_lr()[0],
+def step_metrics(lm_loss: float, lbc, cv, run: Training, tokens_per_s: float
+                 ) -> dict[str, float]:
+    metrics = {"lm_loss": lm_loss, "lr": run.scheduler.get_last_lr()[0],
                "tokens_per_s": tokens_per_s}
     if lbc is not None:
         metrics["lbc_loss"] = lbc.item()

@@ -58,6 +58,20 @@ def global_token_share(acc, batch: dict[str, torch.Tensor]) -> torch.Tensor | No
     return acc.reduce(response_tokens(batch).float(), reduction="sum") / acc.num_processes
 
 
+def global_mean(acc, lm_loss: torch.Tensor) -> float:
+    """The global batch's LM loss, as one process would log it: each process's term is its
+    token sum / (global tokens / P) (global_token_share), so their mean over P is the global
+    token mean; rank 0's own term alone is not."""
+    if acc.num_processes == 1:
+        return lm_loss.item()
+    return acc.reduce(lm_loss.detach(), reduction="mean").item()
+
+
+def process_sum(acc):
+    """Sums a tensor over the data-parallel processes (for the router CV's importance)."""
+    return lambda t: acc.reduce(t, reduction="sum")
+
+
 def gather_samples(z: torch.Tensor) -> torch.Tensor:
     """(L, N, B) per process -> (L, N, B·P): the LBC's Z of the global batch. The autograd
     all_gather sums every process's gradient back into its slice, which DDP's average then
