@@ -151,3 +151,8 @@ loramoe.pipeline.worker FAILED"""
     assert root_cause(stderr) == ("KeyError: 'model.layers.0._checkpoint_wrapped_module.mlp."
                                   "gate_proj.router_weight'")
     assert root_cause("Killed") == "no exception in the output (see below)"
+    # rank 0 died; rank 1, waiting for it in a collective, raised last (seen under FSDP)
+    stderr = """[rank0]: loramoe.train.config.TrainConfigError: TrainConfig.output_dir: out holds an earlier run
+[rank1]: RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:44242. This is typically caused by a remote worker crashing.
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"""  # noqa: E501
+    assert root_cause(stderr).startswith("loramoe.train.config.TrainConfigError: TrainConfig.")

@@ -56,13 +56,20 @@ def launcher(config: PipelineConfig, method: str, processes: int, on_gpu: bool
             "--master_addr", "127.0.0.1", "--master_port", port], {"ACCELERATE_USE_CPU": "true"}
 
 
+# what the other ranks raise when one rank dies mid-collective (gloo; NCCL's watchdog)
+PEER_ECHOES = ("Connection closed by peer", "remote worker crashing", "Connection reset by peer",
+               "NCCL communicator was aborted")
+
+
 def root_cause(stderr: str) -> str:
-    """The last exception a worker printed: torchrun's ChildFailedError summary comes after
-    it and says only that a rank failed."""
+    """The last exception a worker printed that is its own: torchrun's ChildFailedError
+    summary says only that a rank failed, and the ranks left waiting in a collective when
+    one died raise a connection error that hides the one that died."""
     errors = [line.split("]: ", 1)[-1].strip() for line in stderr.splitlines()
               if re.search(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception)\b", line)
               and "ChildFailedError" not in line]
-    return errors[-1] if errors else "no exception in the output (see below)"
+    own = [e for e in errors if not any(echo in e for echo in PEER_ECHOES)]
+    return (own or errors)[-1] if errors else "no exception in the output (see below)"
 
 
 def train_in_processes(config: PipelineConfig, train_config: TrainConfig, processes: int,
