@@ -91,13 +91,14 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     bar = tqdm(total=run.total_steps, initial=at.step, desc=f"train {config.method}",
                disable=not (progress and acc.is_main_process))
     tokens, start, last = 0, time.perf_counter(), {}
+    # several processes: the LBC's Q and the router CV's importance span the global batch
+    gather, total = (gather_samples, process_sum(acc)) if acc.num_processes > 1 else (None, None)
     model.train()
     for batch in run.batches() if at.step < run.total_steps else ():
         with acc.accumulate(model):
             with run.autocast():
                 lm_loss = response_loss(model, batch, global_token_share(acc, batch))
-                lbc, cv = lbc_term(model, batch, config, *((gather_samples, process_sum(acc))
-                                                           if acc.num_processes > 1 else ()))
+                lbc, cv = lbc_term(model, batch, config, gather, total)
                 loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
             if not torch.isfinite(loss.detach()):
                 raise diverged("non-finite loss", at.step, output_dir, config.learning_rate,
