@@ -11,8 +11,9 @@
 # LoRAMoE vs PEFT LoRA vs frozen base, tokens/s and peak memory, SmolLM2-135M-shaped and
 # ~1B Llama-shaped random models, batch 8 x 1024; the fused node, the default backend,
 # against the formula) and the launch check (benchmarks/gpu_launch_check.py: full SFT and
-# LoRAMoE and LoRA under infra/accelerate/fsdp.yaml, LoRAMoE under ddp.yaml, launched as a gpu > 1
-# branch launches them, against one plain process). The smoke flow with gpu = 1 needs
+# LoRAMoE and LoRA under infra/accelerate/fsdp.yaml, LoRAMoE under ddp.yaml, full SFT under
+# deepspeed_zero3.yaml when benchmarks/wheels was carried, launched as a gpu > 1 branch
+# launches them, against one plain process). The smoke flow with gpu = 1 needs
 # mlflow, metaflow and great-expectations wheels: ~61 MiB beyond the machine's packages
 # (44 without boto), too close to the 64 MiB that can be brought: not run here.
 # Results of the 2026-12-04 H200 run: docs/benchmarks.md §4.
@@ -21,6 +22,10 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
 status=0
 python -m pip install --quiet --no-deps --no-build-isolation -e . || status=1
+# DeepSpeed for the ZeRO-3 launch check, when its wheels were carried (benchmarks/gpu_wheels.sh)
+if [ -d benchmarks/wheels ]; then
+    python -m pip install --quiet --no-index --find-links benchmarks/wheels deepspeed || status=1
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, transformers, peft; print('torch', torch.__version__, '| cuda', \
 torch.version.cuda, '| transformers', transformers.__version__, '| peft', peft.__version__)"

@@ -17,6 +17,7 @@ checks that on CPU with 2 processes). Imports only what the bare GPU machine has
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
 import time
@@ -80,7 +81,7 @@ def check(method: str, strategy: str, processes: int, dtype: str, work: Path,
     launched_s = time.perf_counter() - started
     diff = largest_difference(weights(work / "plain"), weights(work / "launched"))
     verdict = "same" if diff < 1e-2 else "DIFFERENT"
-    return (f"  {method:<8} {strategy:<6} {final['processes']:>3} {final['steps']:>5} "
+    return (f"  {method:<8} {strategy:<15} {final['processes']:>3} {final['steps']:>5} "
             f"{plain_s:8.1f} {launched_s:9.1f} {diff:12.2e}  {verdict}")
 
 
@@ -88,14 +89,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--processes", type=int, default=max(1, torch.cuda.device_count()))
-    parser.add_argument("--runs", default="sft:fsdp,loramoe:fsdp,lora:fsdp,loramoe:ddp" if on_gpu
-                        else "sft:ddp,loramoe:ddp")
+    gpu_runs = "sft:fsdp,loramoe:fsdp,lora:fsdp,loramoe:ddp"
+    if importlib.util.find_spec("deepspeed"):  # its wheels: benchmarks/gpu_wheels.sh
+        gpu_runs += ",sft:deepspeed_zero3"
+    parser.add_argument("--runs", default=gpu_runs if on_gpu else "sft:ddp,loramoe:ddp")
     parser.add_argument("--dtype", default="auto", help="train.dtype of every run")
     args = parser.parse_args()
     print(f"Launched training vs one plain process ({'GPU' if on_gpu else 'CPU'}, "
           f"{args.processes} process(es), dtype {args.dtype}, tiny random Llama, 3 steps, "
           f"global batch 8)")
-    print(f"  {'method':<8} {'launch':<6} {'procs':>3} {'steps':>5} {'plain s':>8} "
+    print(f"  {'method':<8} {'launch':<15} {'procs':>3} {'steps':>5} {'plain s':>8} "
           f"{'launched s':>9} {'max rel diff':>12}")
     failed = 0
     for run in args.runs.split(","):
@@ -108,7 +111,7 @@ def main() -> int:
             except Exception as err:  # noqa: BLE001 - report every strategy, then fail
                 failed += 1
                 # the first line names the root cause (LaunchError puts it there)
-                print(f"  {method:<8} {strategy:<6} FAILED: {type(err).__name__}: "
+                print(f"  {method:<8} {strategy:<15} FAILED: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:600]}", flush=True)
     return 1 if failed else 0
 
