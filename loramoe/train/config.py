@@ -40,6 +40,9 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 256
     gradient_checkpointing: bool = False
+    # on one process, run each batch in two pieces of similar length (train/pieces.py): the
+    # same samples and gradient with less padding (default run: ~20 % faster train steps)
+    split_by_length: bool = True
     # frozen weights stored in this dtype (adapters and routers stay fp32); "auto": bf16
     # where the hardware multiplies it natively, else fp32 (loramoe/precision.py)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -15,11 +15,19 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from accelerate.utils import DistributedType
 
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
 from loramoe.train.config import TrainConfig, TrainConfigError
-from loramoe.train.objective import gather_samples, global_mean, global_token_share, process_sum
+from loramoe.train.objective import (
+    gather_samples,
+    global_mean,
+    global_token_share,
+    process_sum,
+    response_tokens,
+)
+from loramoe.train.pieces import RoutedBatch, joined, length_pieces
 
 
 class MetricsSink(Protocol):
@@ -52,21 +60,36 @@ def response_loss(model, batch: dict[str, torch.Tensor], token_count=None) -> to
     return model(batch["input_ids"], batch["attention_mask"], batch["labels"], token_count)
 
 
-def lbc_term(model, batch, config: TrainConfig, gather=None, total=None
+def forward_batch(model, batch: dict[str, torch.Tensor], config: TrainConfig, token_count=None,
+                  split: bool = False) -> tuple[torch.Tensor, RoutedBatch | None]:
+    """The batch's LM loss and, for LoRAMoE, what its routers saw. With `split`, the batch
+    runs in two pieces of similar length (pieces.py): the same loss, less padding."""
+    pieces = length_pieces(batch) if split else [batch]
+    if len(pieces) > 1 and token_count is None:
+        token_count = response_tokens(batch)  # every piece divides by the whole batch's
+    lm_loss, probs = 0.0, []
+    for piece in pieces:
+        lm_loss = lm_loss + response_loss(model, piece, token_count)
+        if config.method == "loramoe":
+            from loramoe.injection import collect_router_probs
+
+            probs.append(collect_router_probs(model))  # the next piece's forward replaces them
+    return lm_loss, joined(pieces, probs) if probs else None
+
+
+def lbc_term(routed: RoutedBatch | None, config: TrainConfig, gather=None, total=None
              ) -> tuple[torch.Tensor | None, float | None]:
     """(β-free LBC loss or None, router CV) for LoRAMoE; padding excluded from Q. With
     several processes, `gather` gives the LBC the global batch's Q and `total` sums the CV's
     expert importance over processes."""
-    if config.method != "loramoe":
+    if routed is None:
         return None, None
-    from loramoe.injection import collect_router_probs
     from loramoe.loss import localized_balancing_loss, router_cv
 
-    probs = collect_router_probs(model)
-    cv = router_cv(probs, batch["attention_mask"], total).item()
+    cv = router_cv(routed.probs, routed.attention_mask, total).item()
     if config.loramoe.lbc_beta == 0:
         return None, cv
-    lbc = localized_balancing_loss(probs, batch["attention_mask"], batch["sample_types"],
+    lbc = localized_balancing_loss(routed.probs, routed.attention_mask, routed.sample_types,
                                    config.loramoe.expert_type_ids(), config.loramoe.lbc_delta,
                                    gather=gather, form=config.loramoe.lbc_form,
                                    load=config.loramoe.lbc_load)
@@ -93,12 +116,15 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     tokens, start, last = 0, time.perf_counter(), {}
     # several processes: the LBC's Q and the router CV's importance span the global batch
     gather, total = (gather_samples, process_sum(acc)) if acc.num_processes > 1 else (None, None)
+    # DDP, FSDP and DeepSpeed expect one forward per backward: pieces on one process only
+    split = config.split_by_length and acc.distributed_type == DistributedType.NO
     model.train()
     for batch in run.batches() if at.step < run.total_steps else ():
         with acc.accumulate(model):
             with run.autocast():
-                lm_loss = response_loss(model, batch, global_token_share(acc, batch))
-                lbc, cv = lbc_term(model, batch, config, gather, total)
+                lm_loss, routed = forward_batch(model, batch, config,
+                                                global_token_share(acc, batch), split)
+                lbc, cv = lbc_term(routed, config, gather, total)
                 loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
             if not torch.isfinite(loss.detach()):
                 raise diverged("non-finite loss", at.step, output_dir, config.learning_rate,
