@@ -1,0 +1,95 @@
+"""Train step with and without length pieces (loramoe/train/pieces.py), on the default model.
+
+    python benchmarks/bench_length_pieces.py [--methods sft,lora,loramoe] [--batches 4]
+        [--rounds 2] [--threads 1] [--dtype auto]
+
+Takes the default config's largest train scale, shuffles it as the trainer does, and times
+the trainer's own step (forward_batch + LBC + backward) on its first batches, whole and in
+pieces, interleaved round by round (one run). Prints the padded/real token ratio of both and
+the seconds a step, with the ratio. --threads 1 is how a pipeline branch trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+import tomllib
+import torch
+
+from loramoe.data import build_mixture
+from loramoe.data.collate import Collator, encode_records
+from loramoe.pipeline import PipelineConfig
+from loramoe.precision import resolve_dtype
+from loramoe.train import TrainConfig
+from loramoe.train.builders import build_model
+from loramoe.train.loop import forward_batch, lbc_term
+from loramoe.train.objective import ResponseLM
+from loramoe.train.pieces import length_pieces
+
+CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
+
+
+def padded_tokens(batches: list[dict], split: bool) -> int:
+    pieces = [p for b in batches for p in (length_pieces(b) if split else [b])]
+    return sum(p["attention_mask"].numel() for p in pieces)
+
+
+def step(model, batch, config: TrainConfig, split: bool) -> None:
+    lm_loss, routed = forward_batch(model, batch, config, split=split)
+    lbc, _ = lbc_term(routed, config)
+    loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="sft,lora,loramoe")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
+                                        base_dir=CONFIGS)
+    frame = build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
+    dtype = resolve_dtype(args.dtype)
+    print(f"dtype {dtype}, {args.threads} thread(s), {args.batches} batches, "
+          f"{args.rounds} interleaved rounds")
+    for method in args.methods.split(","):
+        config = pipeline.train_config(method, Path("unused"), Path("unused"))
+        model, tokenizer = build_model(config, dtype)
+        data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
+                              frame["task_type"].tolist(), config.loramoe.type_names,
+                              config.max_length)
+        order = list(range(len(data)))
+        random.Random(config.seed).shuffle(order)
+        collate = Collator(tokenizer.pad_token_id or 0)
+        batches = [collate([data[i] for i in order[at:at + config.batch_size]])
+                   for at in range(0, args.batches * config.batch_size, config.batch_size)]
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        model = ResponseLM(model).train()
+        step(model, batches[0], config, split=True)  # warm-up
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.rounds):
+            for split in (False, True):
+                start = time.perf_counter()
+                for batch in batches:
+                    step(model, batch, config, split)
+                seconds[split].append((time.perf_counter() - start) / len(batches))
+        whole, pieces = (statistics.median(seconds[s]) for s in (False, True))
+        rounds = ", ".join(f"{a:.2f}/{b:.2f}"
+                           for a, b in zip(seconds[False], seconds[True], strict=True))
+        print(f"{method}: padded/real tokens {padded_tokens(batches, False) / real:.2f} whole, "
+              f"{padded_tokens(batches, True) / real:.2f} in pieces; {whole:.2f} -> "
+              f"{pieces:.2f} s a step = {pieces / whole:.2f}x "
+              f"(rounds, whole/pieces: {rounds})")
+
+
+if __name__ == "__main__":
+    main()
