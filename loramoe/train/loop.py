@@ -77,6 +77,12 @@ def forward_batch(model, batch: dict[str, torch.Tensor], config: TrainConfig, to
     return lm_loss, joined(pieces, probs) if probs else None
 
 
+def use_pieces(acc, config: TrainConfig) -> bool:
+    """Length pieces on one process only: DDP, FSDP and DeepSpeed expect one forward per
+    backward."""
+    return config.split_by_length and acc.distributed_type == DistributedType.NO
+
+
 def lbc_term(routed: RoutedBatch | None, config: TrainConfig, gather=None, total=None
              ) -> tuple[torch.Tensor | None, float | None]:
     """(β-free LBC loss or None, router CV) for LoRAMoE; padding excluded from Q. With
@@ -116,8 +122,7 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     tokens, start, last = 0, time.perf_counter(), {}
     # several processes: the LBC's Q and the router CV's importance span the global batch
     gather, total = (gather_samples, process_sum(acc)) if acc.num_processes > 1 else (None, None)
-    # DDP, FSDP and DeepSpeed expect one forward per backward: pieces on one process only
-    split = config.split_by_length and acc.distributed_type == DistributedType.NO
+    split = use_pieces(acc, config)
     model.train()
     for batch in run.batches() if at.step < run.total_steps else ():
         with acc.accumulate(model):
