@@ -46,11 +46,12 @@ def test_even_lengths_or_small_savings_stay_one_batch():
     assert length_pieces(even) == [even]
     close = ragged_batch([9, 10, 10, 10, 10, 10, 10, 10])  # a cut would save 1 token in 80
     assert length_pieces(close) == [close]
-    assert length_pieces(ragged_batch([5])) is not None  # one row: nothing to cut
+    one = ragged_batch([5])  # one row: nothing to cut
+    assert length_pieces(one) == [one]
 
 
 def tiny_batch(tokenizer, frame, rows: int = 8) -> dict[str, torch.Tensor]:
-    """The train file's first rows, picked so their lengths differ enough to be cut."""
+    """The train file's shortest and longest rows, so that the batch is cut in two."""
     data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
                           frame["task_type"].tolist(), ["knowledge", "downstream"], 128)
     by_length = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))

@@ -67,12 +67,12 @@ def forward_batch(model, batch: dict[str, torch.Tensor], config: TrainConfig, to
     pieces = length_pieces(batch) if split else [batch]
     if len(pieces) > 1 and token_count is None:
         token_count = response_tokens(batch)  # every piece divides by the whole batch's
+    from loramoe.injection import collect_router_probs
+
     lm_loss, probs = 0.0, []
     for piece in pieces:
         lm_loss = lm_loss + response_loss(model, piece, token_count)
         if config.method == "loramoe":
-            from loramoe.injection import collect_router_probs
-
             probs.append(collect_router_probs(model))  # the next piece's forward replaces them
     return lm_loss, joined(pieces, probs) if probs else None
 
