@@ -1,6 +1,7 @@
 """The likelihood probe on the default eval's held-out facts: speed, and what the base knows.
 
     python benchmarks/bench_probe.py [--batch 64] [--dtypes bf16,fp32]
+        [--methods base,lora,loramoe] [--threads 1] [--facts 512]
 
 Builds the default config's eval set (flows/configs/default.toml), probes every fact with the
 default model in each dtype (one run), and prints facts/s, multiple-choice accuracy with its
@@ -9,7 +10,9 @@ same facts (exact McNemar) with the mean |difference| of the gold log-prob. Then
 ceiling: the context tokens a fact costs, the matmul FLOPs per token (every linear of the
 blocks; the vocabulary projection runs only at the options' tokens), the rate of this CPU's
 matmul at the probe's own shapes (a batch of facts' tokens through each block linear), and
-the facts/s that rate allows if nothing but those matmuls ran.
+the facts/s that rate allows if nothing but those matmuls ran. With --methods, each dtype is
+also probed with each method's adapters attached as the trainer attaches them (B non-zero),
+as a pipeline branch evaluates them; --threads 1 is how a default-run branch evaluates.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import tomllib
 import torch
+from bench_generation import with_adapters  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.data import build_mixture
 from loramoe.evaluate.probe import context_ids, probe_facts
@@ -36,25 +40,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--methods", default="base")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--facts", type=int, default=0, help="the first N facts (0: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
                                       base_dir=CONFIGS)
     facts = build_mixture(config.mixture).eval
+    facts = facts.head(args.facts) if args.facts else facts
     results = {}
     for name in args.dtypes.split(","):
-        model, tokenizer = load_base_model(config.base_model, dtype=DTYPES[name])
-        start = time.perf_counter()
-        probe = probe_facts(model, tokenizer, facts, batch_size=args.batch)
-        seconds = time.perf_counter() - start
-        right, n = int(probe["mc_correct"].sum()), len(probe)
-        lo, hi = wilson_interval(right, n)
-        print(f"{name}: {n} facts in {seconds:.0f} s = {n / seconds:.1f} facts/s; "
-              f"right {right}/{n} = {right / n:.4f} [{lo:.4f}, {hi:.4f}]")
-        per_task = probe.merge(facts[["id", "task"]], on="id").groupby("task")["mc_correct"]
-        for task, group in per_task:
-            print(f"  {task}: {int(group.sum())}/{len(group)} ({group.mean():.3f})")
-        results[name] = probe.set_index("id")
-        ceiling(model, tokenizer, facts, args.batch, DTYPES[name], n / seconds)
+        for method in args.methods.split(","):
+            model, tokenizer = load_base_model(config.base_model, dtype=DTYPES[name])
+            model = with_adapters(model, config.base_model, method)
+            start = time.perf_counter()
+            probe = probe_facts(model, tokenizer, facts, batch_size=args.batch)
+            rate = len(probe) / (time.perf_counter() - start)
+            print(f"{name}, {method}, {torch.get_num_threads()} thread(s): {len(probe)} facts "
+                  f"= {rate:.1f} facts/s")
+            if method == "base":  # what the base knows, and the ceiling
+                report_base(probe, facts, name)
+                results[name] = probe.set_index("id")
+                ceiling(model, tokenizer, facts, args.batch, DTYPES[name], rate)
     if len(results) == 2:
         a, b = (results[name] for name in results)
         b = b.loc[a.index]
@@ -63,6 +72,16 @@ def main() -> None:
         print(f"paired {names}: diff {test['diff']:+.4f}, discordant {test['only_a']} vs "
               f"{test['only_b']}, exact McNemar p = {test['p']:.3f}; mean |Δ gold log-prob| "
               f"{(a['gold_logprob'] - b['gold_logprob']).abs().mean():.3f}")
+
+
+def report_base(probe, facts, name: str) -> None:
+    """Multiple-choice accuracy with its Wilson interval, overall and per relation."""
+    right, n = int(probe["mc_correct"].sum()), len(probe)
+    lo, hi = wilson_interval(right, n)
+    print(f"{name}: right {right}/{n} = {right / n:.4f} [{lo:.4f}, {hi:.4f}]")
+    per_task = probe.merge(facts[["id", "task"]], on="id").groupby("task")["mc_correct"]
+    for task, group in per_task:
+        print(f"  {task}: {int(group.sum())}/{len(group)} ({group.mean():.3f})")
 
 
 def context_tokens(tokenizer, facts) -> list[int]:
