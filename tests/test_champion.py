@@ -78,3 +78,18 @@ def test_a_threshold_no_branch_could_reach_is_named():
     assert best is None
     assert "generation retention lower bound 0.740 < threshold 0.9" in reason
     assert "unreachable on 30 facts: keeping all of them gives a lower bound of 0.886" in reason
+
+
+def test_a_marginal_gain_among_several_candidates_is_not_enough():
+    # Each gain alone: paired bootstrap p = 0.03, CI above 0 (the rule before Holm promoted
+    # it). Three candidates tested against the base are one family: Holm p = 3 x 0.03 = 0.09.
+    def marginal(name):
+        return branch(name, 0.30, {"diff": 0.05, "ci": [0.004, 0.10], "p": 0.03,
+                                   "significant": True}, 0.99, [0.97, 1.0])
+
+    three = [marginal(f"loramoe-{s}") for s in (16, 64, 256)]
+    best, reason = choose_candidate(three, threshold=0.9)
+    assert best is None
+    assert reason.count("Holm p 0.090") == 3 and "not a significant gain" in reason
+    alone, why = choose_candidate(three[:1], threshold=0.9)
+    assert alone is three[0] and "Holm p 0.030" in why and "1 candidate;" in why

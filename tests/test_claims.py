@@ -4,6 +4,7 @@ answers, and the markdown report is written from the run's own table."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from loramoe.pipeline.claims import paper_claims, role
 from loramoe.pipeline.markdown import with_ci
@@ -68,3 +69,65 @@ def test_numbers_are_written_with_their_interval():
     row = pd.Series({"x": 0.5, "x_lo": 0.4, "x_hi": 0.6, "y": -0.01, "y_lo": None})
     assert with_ci(row, "x") == "0.500 [0.400, 0.600]"
     assert with_ci(row, "y", signed=True) == "-0.010"
+
+
+def test_claims_read_holm_adjusted_p_across_the_table():
+    # Each test alone: 6 facts lost, none regained (exact McNemar p = 2/2^6 = 0.031 < 0.05).
+    # Together they are a family of two: Holm p = 2 x 0.031 = 0.0625, so neither verdict
+    # may say "reproduced" (the unadjusted table said it twice).
+    ones = [1.0] * 60
+    branches = [outcome("sft-10", "sft", 10, 200, ones),
+                outcome("sft-100", "sft", 100, 194, ones),
+                outcome("moe_paper-100", "loramoe", 100, 200, ones)]
+    claims = paper_claims(branches).set_index("claim")
+    forget = claims.loc["Vanilla SFT forgets world knowledge as instruction data grows"]
+    keeps = claims.loc["LoRAMoE + LBC keeps more world knowledge than SFT"]
+    assert forget["verdict"] == keeps["verdict"] == "inconclusive"
+    assert "McNemar p = 0.0312, Holm p = 0.0625" in forget["ours"]
+    assert int(claims["tests_in_family"].iloc[0]) == 2
+    # the same forgetting test as the only one in its table is significant
+    alone = paper_claims(branches[:2]).set_index("claim")["verdict"]
+    assert alone["Vanilla SFT forgets world knowledge as instruction data grows"] == "reproduced"
+
+
+def test_paired_table_verdicts_read_holm_adjusted_p():
+    from loramoe.pipeline.report import paired_comparisons
+
+    def branch(name, scale, kept):
+        return {"name": name, "method_name": name.rsplit("-", 1)[0], "scale": scale,
+                "metrics": {"probe_retention": {"known_ids": KNOWN, "kept_ids": KNOWN[:kept]}}}
+
+    # three methods at two scales: 3 pairs a scale + 3 scale steps = 9 tests in the family.
+    # sft-100 lost 6 facts, no other branch any: p = 2/2^6 = 0.031 in three of them (vs
+    # lora-100, vs moe-100, vs sft-10), p = 1 in the rest; Holm: 9 x 0.031 = 0.28
+    branches = [branch("sft-10", 10, 200), branch("sft-100", 100, 194),
+                branch("lora-10", 10, 200), branch("lora-100", 100, 200),
+                branch("moe-10", 10, 200), branch("moe-100", 100, 200)]
+    paired = paired_comparisons(branches)
+    probe = paired[paired["measure"] == "probe_retention"].set_index(["a", "b"])
+    assert len(probe) == 3 * 2 + 3  # 3 method pairs a scale, 3 scale steps
+    row = probe.loc[("sft-100", "lora-100")]
+    assert row["p"] == 2 / 2**6 and row["p_holm"] == pytest.approx(9 * 2 / 2**6)
+    assert row["verdict"] == "not significant"
+    assert (probe["p_holm"] >= probe["p"]).all() and (probe["p_holm"] <= 1).all()
+
+
+def test_old_reports_are_re_read_with_holm(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    report = tmp_path / "report.md"
+    report.write_text(
+        "## Paired comparisons (same base-known facts, exact McNemar)\n\n"
+        "| measure | kind | a | b | facts | a − b | only a / only b | p | verdict |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        "| probe_retention | method | x-1 | y-1 | 200 | -0.030 | 0 / 6 | 0.031 | significant |\n"
+        "| probe_retention | method | x-2 | y-2 | 200 | +0.000 | 1 / 1 | 1.000 | not significant |\n"
+        "\n## Figures\n")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
+    out = subprocess.run([sys.executable, str(script), str(report)], capture_output=True,
+                         text=True, check=True).stdout
+    # p = 2/2^6 recomputed from the counts; a family of two: Holm p = 0.0625
+    assert "| 0 / 6 | 0.0312 | 0.0625 | **not significant** (was significant) |" in out
+    assert "1 of 2 verdicts change." in out

@@ -8,6 +8,7 @@ import pytest
 
 from loramoe.evaluate.stats import (
     group_difference,
+    holm_adjust,
     mcnemar_exact,
     paired_binary,
     paired_bootstrap,
@@ -112,3 +113,19 @@ def test_group_difference_is_the_macro_gap_between_task_types():
         pd.Series(range(40)) < 20, "d1"), pd.Series(range(40)) < 20)
     assert noisy["ci"][0] < 0 < noisy["ci"][1] and not noisy["significant"]
     assert group_difference(values, tasks, pd.Series([True] * 60))["value"] is None
+
+
+def test_holm_adjustment_matches_the_textbook_example():
+    # Holm (1979) as taught (e.g. Wikipedia's "Holm–Bonferroni method"): four hypotheses with
+    # p = 0.01, 0.04, 0.03, 0.005 at alpha 0.05 -> H4 and H1 rejected, H3 and H2 not.
+    # Adjusted by hand: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06,
+    # 0.04 -> monotone 0.02, 0.03, 0.06, 0.06.
+    adjusted = holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [p < 0.05 for p in adjusted] == [True, False, False, True]
+
+
+def test_holm_skips_missing_tests_and_caps_at_one():
+    assert holm_adjust([None, 0.2, 0.01]) == pytest.approx([None, 0.2, 0.02])  # 0.01 x 2, 0.2 x 1
+    assert holm_adjust([0.6, 0.9]) == [1.0, 1.0]
+    assert holm_adjust([0.02]) == [0.02] and holm_adjust([]) == []

@@ -7,11 +7,15 @@
   the discordant pairs).
 - paired_bootstrap: the difference of two macro scores on the same items, with its interval
   and a two-sided p-value; `significant` when the interval excludes 0.
+- holm_adjust: a family of such tests read together (every pair of branches, every claim, every
+  candidate for the registry): Holm's step-down adjusted p-values, so that the chance of any
+  false "significant" in the family stays at most 5 %, not 5 % per test.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,19 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     k = min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's (1979) adjusted p-values, in the input's order: the i-th smallest of the m
+    p-values times (m - i + 1), never below the one before it, at most 1. Reject where the
+    adjusted p < ALPHA. None (no test) stays None and does not count in m."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def _macro(scores: np.ndarray, groups: list[np.ndarray]) -> float:

@@ -10,6 +10,8 @@ The "paper" column quotes the paper's stated claim; its own figures are not rest
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -61,8 +63,20 @@ def downstream_pair(a: dict, b: dict) -> dict[str, Any]:
     return paired_bootstrap(both["score_a"], both["score_b"], both["task"])
 
 
-def _not_measured(row: dict[str, str], needs: str) -> dict[str, str]:
-    return {**row, "ours": needs, "verdict": "not measured"}
+@dataclass
+class Claim:
+    """One row of the table. `tests` are its paired tests (McNemar, paired bootstrap); their
+    p-values join the table's Holm family before `judge` reads their `significant` and
+    returns (ours, verdict)."""
+
+    claim: str
+    paper: str
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    judge: Callable[[], tuple[str, str]] = lambda: ("", "not measured")
+
+
+def _not_measured(claim: str, paper: str, needs: str) -> Claim:
+    return Claim(claim, paper, judge=lambda: (needs, "not measured"))
 
 
 def _verdict(significant: bool, better: bool, n: int | None = None) -> str:
@@ -76,93 +90,124 @@ def _verdict(significant: bool, better: bool, n: int | None = None) -> str:
 def _ret(test: dict) -> str:
     if not test["n"]:
         return "no base-known facts"
-    return f"{test['diff']:+.3f} (McNemar p = {test['p']:.3g}, {test['only_a']} vs " \
-           f"{test['only_b']} discordant of {test['n']})"
+    return f"{test['diff']:+.3f} (McNemar p = {test['p']:.3g}, Holm p = {test['p_holm']:.3g}; " \
+           f"{test['only_a']} vs {test['only_b']} discordant of {test['n']})"
 
 
 def _ci(test: dict, key: str = "diff") -> str:
     if test.get("ci") is None:
         return "no items"
     lo, hi = test["ci"]
-    return f"{test[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    text = f"{test[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return text + (f" (Holm p = {test['p_holm']:.3g})" if test.get("p_holm") is not None
+                   else "")
 
 
-def claim_forgetting(branches) -> dict[str, Any]:
+def claim_forgetting(branches) -> Claim:
+    claim = "Vanilla SFT forgets world knowledge as instruction data grows"
+    paper = ("abstract: 'large-scale increases in instruction data can damage the world "
+             "knowledge previously stored in LLMs'")
     sft = sorted((b for b in _ok(branches) if role(b) == "sft"), key=lambda b: b["scale"])
-    row = {"claim": "Vanilla SFT forgets world knowledge as instruction data grows",
-           "paper": "abstract: 'large-scale increases in instruction data can damage the world "
-                    "knowledge previously stored in LLMs'"}
     if len(sft) < 2:
-        return _not_measured(row, "needs SFT at ≥ 2 scales")
+        return _not_measured(claim, paper, "needs SFT at ≥ 2 scales")
     test = retention_pair(sft[-1], sft[0])  # largest minus smallest, same facts
-    return {**row, "ours": f"SFT probe retention {sft[-1]['scale']} vs {sft[0]['scale']} "
-                           f"examples: {_ret(test)}",
-            "verdict": _verdict(test["significant"], (test["diff"] or 0) < 0, test["n"])}
+    return Claim(claim, paper, [test], lambda: (
+        f"SFT probe retention {sft[-1]['scale']} vs {sft[0]['scale']} examples: {_ret(test)}",
+        _verdict(test["significant"], (test["diff"] or 0) < 0, test["n"])))
 
 
-def claim_keeps_knowledge(branches, other: str) -> dict[str, Any]:
-    row = {"claim": f"LoRAMoE + LBC keeps more world knowledge than {other.upper()}",
-           "paper": "abstract: as instruction data increases, LoRAMoE maintains 'the world "
-                    "knowledge stored in the LLM'"}
+def claim_keeps_knowledge(branches, other: str) -> Claim:
+    claim = f"LoRAMoE + LBC keeps more world knowledge than {other.upper()}"
+    paper = ("abstract: as instruction data increases, LoRAMoE maintains 'the world "
+             "knowledge stored in the LLM'")
     pair = at_largest_shared_scale(branches, "loramoe_paper", other)
     if pair is None:
-        return _not_measured(row, f"needs loramoe (LBC, paper form) and {other}")
+        return _not_measured(claim, paper, f"needs loramoe (LBC, paper form) and {other}")
     test = retention_pair(*pair)
-    return {**row, "ours": f"probe retention at {pair[0]['scale']}: {_ret(test)}",
-            "verdict": _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])}
+    return Claim(claim, paper, [test], lambda: (
+        f"probe retention at {pair[0]['scale']}: {_ret(test)}",
+        _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])))
 
 
-def claim_downstream(branches) -> dict[str, Any]:
-    row = {"claim": "LoRAMoE's downstream score is within a few points of vanilla SFT",
-           "paper": "abstract: LoRAMoE 'can significantly improve the ability to process "
-                    "downstream tasks'"}
+def claim_downstream(branches) -> Claim:
+    """A margin claim ("within a few points"), read from the paired 95% interval against the
+    margin; it is not a test of a difference, so it is not in the Holm family."""
+    claim = "LoRAMoE's downstream score is within a few points of vanilla SFT"
+    paper = ("abstract: LoRAMoE 'can significantly improve the ability to process downstream "
+             "tasks'")
     pair = at_largest_shared_scale(branches, "loramoe_paper", "sft")
     if pair is None:
-        return _not_measured(row, "needs loramoe (LBC) and sft")
+        return _not_measured(claim, paper, "needs loramoe (LBC) and sft")
     test = downstream_pair(*pair)
     if test["ci"] is None:
-        return _not_measured(row, "no downstream items")
+        return _not_measured(claim, paper, "no downstream items")
     lo, hi = test["ci"]
     verdict = ("reproduced" if lo > -DOWNSTREAM_MARGIN else
                "not reproduced" if hi < -DOWNSTREAM_MARGIN else "inconclusive")
-    return {**row, "ours": f"LoRAMoE − SFT at {pair[0]['scale']}: {_ci(test)} "
-                           f"(margin {DOWNSTREAM_MARGIN:.2f})", "verdict": verdict}
+    return Claim(claim, paper, judge=lambda: (
+        f"LoRAMoE − SFT at {pair[0]['scale']}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})",
+        verdict))
 
 
-def claim_lbc_helps(branches, form: str) -> dict[str, Any]:
-    row = {"claim": f"The LBC ({form} form) helps LoRAMoE",
-           "paper": "Sec. 3: the LBC makes a portion of experts focus on world knowledge "
-                    "(ablation in the paper)"}
+def claim_lbc_helps(branches, form: str) -> Claim:
+    claim = f"The LBC ({form} form) helps LoRAMoE"
+    paper = ("Sec. 3: the LBC makes a portion of experts focus on world knowledge "
+             "(ablation in the paper)")
     pair = at_largest_shared_scale(branches, f"loramoe_{form}", "loramoe_nolbc")
     if pair is None:
-        return _not_measured(row, f"needs loramoe with the {form} LBC and with β = 0")
+        return _not_measured(claim, paper, f"needs loramoe with the {form} LBC and with β = 0")
     kept, down = retention_pair(*pair), downstream_pair(*pair)
-    signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
-    worse, better = any(d < 0 for d in signs), any(d > 0 for d in signs)
-    verdict = "not reproduced" if worse else "reproduced" if better else "inconclusive"
-    return {**row, "ours": f"vs β = 0 at {pair[0]['scale']}: retention {_ret(kept)}; "
-                           f"downstream {_ci(down)}", "verdict": verdict}
+
+    def judge() -> tuple[str, str]:
+        signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
+        worse, better = any(d < 0 for d in signs), any(d > 0 for d in signs)
+        verdict = "not reproduced" if worse else "reproduced" if better else "inconclusive"
+        return (f"vs β = 0 at {pair[0]['scale']}: retention {_ret(kept)}; downstream "
+                f"{_ci(down)}", verdict)
+
+    return Claim(claim, paper, [kept, down], judge)
 
 
-def claim_separation(branches, form: str) -> dict[str, Any]:
-    row = {"claim": f"Routers separate by expert type (LBC, {form} form)",
-           "paper": "abstract (v1): LoRAMoE 'can reasonably coordinate experts based on data "
-                    "type during inference' (Fig. 7)"}
+def claim_separation(branches, form: str) -> Claim:
+    """Read from the separation's 95% interval against a stated margin (no test of a
+    difference between branches, so not in the Holm family)."""
+    claim = f"Routers separate by expert type (LBC, {form} form)"
+    paper = ("abstract (v1): LoRAMoE 'can reasonably coordinate experts based on data "
+             "type during inference' (Fig. 7)")
     found = at_largest_shared_scale(branches, f"loramoe_{form}")
     sep = found[0]["metrics"].get("router_separation") if found else None
     if not sep or sep.get("ci") is None:
-        return _not_measured(row, f"needs loramoe with the {form} LBC")
+        return _not_measured(claim, paper, f"needs loramoe with the {form} LBC")
     lo, hi = sep["ci"]
     # a CI inside ±NO_SEPARATION is no separation worth the name, even if it excludes 0
     verdict = ("not reproduced" if hi < 0 or (lo > -NO_SEPARATION and hi < NO_SEPARATION)
                else "reproduced" if lo > 0 else "inconclusive")
-    return {**row, "ours": f"knowledge-expert weight, knowledge − downstream tasks, at "
-                           f"{found[0]['scale']}: {_ci(sep, 'value')}", "verdict": verdict}
+    return Claim(claim, paper, judge=lambda: (
+        f"knowledge-expert weight, knowledge − downstream tasks, at {found[0]['scale']}: "
+        f"{_ci(sep, 'value')}", verdict))
+
+
+def adjust_family(tests: list[dict[str, Any]]) -> None:
+    """Holm-adjust the tests' p-values as one family: each test gets `p_holm`, and
+    `significant` now means p_holm < ALPHA."""
+    from loramoe.evaluate.stats import holm_adjust
+
+    for test, p_holm in zip(tests, holm_adjust([t.get("p") for t in tests]), strict=True):
+        test["p_holm"] = p_holm
+        test["significant"] = p_holm is not None and p_holm < ALPHA
 
 
 def paper_claims(branches: list[dict[str, Any]]) -> pd.DataFrame:
-    rows = [claim_forgetting(branches), claim_keeps_knowledge(branches, "sft"),
-            claim_keeps_knowledge(branches, "lora"), claim_downstream(branches),
-            *(claim_lbc_helps(branches, f) for f in ("paper", "aligned")),
-            *(claim_separation(branches, f) for f in ("paper", "aligned"))]
-    return pd.DataFrame(rows, columns=["claim", "paper", "ours", "verdict"])
+    """The claims table. Every paired test behind a verdict is one Holm family, so the table
+    as a whole, not each row, keeps the 5 % error rate."""
+    claims = [claim_forgetting(branches), claim_keeps_knowledge(branches, "sft"),
+              claim_keeps_knowledge(branches, "lora"), claim_downstream(branches),
+              *(claim_lbc_helps(branches, f) for f in ("paper", "aligned")),
+              *(claim_separation(branches, f) for f in ("paper", "aligned"))]
+    family = [t for c in claims for t in c.tests if t.get("n")]
+    adjust_family(family)
+    rows = [{"claim": c.claim, "paper": c.paper, **dict(zip(("ours", "verdict"), c.judge(),
+                                                              strict=True))}
+            for c in claims]
+    return pd.DataFrame(rows, columns=["claim", "paper", "ours", "verdict"]).assign(
+        tests_in_family=len(family))

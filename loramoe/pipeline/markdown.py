@@ -15,6 +15,11 @@ def _num(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _p(value) -> str:
+    """A p-value to 3 significant digits (0.049, 6.1e-05)."""
+    return "–" if value is None or pd.isna(value) else f"{value:.3g}"
+
+
 def _signed(value) -> str:
     return "–" if value is None or pd.isna(value) else f"{value:+.3f}"
 
@@ -79,18 +84,28 @@ def paired_section(paired: pd.DataFrame) -> str:
     if not len(paired):
         return ""
     rows = [[r["measure"], r["comparison"], r["a"], r["b"], _num(r["facts"]),
-             _signed(r["retention_diff"]), f"{r['only_a']} / {r['only_b']}", _num(r["p"]),
-             r["verdict"]] for _, r in paired.iterrows()]
-    return ("## Paired comparisons (same base-known facts, exact McNemar)\n\n" +
+             _signed(r["retention_diff"]), f"{r['only_a']} / {r['only_b']}", _p(r["p"]),
+             _p(r["p_holm"]), r["verdict"]] for _, r in paired.iterrows()]
+    sizes = paired.groupby("measure", sort=False).size()
+    families = ", ".join(f"{n} for {m}" for m, n in sizes.items())
+    return ("## Paired comparisons (same base-known facts, exact McNemar)\n\n"
+            f"Each measure's comparisons are one family ({families}); the verdict reads the "
+            "Holm-adjusted p (family-wise error ≤ 5 %), the raw p is beside it.\n\n" +
             table(["measure", "kind", "a", "b", "facts", "a − b", "only a / only b", "p",
-                   "verdict"], rows))
+                   "Holm p", "verdict"], rows))
 
 
 def claims_section(claims: pd.DataFrame) -> str:
     rows = [[r["claim"], r["paper"], r["ours"], f"**{r['verdict']}**"]
             for _, r in claims.iterrows()]
+    family = int(claims["tests_in_family"].iloc[0]) if "tests_in_family" in claims and \
+        len(claims) else 0
     return ("## Paper claims\n\nEach claim tested on this run at the largest scale the roles "
-            "share; *inconclusive* means the 95% interval or paired test cannot tell.\n\n" +
+            "share; *inconclusive* means the 95% interval or paired test cannot tell. The "
+            f"paired tests behind the verdicts ({family}: McNemar on retention, paired "
+            "bootstrap on downstream) are one family: a verdict reads its Holm-adjusted p. "
+            "The downstream-margin and router-separation rows read their 95% interval "
+            "against the stated margin.\n\n" +
             table(["claim", "paper", "this run", "verdict"], rows))
 
 

@@ -35,47 +35,62 @@ def unreachable(measure: dict[str, Any], threshold: float) -> str:
             f"{best:.3f}") if best < threshold else ""
 
 
-def earned(branch: dict[str, Any], threshold: float, rule: str) -> tuple[bool, str]:
+def earned(branch: dict[str, Any], threshold: float, rule: str,
+           p_holm: float | None = None) -> tuple[bool, str]:
     """Whether one branch may be champion under the rule, and why (or why not).
 
-    significant: downstream beats the base on the same items (paired bootstrap interval
-    above 0) and the retention's 95% lower bound is >= threshold. best: the point retention
-    is >= threshold (mechanics tests on random models, where nothing is significant).
-    Retention is the probe's when there is one (`retention_measure`).
+    significant: downstream beats the base on the same items — the paired bootstrap's p,
+    Holm-adjusted over every candidate tested (`p_holm`; the raw p when not given), is below
+    0.05 and the difference is positive — and the retention's 95% lower bound is >=
+    threshold. best: the point retention is >= threshold (mechanics tests on random models,
+    where nothing is significant). Retention is the probe's when there is one
+    (`retention_measure`).
     """
+    from loramoe.evaluate.stats import ALPHA
+
     name, measure = branch["name"], retention_measure(branch)
     retention, low, kind = measure["value"], measure["low"], measure["name"]
     if rule == "best":
         ok = threshold == 0 or (retention is not None and retention >= threshold)
         return ok, f"{name}: {kind} {_fmt_opt(retention)} vs threshold {threshold}"
     vs_base = branch["metrics"].get("vs_base", {}).get("downstream") or {}
-    if not vs_base.get("significant") or vs_base["diff"] <= 0:
-        ci = vs_base.get("ci")
+    p = p_holm if p_holm is not None else vs_base.get("p")
+    if p is None or p >= ALPHA or not vs_base.get("diff") or vs_base["diff"] <= 0:
         return False, (f"{name}: downstream vs base {_fmt_opt(vs_base.get('diff'))} "
-                       f"(95% CI {_fmt_ci(ci)}) is not a significant gain")
+                       f"(95% CI {_fmt_ci(vs_base.get('ci'))}, Holm p {_fmt_opt(p)}) is not "
+                       f"a significant gain")
     if threshold > 0 and (low is None or low < threshold):
         return False, (f"{name}: {kind} lower bound {_fmt_opt(low)} < threshold "
                        f"{threshold}{unreachable(measure, threshold)}")
     return True, (f"{name}: downstream +{vs_base['diff']:.4f} vs base (95% CI "
-                  f"{_fmt_ci(vs_base['ci'])}), {kind} {_fmt_opt(retention)} "
-                  f"(lower bound {_fmt_opt(low)} >= {threshold})")
+                  f"{_fmt_ci(vs_base['ci'])}, Holm p {_fmt_opt(p)}), {kind} "
+                  f"{_fmt_opt(retention)} (lower bound {_fmt_opt(low)} >= {threshold})")
 
 
 def choose_candidate(branches: list[dict[str, Any]], threshold: float,
                      rule: str = "significant") -> tuple[dict | None, str]:
     """Best LoRAMoE by downstream score among the branches that earned it (see `earned`);
-    none is a valid outcome, and the reason lists every branch's verdict."""
+    none is a valid outcome, and the reason lists every branch's verdict. Every candidate's
+    gain over the base is tested, so their p-values are one Holm family: picking the best of
+    six is not six chances at a lucky "significant"."""
+    from loramoe.evaluate.stats import holm_adjust
+
     candidates = [b for b in branches if not b.get("error") and b["method"] == "loramoe"]
     if not candidates:
         return None, "no successful LoRAMoE branch"
-    verdicts = [(b, *earned(b, threshold, rule)) for b in candidates]
+    adjusted = holm_adjust([(b["metrics"].get("vs_base", {}).get("downstream") or {}).get("p")
+                            for b in candidates])
+    verdicts = [(b, *earned(b, threshold, rule, p_holm))
+                for b, p_holm in zip(candidates, adjusted, strict=True)]
     keeping = [b for b, ok, _ in verdicts if ok]
     if not keeping:
         return None, f"no LoRAMoE branch earned promotion (rule {rule}): " + "; ".join(
             why for _, _, why in verdicts)
     best = max(keeping, key=lambda b: b["metrics"]["downstream_score"])
     why = next(why for b, _, why in verdicts if b is best)
-    return best, f"{why} (rule {rule}; best downstream {best['metrics']['downstream_score']:.4f})"
+    tested = f"{len(candidates)} candidate{'s' if len(candidates) != 1 else ''}"
+    return best, (f"{why} (rule {rule}, {tested}; best downstream "
+                  f"{best['metrics']['downstream_score']:.4f})")
 
 
 def _fmt_ci(ci) -> str:
