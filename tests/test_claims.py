@@ -123,7 +123,8 @@ def test_old_reports_are_re_read_with_holm(tmp_path):
         "| measure | kind | a | b | facts | a − b | only a / only b | p | verdict |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
         "| probe_retention | method | x-1 | y-1 | 200 | -0.030 | 0 / 6 | 0.031 | significant |\n"
-        "| probe_retention | method | x-2 | y-2 | 200 | +0.000 | 1 / 1 | 1.000 | not significant |\n"
+        "| probe_retention | method | x-2 | y-2 | 200 | +0.000 | 1 / 1 | 1.000 "
+        "| not significant |\n"
         "\n## Figures\n")
     script = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
     out = subprocess.run([sys.executable, str(script), str(report)], capture_output=True,
