@@ -18,7 +18,7 @@ from pathlib import Path
 
 from loramoe.evaluate.stats import ALPHA, holm_adjust, mcnemar_exact
 
-HEADER = "## Paired comparisons"
+HEADER = "## Paired comparisons"  # reports since fbf7f10 carry their Holm p already
 
 
 def paired_rows(report: Path) -> list[dict[str, str]]:

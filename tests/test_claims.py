@@ -91,7 +91,7 @@ def test_claims_read_holm_adjusted_p_across_the_table():
 
 
 def test_paired_table_verdicts_read_holm_adjusted_p():
-    from loramoe.pipeline.report import paired_comparisons
+    from loramoe.pipeline.paired import paired_comparisons
 
     def branch(name, scale, kept):
         return {"name": name, "method_name": name.rsplit("-", 1)[0], "scale": scale,
@@ -132,3 +132,20 @@ def test_old_reports_are_re_read_with_holm(tmp_path):
     # p = 2/2^6 recomputed from the counts; a family of two: Holm p = 0.0625
     assert "| 0 / 6 | 0.0312 | 0.0625 | **not significant** (was significant) |" in out
     assert "1 of 2 verdicts change." in out
+
+
+def test_paired_table_compares_downstream_on_the_same_items():
+    from loramoe.pipeline.paired import paired_comparisons
+
+    good, bad = [1.0] * 60, [1.0, 0.0] * 30  # bad misses every t2 item: macro 1.0 vs 0.5
+    branches = [outcome("sft-100", "sft", 100, 200, good),
+                outcome("lora-100", "lora", 100, 200, bad),
+                outcome("moe-100", "loramoe", 100, 200, good)]
+    down = paired_comparisons(branches).query("measure == 'downstream'").set_index(["a", "b"])
+    assert len(down) == 3  # three pairs at one scale, no scale steps
+    row = down.loc[("sft-100", "lora-100")]
+    assert row["items"] == 60 and row["diff"] == pytest.approx(0.5)
+    assert row["diff_lo"] == row["diff_hi"] == pytest.approx(0.5)  # every resample: 0.5
+    assert row["verdict"] == "significant" and row["p_holm"] < 0.05
+    same = down.loc[("sft-100", "moe-100")]
+    assert same["diff"] == 0 and same["verdict"] == "not significant"

@@ -16,6 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from loramoe.pipeline.paired import downstream_pair, paired_kept
+
 ALPHA = 0.05
 DOWNSTREAM_MARGIN = 0.05  # "within a few points of SFT": the paired CI's lower bound > −5 points
 NO_SEPARATION = 0.02  # a router-separation CI inside ±0.02 reads as "no separation"
@@ -48,19 +50,7 @@ def at_largest_shared_scale(branches, *roles: str) -> list[dict[str, Any]] | Non
 
 def retention_pair(a: dict, b: dict) -> dict[str, Any]:
     """Probe retention of A minus B on the base-known facts (exact McNemar)."""
-    from loramoe.pipeline.report import paired_kept
-
     return paired_kept(a, b, "probe_retention")
-
-
-def downstream_pair(a: dict, b: dict) -> dict[str, Any]:
-    """Downstream macro score of A minus B on the same items (paired bootstrap per task)."""
-    from loramoe.evaluate.stats import paired_bootstrap
-
-    sa, sb = (pd.DataFrame(x["metrics"]["item_scores"]) for x in (a, b))
-    both = sa.merge(sb[["id", "score"]], on="id", suffixes=("_a", "_b"))
-    both = both[both["task_type"] == "downstream"].reset_index(drop=True)
-    return paired_bootstrap(both["score_a"], both["score_b"], both["task"])
 
 
 @dataclass

@@ -83,16 +83,28 @@ def results_section(results: pd.DataFrame) -> str:
 def paired_section(paired: pd.DataFrame) -> str:
     if not len(paired):
         return ""
-    rows = [[r["measure"], r["comparison"], r["a"], r["b"], _num(r["facts"]),
-             _signed(r["retention_diff"]), f"{r['only_a']} / {r['only_b']}", _p(r["p"]),
-             _p(r["p_holm"]), r["verdict"]] for _, r in paired.iterrows()]
+
+    def ci(r) -> str:
+        return "–" if r["diff_lo"] is None or pd.isna(r["diff_lo"]) else \
+            f"[{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]"
+
+    def discordant(r) -> str:
+        return "–" if r["only_a"] is None or pd.isna(r["only_a"]) else \
+            f"{int(r['only_a'])} / {int(r['only_b'])}"
+
+    rows = [[r["measure"], r["comparison"], r["a"], r["b"], _num(r["items"]),
+             _signed(r["diff"]), ci(r), discordant(r), _p(r["p"]), _p(r["p_holm"]),
+             r["verdict"]] for _, r in paired.iterrows()]
     sizes = paired.groupby("measure", sort=False).size()
     families = ", ".join(f"{n} for {m}" for m, n in sizes.items())
-    return ("## Paired comparisons (same base-known facts, exact McNemar)\n\n"
-            f"Each measure's comparisons are one family ({families}); the verdict reads the "
-            "Holm-adjusted p (family-wise error ≤ 5 %), the raw p is beside it.\n\n" +
-            table(["measure", "kind", "a", "b", "facts", "a − b", "only a / only b", "p",
-                   "Holm p", "verdict"], rows))
+    return ("## Paired comparisons (same items)\n\n"
+            "Retention: exact McNemar on the base-known facts (only a / only b: facts one of "
+            "the two kept). Downstream: macro score, paired bootstrap over the same items "
+            "stratified by task (95% interval of a − b). Each measure's comparisons are one "
+            f"family ({families}); the verdict reads the Holm-adjusted p (family-wise error "
+            "≤ 5 %), the raw p is beside it.\n\n" +
+            table(["measure", "kind", "a", "b", "items", "a − b", "95% CI", "only a / only b",
+                   "p", "Holm p", "verdict"], rows))
 
 
 def claims_section(claims: pd.DataFrame) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -56,51 +55,6 @@ def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) 
         rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
                      "status": "ok", **score_columns(b["metrics"])})
     return pd.DataFrame(rows)
-
-
-def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
-    """Retention (generation, and the probe's multiple choice) of every two methods at one
-    scale, and of every method's consecutive scales, on the same base-known facts:
-    difference and exact McNemar test. Each measure's comparisons are one family: the verdict
-    reads its Holm-adjusted p (`p_holm`), so a run with many branches does not find "a
-    significant difference" by testing every pair."""
-    parts = [paired_on(branches, key) for key in ("retention", "probe_retention")]
-    return pd.concat(parts, ignore_index=True) if any(len(p) for p in parts) else parts[0]
-
-
-def paired_kept(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
-    """Retention `key` of A minus B on A's base-known facts (the base's, shared by every
-    branch): difference of shares and the exact McNemar test."""
-    from loramoe.evaluate.stats import paired_binary
-
-    known = a["metrics"][key].get("known_ids", [])
-    kept_a = set(a["metrics"][key].get("kept_ids", []))
-    kept_b = set(b["metrics"][key].get("kept_ids", []))
-    return paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
-                         pd.Series([i in kept_b for i in known], dtype=bool))
-
-
-PAIRED_COLUMNS = ["measure", "comparison", "a", "b", "facts", "retention_diff", "only_a",
-                  "only_b", "p", "p_holm", "verdict"]
-
-
-def paired_on(branches: list[dict[str, Any]], key: str) -> pd.DataFrame:
-    from loramoe.evaluate.stats import ALPHA, holm_adjust
-
-    ok = [b for b in branches if not b.get("error") and b["metrics"].get(key)]
-    pairs = [(a, b, "method") for i, a in enumerate(ok) for b in ok[i + 1:]
-             if a["scale"] == b["scale"]]
-    for method in sorted({b["method_name"] for b in ok}):
-        series = sorted((b for b in ok if b["method_name"] == method), key=lambda b: b["scale"])
-        pairs += [(small, large, "scale") for small, large in pairwise(series)]
-    tests = [(a, b, kind, paired_kept(a, b, key)) for a, b, kind in pairs]
-    adjusted = holm_adjust([test["p"] for *_, test in tests])
-    rows = [{"measure": key, "comparison": kind, "a": a["name"], "b": b["name"],
-             "facts": test["n"], "retention_diff": test["diff"], "only_a": test["only_a"],
-             "only_b": test["only_b"], "p": test["p"], "p_holm": p_holm,
-             "verdict": "significant" if p_holm < ALPHA else "not significant"}
-            for (a, b, kind, test), p_holm in zip(tests, adjusted, strict=True)]
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
 def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: Path
@@ -183,6 +137,7 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     (artifacts under compare/, each branch's scores as `branch/metric`)."""
     from loramoe.pipeline.claims import paper_claims
     from loramoe.pipeline.markdown import write_report
+    from loramoe.pipeline.paired import paired_comparisons
     from loramoe.tracking import log_metrics, store_folder
 
     out.mkdir(parents=True, exist_ok=True)

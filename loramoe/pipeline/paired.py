@@ -1,0 +1,84 @@
+"""Paired comparisons across branches: every two methods at one scale and every method's
+consecutive scales, each on the same items.
+
+Retention (generation, and the probe's multiple choice) is compared on the base-known facts
+by exact McNemar; the downstream macro score on the same downstream items by a paired
+bootstrap stratified by task. Each measure's comparisons are one family: the verdict reads
+the Holm-adjusted p (`p_holm`), so a run with many branches does not find "a significant
+difference" by testing every pair.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = ["measure", "comparison", "a", "b", "items", "diff", "diff_lo", "diff_hi", "only_a",
+           "only_b", "p", "p_holm", "verdict"]
+RETENTION_MEASURES = ("retention", "probe_retention")
+
+
+def paired_kept(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
+    """Retention `key` of A minus B on A's base-known facts (the base's, shared by every
+    branch): difference of shares and the exact McNemar test."""
+    from loramoe.evaluate.stats import paired_binary
+
+    known = a["metrics"][key].get("known_ids", [])
+    kept_a = set(a["metrics"][key].get("kept_ids", []))
+    kept_b = set(b["metrics"][key].get("kept_ids", []))
+    return paired_binary(pd.Series([i in kept_a for i in known], dtype=bool),
+                         pd.Series([i in kept_b for i in known], dtype=bool))
+
+
+def downstream_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Downstream macro score of A minus B on the same items (paired bootstrap per task)."""
+    from loramoe.evaluate.stats import paired_bootstrap
+
+    sa, sb = (pd.DataFrame(x["metrics"]["item_scores"]) for x in (a, b))
+    both = sa.merge(sb[["id", "score"]], on="id", suffixes=("_a", "_b"))
+    both = both[both["task_type"] == "downstream"].reset_index(drop=True)
+    return paired_bootstrap(both["score_a"], both["score_b"], both["task"])
+
+
+def comparison_pairs(ok: list[dict[str, Any]]) -> list[tuple[dict, dict, str]]:
+    """(a, b, "method") for every two branches at one scale, (smaller, larger, "scale") for
+    every method's consecutive scales."""
+    pairs = [(a, b, "method") for i, a in enumerate(ok) for b in ok[i + 1:]
+             if a["scale"] == b["scale"]]
+    for method in sorted({b["method_name"] for b in ok}):
+        series = sorted((b for b in ok if b["method_name"] == method), key=lambda b: b["scale"])
+        pairs += [(small, large, "scale") for small, large in pairwise(series)]
+    return pairs
+
+
+def family_table(measure: str, tests: list[tuple[dict, dict, str, dict]]) -> pd.DataFrame:
+    """One row per test (a, b, kind, result), verdicts from the family's Holm-adjusted p."""
+    from loramoe.evaluate.stats import ALPHA, holm_adjust
+
+    tests = [t for t in tests if t[3]["n"]]  # nothing to compare on: no test
+    adjusted = holm_adjust([test["p"] for *_, test in tests])
+    rows = [{"measure": measure, "comparison": kind, "a": a["name"], "b": b["name"],
+             "items": test["n"], "diff": test["diff"],
+             "diff_lo": (test.get("ci") or [None, None])[0],
+             "diff_hi": (test.get("ci") or [None, None])[1],
+             "only_a": test.get("only_a"), "only_b": test.get("only_b"), "p": test["p"],
+             "p_holm": p_holm, "verdict": "significant" if p_holm < ALPHA else "not significant"}
+            for (a, b, kind, test), p_holm in zip(tests, adjusted, strict=True)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
+    """Every measure's family of paired comparisons, one table (paired.csv)."""
+    def ok(key: str) -> list[dict[str, Any]]:
+        return [b for b in branches if not b.get("error") and b["metrics"].get(key)]
+
+    parts = [family_table(key, [(a, b, kind, paired_kept(a, b, key))
+                                for a, b, kind in comparison_pairs(ok(key))])
+             for key in RETENTION_MEASURES]
+    downstream = comparison_pairs(ok("item_scores"))
+    parts.append(family_table("downstream", [(a, b, kind, downstream_pair(a, b))
+                                             for a, b, kind in downstream]))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
