@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
+from loramoe.evaluate.stats import ALPHA, holm_adjust
 from loramoe.pipeline.paired import downstream_pair, paired_kept
 
-ALPHA = 0.05
 DOWNSTREAM_MARGIN = 0.05  # "within a few points of SFT": the paired CI's lower bound > −5 points
 NO_SEPARATION = 0.02  # a router-separation CI inside ±0.02 reads as "no separation"
 
@@ -180,8 +180,6 @@ def claim_separation(branches, form: str) -> Claim:
 def adjust_family(tests: list[dict[str, Any]]) -> None:
     """Holm-adjust the tests' p-values as one family: each test gets `p_holm`, and
     `significant` now means p_holm < ALPHA."""
-    from loramoe.evaluate.stats import holm_adjust
-
     for test, p_holm in zip(tests, holm_adjust([t.get("p") for t in tests]), strict=True):
         test["p_holm"] = p_holm
         test["significant"] = p_holm is not None and p_holm < ALPHA
