@@ -149,3 +149,22 @@ def test_paired_table_compares_downstream_on_the_same_items():
     assert row["verdict"] == "significant" and row["p_holm"] < 0.05
     same = down.loc[("sft-100", "moe-100")]
     assert same["diff"] == 0 and same["verdict"] == "not significant"
+
+
+def test_reports_written_with_holm_are_not_re_read(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loramoe.pipeline.markdown import paired_section
+    from loramoe.pipeline.paired import paired_comparisons
+
+    ones = [1.0] * 60
+    branches = [outcome("sft-100", "sft", 100, 200, ones),
+                outcome("lora-100", "lora", 100, 194, [1.0, 0.0] * 30)]
+    report = tmp_path / "report.md"
+    report.write_text(paired_section(paired_comparisons(branches)) + "\n")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
+    out = subprocess.run([sys.executable, str(script), str(report)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "read Holm-adjusted p already" in out
