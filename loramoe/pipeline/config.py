@@ -65,8 +65,9 @@ class PipelineConfig:
     mlflow_experiment: str = "loramoe"
     registered_model: str = "loramoe"
     retention_threshold: float = 0.9  # champion: probe retention (lower bound) must reach it
-    # "significant": beats the base on downstream (paired bootstrap) and the retention's
-    # lower 95% bound >= threshold; "best": point retention only (for random-model smoke runs)
+    # "significant": beats the base on downstream (paired bootstrap, p Holm-adjusted over the
+    # LoRAMoE candidates) and the retention's lower 95% bound >= threshold; "best": point
+    # retention only (for random-model smoke runs)
     champion_rule: str = "significant"
     eval_batch_size: int = 16
     # knowledge items generated per task (0: all); the likelihood probe scores every fact
