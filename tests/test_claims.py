@@ -168,3 +168,19 @@ def test_reports_written_with_holm_are_not_re_read(tmp_path):
     out = subprocess.run([sys.executable, str(script), str(report)], capture_output=True,
                          text=True, check=True).stdout
     assert "read Holm-adjusted p already" in out
+
+
+def test_results_table_reads_the_gains_over_the_base_as_one_family():
+    from loramoe.pipeline.report import results_table
+
+    def branch(name, p):
+        gain = {"diff": 0.05, "ci": [0.004, 0.1], "p": p, "significant": p < 0.05}
+        return {"name": name, "method_name": name.rsplit("-", 1)[0], "scale": 10,
+                "metrics": {"vs_base": {"downstream": gain}}}
+
+    three = results_table([branch(f"m{i}-10", 0.03) for i in range(3)], {}).set_index("branch")
+    assert three.loc["m0-10", "downstream_vs_base_p_holm"] == pytest.approx(0.09)
+    assert not three["downstream_vs_base_significant"].iloc[1:].any()  # raw p 0.03 each
+    one = results_table([branch("m0-10", 0.03)], {}).set_index("branch")
+    assert one.loc["m0-10", "downstream_vs_base_significant"]
+    assert one.loc["base", "downstream_vs_base_significant"] is None  # the base: no test

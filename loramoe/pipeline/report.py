@@ -37,7 +37,7 @@ def score_columns(m: dict[str, Any]) -> dict[str, Any]:
             **_bounds("downstream_score", m.get("downstream_score_ci")),
             "downstream_vs_base": vs_base.get("diff"),
             **_bounds("downstream_vs_base", vs_base.get("ci")),
-            "downstream_vs_base_significant": vs_base.get("significant"),
+            "downstream_vs_base_p": vs_base.get("p"),
             "lost_still_known": m.get("style", {}).get("lost_still_known_share"),
             **_bounds("lost_still_known", m.get("style", {}).get("lost_still_known_ci")),
             "router_separation": m.get("router_separation", {}).get("value"),
@@ -54,7 +54,22 @@ def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) 
             continue
         rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
                      "status": "ok", **score_columns(b["metrics"])})
-    return pd.DataFrame(rows)
+    return with_holm_vs_base(pd.DataFrame(rows))
+
+
+def with_holm_vs_base(table: pd.DataFrame) -> pd.DataFrame:
+    """Every branch's downstream gain over the base is one family: its Holm-adjusted p and
+    whether that is < 0.05 (`downstream_vs_base_significant`)."""
+    from loramoe.evaluate.stats import ALPHA, holm_adjust
+
+    if "downstream_vs_base_p" not in table:  # every branch failed
+        return table
+    raw = [None if pd.isna(p) else float(p) for p in table["downstream_vs_base_p"]]
+    adjusted = holm_adjust(raw)
+    table["downstream_vs_base_p_holm"] = adjusted
+    table["downstream_vs_base_significant"] = [None if p is None else p < ALPHA
+                                               for p in adjusted]
+    return table
 
 
 def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: Path
