@@ -129,3 +129,11 @@ def test_holm_skips_missing_tests_and_caps_at_one():
     assert holm_adjust([None, 0.2, 0.01]) == pytest.approx([None, 0.2, 0.02])  # 0.01 x 2, 0.2 x 1
     assert holm_adjust([0.6, 0.9]) == [1.0, 1.0]
     assert holm_adjust([0.02]) == [0.02] and holm_adjust([]) == []
+
+
+def test_paired_bootstrap_p_is_never_zero():
+    # every resample of a constant +1 difference is above 0: k = 0 rounds beyond, so
+    # p = 2 (0 + 1) / (rounds + 1), the bootstrap's resolution, not 0
+    a, b = pd.Series([1.0] * 20), pd.Series([0.0] * 20)
+    out = paired_bootstrap(a, b, pd.Series(["t"] * 20), rounds=999)
+    assert out["p"] == pytest.approx(2 / 1000) and out["significant"]

@@ -90,7 +90,10 @@ def paired_bootstrap(a: pd.Series, b: pd.Series, tasks: pd.Series, rounds: int =
                      seed: int = 0) -> dict[str, Any]:
     """Macro score of A minus B on the same items (aligned rows), resampled per task.
 
-    p is the two-sided bootstrap p-value (twice the share of rounds on the other side of 0).
+    p is the two-sided bootstrap p-value: twice the share of rounds on the other side of 0,
+    counted with the observed sample as one more round ((k + 1) / (rounds + 1), Davison &
+    Hinkley 1997), so it is never 0: 2,000 rounds resolve p down to ~0.001, which a Holm
+    family of m tests multiplies by up to m.
     """
     diff, groups = a.to_numpy(float) - b.to_numpy(float), _task_groups(tasks)
     if not groups:
@@ -99,7 +102,8 @@ def paired_bootstrap(a: pd.Series, b: pd.Series, tasks: pd.Series, rounds: int =
                       for idx in _resampled(groups, rounds, seed)])
     lo, hi = np.quantile(draws, [ALPHA / 2, 1 - ALPHA / 2])
     observed = _macro(diff, groups)
-    p = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
+    beyond = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
+    p = min(1.0, 2 * (beyond + 1) / (rounds + 1))
     return {"diff": observed, "ci": [float(lo), float(hi)], "p": float(p),
             "significant": bool(lo > 0 or hi < 0), "n": len(diff)}
 
