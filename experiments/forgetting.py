@@ -45,7 +45,8 @@ from loramoe.evaluate.run import load_for_eval  # noqa: E402
 from loramoe.evaluate.scoring import score_predictions  # noqa: E402
 from loramoe.evaluate.stats import stratified_bootstrap  # noqa: E402
 from loramoe.pipeline import PipelineConfig  # noqa: E402
-from loramoe.pipeline.report import paired_kept, paired_on, score_columns  # noqa: E402
+from loramoe.pipeline.paired import paired_kept, paired_on  # noqa: E402
+from loramoe.pipeline.report import score_columns  # noqa: E402
 from loramoe.train import train  # noqa: E402
 
 
@@ -144,7 +145,8 @@ def main() -> None:
         method_rows, method_branches = run_method(name, config, data, out, facts, downstream,
                                                   base_probe, args)
         rows, branches = rows + method_rows, branches + method_branches
-        # every two methods at one scale, each method's consecutive scales (exact McNemar)
+        # every two methods at one scale, each method's consecutive scales (exact McNemar,
+        # Holm-adjusted as one family)
         paired = paired_on(branches, "probe_retention")
         write_report(pd.DataFrame(rows), paired, config, out, " ".join(sys.argv))
 

@@ -59,7 +59,7 @@ def test_forgetting_experiment_writes_its_report(tmp_path):
     assert pairs == {("method", "sft-16", "loramoe-16"), ("method", "sft-32", "loramoe-32"),
                      ("scale", "sft-16", "sft-32"), ("scale", "loramoe-16", "loramoe-32")}
     known = rows.loc[rows["method"] == "base", "probe_base_known"].iloc[0]
-    assert (paired["facts"] == known).all()
+    assert (paired["items"] == known).all() and (paired["p_holm"] >= paired["p"]).all()
     kept = {f"{r['method']}-{r['scale']}": r["kept"] for _, r in tuned.iterrows()}
     for _, r in paired.iterrows():  # discordant counts agree with the kept counts
         assert r["only_a"] - r["only_b"] == kept[r["a"]] - kept[r["b"]]

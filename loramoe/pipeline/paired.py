@@ -69,15 +69,20 @@ def family_table(measure: str, tests: list[tuple[dict, dict, str, dict]]) -> pd.
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _ok(branches: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [b for b in branches if not b.get("error") and b["metrics"].get(key)]
+
+
+def paired_on(branches: list[dict[str, Any]], key: str) -> pd.DataFrame:
+    """The family of retention `key` (e.g. "probe_retention"): every pair, exact McNemar."""
+    return family_table(key, [(a, b, kind, paired_kept(a, b, key))
+                              for a, b, kind in comparison_pairs(_ok(branches, key))])
+
+
 def paired_comparisons(branches: list[dict[str, Any]]) -> pd.DataFrame:
     """Every measure's family of paired comparisons, one table (paired.csv)."""
-    def ok(key: str) -> list[dict[str, Any]]:
-        return [b for b in branches if not b.get("error") and b["metrics"].get(key)]
-
-    parts = [family_table(key, [(a, b, kind, paired_kept(a, b, key))
-                                for a, b, kind in comparison_pairs(ok(key))])
-             for key in RETENTION_MEASURES]
-    downstream = comparison_pairs(ok("item_scores"))
+    parts = [paired_on(branches, key) for key in RETENTION_MEASURES]
+    downstream = comparison_pairs(_ok(branches, "item_scores"))
     parts.append(family_table("downstream", [(a, b, kind, downstream_pair(a, b))
                                              for a, b, kind in downstream]))
     parts = [p for p in parts if len(p)]
