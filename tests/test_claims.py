@@ -112,11 +112,19 @@ def test_paired_table_verdicts_read_holm_adjusted_p():
     assert (probe["p_holm"] >= probe["p"]).all() and (probe["p_holm"] <= 1).all()
 
 
-def test_old_reports_are_re_read_with_holm(tmp_path):
-    import subprocess
-    import sys
+def holm_reread():
+    """experiments/holm_reread.py as a module (experiments/ is not a package)."""
+    import importlib.util
     from pathlib import Path
 
+    path = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
+    spec = importlib.util.spec_from_file_location("holm_reread", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_old_reports_are_re_read_with_holm(tmp_path):
     report = tmp_path / "report.md"
     report.write_text(
         "## Paired comparisons (same base-known facts, exact McNemar)\n\n"
@@ -126,9 +134,7 @@ def test_old_reports_are_re_read_with_holm(tmp_path):
         "| probe_retention | method | x-2 | y-2 | 200 | +0.000 | 1 / 1 | 1.000 "
         "| not significant |\n"
         "\n## Figures\n")
-    script = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
-    out = subprocess.run([sys.executable, str(script), str(report)], capture_output=True,
-                         text=True, check=True).stdout
+    out = holm_reread().reread(report)
     # p = 2/2^6 recomputed from the counts; a family of two: Holm p = 0.0625
     assert "| 0 / 6 | 0.0312 | 0.0625 | **not significant** (was significant) |" in out
     assert "1 of 2 verdicts change." in out
@@ -152,10 +158,6 @@ def test_paired_table_compares_downstream_on_the_same_items():
 
 
 def test_reports_written_with_holm_are_not_re_read(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from loramoe.pipeline.markdown import paired_section
     from loramoe.pipeline.paired import paired_comparisons
 
@@ -164,10 +166,7 @@ def test_reports_written_with_holm_are_not_re_read(tmp_path):
                 outcome("lora-100", "lora", 100, 194, [1.0, 0.0] * 30)]
     report = tmp_path / "report.md"
     report.write_text(paired_section(paired_comparisons(branches)) + "\n")
-    script = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
-    out = subprocess.run([sys.executable, str(script), str(report)], capture_output=True,
-                         text=True, check=True).stdout
-    assert "read Holm-adjusted p already" in out
+    assert "read Holm-adjusted p already" in holm_reread().reread(report)
 
 
 def test_results_table_reads_the_gains_over_the_base_as_one_family():
