@@ -36,11 +36,11 @@ def unreachable(measure: dict[str, Any], threshold: float) -> str:
 
 
 def earned(branch: dict[str, Any], threshold: float, rule: str,
-           p_holm: float | None = None) -> tuple[bool, str]:
+           p_holm: float | None) -> tuple[bool, str]:
     """Whether one branch may be champion under the rule, and why (or why not).
 
     significant: downstream beats the base on the same items — the paired bootstrap's p,
-    Holm-adjusted over every candidate tested (`p_holm`; the raw p when not given), is below
+    Holm-adjusted over every candidate tested (`p_holm`; None: no test), is below
     0.05 and the difference is positive — and the retention's 95% lower bound is >=
     threshold. best: the point retention is >= threshold (mechanics tests on random models,
     where nothing is significant). Retention is the probe's when there is one
@@ -54,16 +54,15 @@ def earned(branch: dict[str, Any], threshold: float, rule: str,
         ok = threshold == 0 or (retention is not None and retention >= threshold)
         return ok, f"{name}: {kind} {_fmt_opt(retention)} vs threshold {threshold}"
     vs_base = branch["metrics"].get("vs_base", {}).get("downstream") or {}
-    p = p_holm if p_holm is not None else vs_base.get("p")
-    if p is None or p >= ALPHA or not vs_base.get("diff") or vs_base["diff"] <= 0:
+    if p_holm is None or p_holm >= ALPHA or not vs_base.get("diff") or vs_base["diff"] <= 0:
         return False, (f"{name}: downstream vs base {_fmt_opt(vs_base.get('diff'))} "
-                       f"(95% CI {_fmt_ci(vs_base.get('ci'))}, Holm p {_fmt_opt(p)}) is not "
+                       f"(95% CI {_fmt_ci(vs_base.get('ci'))}, Holm p {_fmt_opt(p_holm)}) is not "
                        f"a significant gain")
     if threshold > 0 and (low is None or low < threshold):
         return False, (f"{name}: {kind} lower bound {_fmt_opt(low)} < threshold "
                        f"{threshold}{unreachable(measure, threshold)}")
     return True, (f"{name}: downstream +{vs_base['diff']:.4f} vs base (95% CI "
-                  f"{_fmt_ci(vs_base['ci'])}, Holm p {_fmt_opt(p)}), {kind} "
+                  f"{_fmt_ci(vs_base['ci'])}, Holm p {_fmt_opt(p_holm)}), {kind} "
                   f"{_fmt_opt(retention)} (lower bound {_fmt_opt(low)} >= {threshold})")
 
 
