@@ -137,3 +137,30 @@ def test_paired_bootstrap_p_is_never_zero():
     a, b = pd.Series([1.0] * 20), pd.Series([0.0] * 20)
     out = paired_bootstrap(a, b, pd.Series(["t"] * 20), rounds=999)
     assert out["p"] == pytest.approx(2 / 1000) and out["significant"]
+
+
+def test_bootstrap_interval_matches_normal_theory_for_a_share():
+    # 104 of 400 items right: the normal-theory 95% interval is 0.26 ± 1.96·sqrt(.26·.74/400)
+    # = [0.2170, 0.3030]; 10,000 percentile-bootstrap rounds land within Monte Carlo error
+    scores = pd.Series([1.0] * 104 + [0.0] * 296)
+    half = 1.959964 * np.sqrt(0.26 * 0.74 / 400)
+    out = stratified_bootstrap(scores, pd.Series(["t"] * 400))
+    assert out["ci"] == pytest.approx([0.26 - half, 0.26 + half], abs=0.004)
+
+
+def test_resampling_in_chunks_draws_the_same_rounds(monkeypatch):
+    import loramoe.evaluate.stats as stats
+
+    rng = np.random.default_rng(3)
+    a, b = (pd.Series(rng.random(300) < 0.6).astype(float) for _ in range(2))
+    tasks = pd.Series(rng.choice(["t1", "t2", "t3"], size=300))
+    whole = paired_bootstrap(a, b, tasks, rounds=500)
+    monkeypatch.setattr(stats, "CHUNK", 1000)  # a few rounds at a time
+    assert paired_bootstrap(a, b, tasks, rounds=500) == whole
+
+
+def test_default_rounds_resolve_p_for_a_family_of_forty():
+    # the study's largest Holm family has 40 tests: its smallest p must stay below 0.05 / 40
+    a, b = pd.Series([1.0] * 20), pd.Series([0.0] * 20)
+    p = paired_bootstrap(a, b, pd.Series(["t"] * 20))["p"]
+    assert p == pytest.approx(2 / 10_001) and 40 * p < 0.05

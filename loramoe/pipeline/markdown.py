@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from loramoe.evaluate.stats import ROUNDS
+
 
 def _num(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
@@ -100,8 +102,8 @@ def paired_section(paired: pd.DataFrame) -> str:
     return ("## Paired comparisons (same items)\n\n"
             "Retention: exact McNemar on the base-known facts (only a / only b: facts one of "
             "the two kept). Downstream: macro score, paired bootstrap over the same items "
-            "stratified by task (95% interval of a − b; 2,000 rounds, so its p is at least "
-            "~0.001). Each measure's comparisons are one "
+            f"stratified by task (95% interval of a − b; {ROUNDS:,} rounds, so its p is at "
+            f"least {2 / (ROUNDS + 1):.4f}). Each measure's comparisons are one "
             f"family ({families}); the verdict reads the Holm-adjusted p (family-wise error "
             "≤ 5 %), the raw p is beside it.\n\n" +
             table(["measure", "kind", "a", "b", "items", "a − b", "95% CI", "only a / only b",
