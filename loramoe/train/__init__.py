@@ -3,12 +3,13 @@
     python -m loramoe.train --config FILE.toml [--set key=value ...] [--resume]
 """
 
-from loramoe.train.builders import build_model, build_training
-from loramoe.train.checkpoints import TrainingDiverged
-from loramoe.train.config import TrainConfig, TrainConfigError
-from loramoe.train.loop import JsonlSink, MetricsSink, TrainResult, train
+from __future__ import annotations
 
-__all__ = [
-    "JsonlSink", "MetricsSink", "TrainConfig", "TrainConfigError", "TrainResult",
-    "TrainingDiverged", "build_model", "build_training", "train",
-]
+from loramoe.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "loramoe.train.builders": ["build_model", "build_training"],
+    "loramoe.train.checkpoints": ["TrainingDiverged"],
+    "loramoe.train.config": ["TrainConfig", "TrainConfigError"],
+    "loramoe.train.loop": ["JsonlSink", "MetricsSink", "TrainResult", "train"],
+})

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = parser.parse_args(argv)
     from loramoe.data.records import RecordsError
-    from loramoe.model import ModelNotAvailableError
+    from loramoe.model_paths import ModelNotAvailableError
     from loramoe.train import TrainConfig, TrainConfigError, train
 
     try:

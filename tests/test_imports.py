@@ -1,0 +1,41 @@
+"""Packages export their public names lazily: steps and CLIs that only read configs and
+tables start without importing torch or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+LIGHT = ["loramoe", "loramoe.config", "loramoe.data", "loramoe.tracking",
+         "loramoe.train.config", "loramoe.pipeline.config", "loramoe.pipeline.steps",
+         "loramoe.pipeline.report", "loramoe.pipeline.registry", "loramoe.pipeline.claims",
+         "loramoe.evaluate.stats"]
+
+
+def test_config_and_report_modules_import_without_torch_or_transformers():
+    code = ("import importlib, sys\n"
+            f"for name in {LIGHT!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_public_names_resolve_on_first_use():
+    import loramoe
+    import loramoe.pipeline as pipeline
+    from loramoe import LoRAMoEConfig, apply_loramoe
+    from loramoe.config import LoRAMoEConfig as direct
+    from loramoe.injection import apply_loramoe as direct_apply
+
+    assert LoRAMoEConfig is direct and apply_loramoe is direct_apply
+    assert "localized_balancing_loss" in dir(loramoe) and "ingest" in pipeline.__all__
+    for package in (loramoe, pipeline):
+        for name in package.__all__:
+            assert getattr(package, name) is not None
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        loramoe.nope  # noqa: B018
