@@ -202,6 +202,9 @@ class LoRAMoEPipeline(FlowSpec):
                                               "tracking_uri", "experiment_id", "parent_run_id",
                                               "base_metrics", "started"])
         self.outcomes = [branch_outcome(branch) for branch in inputs]
+        # the run's wall time up to here, fixed now: a resume from compare clones this step,
+        # so its report states the original run's time, not hours since its start
+        self.wall_to_join = time.time() - self.started
         self.next(self.compare)
 
     @card(type="blank", id="comparison")
@@ -214,8 +217,10 @@ class LoRAMoEPipeline(FlowSpec):
 
         use_store(self.tracking_uri)
         out = Path(self.workdir) / "outputs" / "reports" / current.run_id
+        # None for a run joined before the join step recorded it: no wall time in its report
+        wall = getattr(self, "wall_to_join", None)
         summary = compare_branches(self.outcomes, self.base_metrics, self.parent_run_id, out,
-                                   self.pipeline_config, time.time() - self.started)
+                                   self.pipeline_config, wall)
         print(f"report: {summary['report']}")
         self.results, self.failed_branches = summary["rows"], summary["failed"]
         comparison_card(current.card["comparison"], self.resolved["name"], summary)

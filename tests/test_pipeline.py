@@ -224,6 +224,12 @@ def test_resume_reruns_from_compare(smoke_run):
     assert resumed.id != run.id
     # Steps before compare were cloned, not re-run: same artifacts as the origin run.
     assert resumed["validate"].task.data.base_metrics == run["validate"].task.data.base_metrics
+    # the report states the original run's wall time, not the hours since its start
+    def wall(run_id):
+        report = (workdir / "outputs" / "reports" / run_id / "report.md").read_text()
+        return next(line for line in report.splitlines() if line.startswith("- Wall time"))
+
+    assert wall(resumed.id) == wall(run.id)
     client = mlflow_client(workdir)
     second = client.get_model_version_by_alias("loramoe-smoke", "champion")
     decision = resumed["register"].task.data.decision
