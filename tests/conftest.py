@@ -18,6 +18,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 VOCAB = 96
 
 
+@pytest.fixture(autouse=True)
+def restore_tracking_uri_env():
+    """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which every later subprocess
+    of the worker inherits (a flow run then logs to that test's store, or retries a server
+    the test has stopped): put the variable back after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return tiny_random_model("llama", seed, vocab_size=VOCAB, max_positions=64,
                              bos_token_id=1).eval()

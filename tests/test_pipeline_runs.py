@@ -37,8 +37,7 @@ def test_pipeline_against_a_real_tracking_server(tmp_path):
         assert peak_concurrency(branch_tasks(run)) == 1  # one branch at a time
         import mlflow
 
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient(tracking_uri=uri)  # not the process-wide default
         runs = client.search_runs([client.get_experiment_by_name("loramoe-smoke").experiment_id])
         assert len(runs) == 3  # parent + loramoe-16 + loramoe-32
         assert client.get_model_version_by_alias("loramoe-smoke", "champion")
