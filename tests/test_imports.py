@@ -39,3 +39,17 @@ def test_public_names_resolve_on_first_use():
             assert getattr(package, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         loramoe.nope  # noqa: B018
+
+
+def test_a_bad_train_config_is_rejected_before_torch_is_imported(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-random-llama"\ntrain_file = "x.jsonl"\noutput_dir = "o"\n'
+                   "batch_size = true\n")
+    code = ("import sys\n"
+            "from loramoe.train.__main__ import main\n"
+            f"code = main(['--config', {str(bad)!r}])\n"
+            "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr[-3000:]
+    assert "TrainConfig.batch_size: must be an integer" in done.stderr

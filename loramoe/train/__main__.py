@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from loramoe.data.records import RecordsError
     from loramoe.model_paths import ModelNotAvailableError
-    from loramoe.train import TrainConfig, TrainConfigError, train
+    from loramoe.train.config import TrainConfig, TrainConfigError
 
     try:
         config = TrainConfig.from_file(args.config, args.set)
+        from loramoe.train import train  # torch and transformers: only for a valid config
+
         result = train(config, resume=args.resume)
     except (TrainConfigError, RecordsError, ModelNotAvailableError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
