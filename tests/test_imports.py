@@ -53,3 +53,30 @@ def test_a_bad_train_config_is_rejected_before_torch_is_imported(tmp_path):
                           timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stderr[-3000:]
     assert "TrainConfig.batch_size: must be an integer" in done.stderr
+
+
+
+def run_evaluate_cli(args: list[str]) -> tuple[list[str], str]:
+    """(exit code and whether torch was imported, stderr) of the evaluate CLI in a fresh
+    process."""
+    code = ("import sys\n"
+            "from loramoe.evaluate.__main__ import main\n"
+            f"code = main({args!r})\n"
+            "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    return done.stdout.split(), done.stderr
+
+
+def test_a_bad_eval_file_or_run_dir_is_rejected_before_torch_is_imported(tmp_path):
+    row = ('{"id": "q1", "task": "t", "task_type": "knowledge", "prompt": "Q?", '
+           '"answers": ["a"], "metric": "%s"}\n')
+    bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    bad.write_text(row % "no_such_metric")
+    good.write_text(row % "exact_match")
+    out = ["--out", str(tmp_path / "o")]
+    result, stderr = run_evaluate_cli(["--eval-file", str(bad), *out, "--model", "m"])
+    assert result == ["2", "False"] and "column 'metric'" in stderr, stderr[-3000:]
+    result, stderr = run_evaluate_cli(["--eval-file", str(good), *out, "--run", str(tmp_path)])
+    assert result == ["2", "False"] and "no train_config.json" in stderr, stderr[-3000:]
+    assert not (tmp_path / "o").exists()  # nothing written for a rejected request

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +29,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="frozen weights' dtype (default: the run's, else auto)")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: a GPU if any)")
     args = parser.parse_args(argv)
-    from loramoe.data.records import RecordsError
-    from loramoe.evaluate import evaluate
+    if args.batch_size < 1:
+        parser.error(f"--batch-size: must be >= 1, got {args.batch_size}")
+    from loramoe.data.records import RecordsError, check_records, read_records
+
+    try:  # the eval file's schema, before torch and the model are loaded
+        check_records(read_records(Path(args.eval_file)), "eval", args.eval_file)
+        if args.run and not (Path(args.run) / "train_config.json").is_file():
+            raise FileNotFoundError(f"--run {args.run}: no train_config.json there (a folder "
+                                    "written by python -m loramoe.train)")
+    except (RecordsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from loramoe.evaluate.run import evaluate
     from loramoe.precision import PrecisionError
 
     try:
