@@ -65,6 +65,22 @@ def test_a_difference_inside_the_noise_is_inconclusive_and_missing_roles_are_sai
     assert claims["The LBC (paper form) helps LoRAMoE"] == "not measured"
 
 
+def test_a_beta_sweep_is_read_at_the_papers_beta_and_the_branches_are_named():
+    """Three aligned-LBC branches share a role and scale; the claims are about the paper's
+    configuration, so they read the β = 0.1 one (before: the last in config order), and say
+    which branches they read."""
+    ones = [1.0] * 60
+    sweep = [outcome(f"moe_aligned_b{b}-100", "loramoe", 100, 150, ones, beta=b, form="aligned",
+                     separation={"value": sep, "ci": [sep - 0.01, sep + 0.01]})
+             for b, sep in ((1.0, 0.3), (0.1, 0.001), (10.0, 0.5))]
+    branches = [*sweep, outcome("moe_b0-100", "loramoe", 100, 150, ones, beta=0.0)]
+    claims = paper_claims(branches).set_index("claim")
+    row = claims.loc["Routers separate by expert type (LBC, aligned form)"]
+    assert row["verdict"] == "not reproduced" and "moe_aligned_b0.1-100" in row["ours"]
+    helps = claims.loc["The LBC (aligned form) helps LoRAMoE", "ours"]
+    assert "moe_aligned_b0.1-100 vs moe_b0-100" in helps
+
+
 def test_numbers_are_written_with_their_interval():
     row = pd.Series({"x": 0.5, "x_lo": 0.4, "x_hi": 0.6, "y": -0.01, "y_lo": None})
     assert with_ci(row, "x") == "0.500 [0.400, 0.600]"

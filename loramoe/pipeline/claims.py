@@ -21,6 +21,7 @@ from loramoe.pipeline.paired import downstream_pair, paired_kept
 
 DOWNSTREAM_MARGIN = 0.05  # "within a few points of SFT": the paired CI's lower bound > −5 points
 NO_SEPARATION = 0.02  # a router-separation CI inside ±0.02 reads as "no separation"
+PAPER_BETA = 0.1  # the paper's LBC weight: the claims are about the paper's configuration
 
 
 def role(branch: dict[str, Any]) -> str:
@@ -37,15 +38,32 @@ def _ok(branches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [b for b in branches if not b.get("error")]
 
 
+def _off_paper_beta(branch: dict[str, Any]) -> float:
+    """How far the branch's LBC weight is from the paper's (0 for methods without one)."""
+    moe = branch.get("trained", {}).get("train_config", {}).get("loramoe", {})
+    return abs(moe.get("lbc_beta", PAPER_BETA) - PAPER_BETA) if role(branch).startswith(
+        ("loramoe_paper", "loramoe_aligned")) else 0.0
+
+
 def at_largest_shared_scale(branches, *roles: str) -> list[dict[str, Any]] | None:
-    """One branch per role at the largest scale all of them ran (None if a role is missing)."""
+    """One branch per role at the largest scale all of them ran (None if a role is missing).
+    Where several branches share a role and scale (e.g. a sweep of β), the one nearest the
+    paper's β; ties: the first in config order."""
     by_role: dict[str, dict[int, dict]] = {}
     for b in _ok(branches):
-        by_role.setdefault(role(b), {})[b["scale"]] = b
+        slot = by_role.setdefault(role(b), {})
+        held = slot.get(b["scale"])
+        if held is None or _off_paper_beta(b) < _off_paper_beta(held):
+            slot[b["scale"]] = b
     if any(r not in by_role for r in roles):
         return None
     shared = set.intersection(*(set(by_role[r]) for r in roles))
     return [by_role[r][max(shared)] for r in roles] if shared else None
+
+
+def _names(branches: list[dict[str, Any]]) -> str:
+    """The branches a claim read (names carry the scale), e.g. "loramoe_paper-512 vs sft-512"."""
+    return " vs ".join(b["name"] for b in branches)
 
 
 def retention_pair(a: dict, b: dict) -> dict[str, Any]:
@@ -115,7 +133,7 @@ def claim_keeps_knowledge(branches, other: str) -> Claim:
         return _not_measured(claim, paper, f"needs loramoe (LBC, paper form) and {other}")
     test = retention_pair(*pair)
     return Claim(claim, paper, [test], lambda: (
-        f"probe retention at {pair[0]['scale']}: {_ret(test)}",
+        f"probe retention, {_names(pair)}: {_ret(test)}",
         _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])))
 
 
@@ -135,7 +153,7 @@ def claim_downstream(branches) -> Claim:
     verdict = ("reproduced" if lo > -DOWNSTREAM_MARGIN else
                "not reproduced" if hi < -DOWNSTREAM_MARGIN else "inconclusive")
     return Claim(claim, paper, judge=lambda: (
-        f"LoRAMoE − SFT at {pair[0]['scale']}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})",
+        f"LoRAMoE − SFT, {_names(pair)}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})",
         verdict))
 
 
@@ -152,7 +170,7 @@ def claim_lbc_helps(branches, form: str) -> Claim:
         signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
         worse, better = any(d < 0 for d in signs), any(d > 0 for d in signs)
         verdict = "not reproduced" if worse else "reproduced" if better else "inconclusive"
-        return (f"vs β = 0 at {pair[0]['scale']}: retention {_ret(kept)}; downstream "
+        return (f"vs β = 0, {_names(pair)}: retention {_ret(kept)}; downstream "
                 f"{_ci(down)}", verdict)
 
     return Claim(claim, paper, [kept, down], judge)
@@ -173,7 +191,7 @@ def claim_separation(branches, form: str) -> Claim:
     verdict = ("not reproduced" if hi < 0 or (lo > -NO_SEPARATION and hi < NO_SEPARATION)
                else "reproduced" if lo > 0 else "inconclusive")
     return Claim(claim, paper, judge=lambda: (
-        f"knowledge-expert weight, knowledge − downstream tasks, at {found[0]['scale']}: "
+        f"knowledge-expert weight, knowledge − downstream tasks, {_names(found)}: "
         f"{_ci(sep, 'value')}", verdict))
 
 
