@@ -41,31 +41,25 @@ def test_public_names_resolve_on_first_use():
         loramoe.nope  # noqa: B018
 
 
-def test_a_bad_train_config_is_rejected_before_torch_is_imported(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text('model = "tiny-random-llama"\ntrain_file = "x.jsonl"\noutput_dir = "o"\n'
-                   "batch_size = true\n")
-    code = ("import sys\n"
-            "from loramoe.train.__main__ import main\n"
-            f"code = main(['--config', {str(bad)!r}])\n"
-            "print(code, 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.stdout.split() == ["2", "False"], done.stderr[-3000:]
-    assert "TrainConfig.batch_size: must be an integer" in done.stderr
-
-
-
-def run_evaluate_cli(args: list[str]) -> tuple[list[str], str]:
-    """(exit code and whether torch was imported, stderr) of the evaluate CLI in a fresh
+def run_cli(package: str, args: list[str]) -> tuple[list[str], str]:
+    """(exit code and whether torch was imported, stderr) of `python -m package` in a fresh
     process."""
     code = ("import sys\n"
-            "from loramoe.evaluate.__main__ import main\n"
+            f"from {package}.__main__ import main\n"
             f"code = main({args!r})\n"
             "print(code, 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     return done.stdout.split(), done.stderr
+
+
+def test_a_bad_train_config_is_rejected_before_torch_is_imported(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-random-llama"\ntrain_file = "x.jsonl"\noutput_dir = "o"\n'
+                   "batch_size = true\n")
+    result, stderr = run_cli("loramoe.train", ["--config", str(bad)])
+    assert result == ["2", "False"], stderr[-3000:]
+    assert "TrainConfig.batch_size: must be an integer" in stderr
 
 
 def test_a_bad_eval_file_or_run_dir_is_rejected_before_torch_is_imported(tmp_path):
@@ -75,8 +69,9 @@ def test_a_bad_eval_file_or_run_dir_is_rejected_before_torch_is_imported(tmp_pat
     bad.write_text(row % "no_such_metric")
     good.write_text(row % "exact_match")
     out = ["--out", str(tmp_path / "o")]
-    result, stderr = run_evaluate_cli(["--eval-file", str(bad), *out, "--model", "m"])
+    result, stderr = run_cli("loramoe.evaluate", ["--eval-file", str(bad), *out, "--model", "m"])
     assert result == ["2", "False"] and "column 'metric'" in stderr, stderr[-3000:]
-    result, stderr = run_evaluate_cli(["--eval-file", str(good), *out, "--run", str(tmp_path)])
+    result, stderr = run_cli("loramoe.evaluate",
+                             ["--eval-file", str(good), *out, "--run", str(tmp_path)])
     assert result == ["2", "False"] and "no train_config.json" in stderr, stderr[-3000:]
     assert not (tmp_path / "o").exists()  # nothing written for a rejected request
