@@ -199,3 +199,33 @@ def test_results_table_reads_the_gains_over_the_base_as_one_family():
     one = results_table([branch("m0-10", 0.03)], {}).set_index("branch")
     assert one.loc["m0-10", "downstream_vs_base_significant"]
     assert one.loc["base", "downstream_vs_base_significant"] is None  # the base: no test
+
+
+def test_the_router_figure_draws_every_loramoe_branch_at_the_largest_scale(tmp_path):
+    """A run comparing LBC variants drew only the first branch's routers (β = 0 in the
+    study and lbc_beta runs); now a panel per branch at the largest scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loramoe.pipeline.plots import router_panels, router_types_plot
+
+    def moe(name, scale, knowledge_weight):
+        branch = outcome(name, "loramoe", scale, 150, [1.0] * 60)
+        branch["trained"]["train_config"]["loramoe"] = {
+            "expert_types": {"knowledge": 2, "downstream": 1}}
+        weights = {"t_down": knowledge_weight - 0.1, "t_know": knowledge_weight}
+        branch["metrics"]["router_type_weights"] = {
+            t: {"knowledge": w, "downstream": 1 - w} for t, w in weights.items()}
+        branch["metrics"]["per_task"] = {"t_down": {"task_type": "downstream"},
+                                         "t_know": {"task_type": "knowledge"}}
+        return branch
+
+    branches = [moe("b0-10", 10, 0.6), moe("b0-100", 100, 0.6), moe("lbc-100", 100, 0.7)]
+    panels = router_panels(branches)
+    assert [p["name"] for p in panels] == ["b0-100", "lbc-100"]
+    assert panels[1]["tasks"] == ["t_know", "t_down"]  # the knowledge tasks first
+    assert panels[1]["values"] == [0.7, pytest.approx(0.6)]
+    assert panels[1]["type_blind"] == pytest.approx(2 / 3)  # 2 of 3 experts are knowledge
+    assert router_types_plot(branches, tmp_path / "r.png", plt).stat().st_size > 0

@@ -10,8 +10,8 @@ import pytest
 
 LIGHT = ["loramoe", "loramoe.config", "loramoe.data", "loramoe.tracking",
          "loramoe.train.config", "loramoe.pipeline.config", "loramoe.pipeline.steps",
-         "loramoe.pipeline.report", "loramoe.pipeline.registry", "loramoe.pipeline.claims",
-         "loramoe.evaluate.stats"]
+         "loramoe.pipeline.report", "loramoe.pipeline.plots", "loramoe.pipeline.registry",
+         "loramoe.pipeline.claims", "loramoe.evaluate.stats"]
 
 
 def test_config_and_report_modules_import_without_torch_or_transformers():

@@ -7,7 +7,8 @@ from loramoe.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "loramoe.pipeline.config": ["PipelineConfig", "PipelineConfigError", "deep_merge"],
     "loramoe.pipeline.registry": ["choose_candidate", "register_champion"],
-    "loramoe.pipeline.report": ["compare_branches", "comparison_plots", "results_table"],
+    "loramoe.pipeline.plots": ["comparison_plots"],
+    "loramoe.pipeline.report": ["compare_branches", "results_table"],
     "loramoe.pipeline.steps": ["DataValidationError", "branch_outcome", "evaluate_base_model",
                                "evaluate_branch", "ingest", "restore_run_dir",
                                "run_branch_training", "validate_data"],

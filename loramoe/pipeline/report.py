@@ -1,4 +1,5 @@
-"""The comparison across methods and scales: the results table and its plots."""
+"""The comparison across methods and scales: the results table, and the compare step that
+writes it with its tests, claims and plots (plots.py)."""
 
 from __future__ import annotations
 
@@ -72,78 +73,6 @@ def with_holm_vs_base(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: Path
-                     ) -> list[Path]:
-    """Retention and downstream score vs scale per method (Fig. 1/2), router type weights per
-    task (Fig. 7), router CV over steps (Fig. 5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [scale_plot(table, out / "retention_downstream_vs_scale.png", plt)]
-    moe = [b for b in branches if not b.get("error") and b["metrics"].get("router_type_weights")]
-    if moe:
-        largest = max(moe, key=lambda b: b["scale"])
-        from loramoe.evaluate import plot_router
-
-        analysis = {"type_names": list(next(iter(
-            largest["metrics"]["router_type_weights"].values()))),
-            "tasks": {t: {"type_weights": w, "task_type":
-                          largest["metrics"]["per_task"][t]["task_type"]}
-                      for t, w in largest["metrics"]["router_type_weights"].items()}}
-        paths.append(plot_router(analysis, out / "router_type_weights.png",
-                                 title=f"Router weight per expert type ({largest['name']})"))
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for b in moe:
-            if b["router_cv"]:
-                steps, cvs = zip(*b["router_cv"], strict=True)
-                ax.plot(steps, cvs, label=b["name"])
-        ax.set(title="Router coefficient of variation during training", xlabel="step",
-               ylabel="CV of expert importance")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "router_cv.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
-def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
-    """Retention and downstream score vs scale per method, with 95% error bars."""
-    ok = table[(table["status"] == "ok") & (table["method"] != "base")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    panels = ((axes[0], "retention"), (axes[2], "downstream_score"),
-              (axes[1], "untrained_retention"))
-    for method, group in ok.groupby("method"):
-        group = group.sort_values("scale")
-        for ax, column in panels:
-            if group[column].isna().all():
-                continue
-            # 95% interval as error bars (Wilson for retention, bootstrap for the score)
-            values = group[column].astype(float)
-            low = (values - group[f"{column}_lo"].astype(float)).clip(lower=0)
-            high = (group[f"{column}_hi"].astype(float) - values).clip(lower=0)
-            ax.errorbar(group["scale"], values, yerr=[low.fillna(0), high.fillna(0)],
-                        marker="o", capsize=3, label=method)
-    base = table[table["method"] == "base"].iloc[0]
-    axes[2].axhline(base["downstream_score"], color="grey", linestyle="--", label="base")
-    axes[0].set(title="Knowledge retention (generation)", xlabel="training examples",
-                ylabel="share of base-known facts kept", ylim=(0, 1.05))
-    axes[1].set(title="Retention, untrained relations (probe)", xlabel="training examples",
-                ylabel="base-known facts kept (multiple choice)", ylim=(0, 1.05))
-    axes[2].set(title="Downstream score vs data scale", xlabel="training examples",
-                ylabel="macro score")
-    for ax in axes:
-        ax.legend(fontsize=8)
-        ax.set_xticks(sorted(set(ok["scale"])))  # linear: NaN retention must not break it
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any],
                      parent_run_id: str, out: Path, config=None,
                      wall_seconds: float | None = None) -> dict[str, Any]:
@@ -153,6 +82,7 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     from loramoe.pipeline.claims import paper_claims
     from loramoe.pipeline.markdown import write_report
     from loramoe.pipeline.paired import paired_comparisons
+    from loramoe.pipeline.plots import comparison_plots
     from loramoe.tracking import log_metrics, store_folder
 
     out.mkdir(parents=True, exist_ok=True)
