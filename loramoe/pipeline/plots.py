@@ -93,14 +93,17 @@ def router_panels(moe: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def router_types_plot(moe: list[dict[str, Any]], path: Path, plt) -> Path:
-    """The paper's Fig. 7, a row per panel of `router_panels`: the branch's separation with
-    its 95% interval in the title, a dashed line at the type-blind share, one shared and
-    zoomed y axis (the differences are small)."""
+    """The paper's Fig. 7, a row per panel of `router_panels`: bars from the type-blind share
+    (dashed) to each task's weight, the branch's separation with its 95% interval in the
+    title, one shared and zoomed y axis (the differences are small)."""
     panels = router_panels(moe)
     fig, axes = plt.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False,
                              figsize=(10, 1.0 + 2.0 * len(panels)))
     for ax, panel in zip(axes[:, 0], panels, strict=True):
-        ax.bar(range(len(panel["tasks"])), panel["values"],
+        # bars from the type-blind share: the y axis is zoomed, so a bar's length is the
+        # deviation, not the weight
+        ax.bar(range(len(panel["tasks"])), [v - panel["type_blind"] for v in panel["values"]],
+               bottom=panel["type_blind"],
                color=["tab:blue" if mine else "tab:orange" for mine in panel["of_type"]])
         ax.axhline(panel["type_blind"], color="grey", linewidth=0.8, linestyle="--")
         sep = panel["separation"]
