@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import tomllib
 
 from loramoe import ConfigError, LoRAMoEConfig
 
@@ -64,3 +67,21 @@ def test_unknown_fields_and_types_are_named():
         LoRAMoEConfig.from_dict({"experts": 4})
     with pytest.raises(ConfigError, match="'math' is not one of expert_types"):
         LoRAMoEConfig().type_index("math")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_every_preset_parses_and_gives_each_branch_a_valid_train_config(preset):
+    """A typo in a preset (a field, a method's LoRAMoE override) fails here, not an hour into
+    its run."""
+    from loramoe.pipeline import PipelineConfig
+
+    config = PipelineConfig.from_dict(tomllib.loads((CONFIGS / preset).read_text()),
+                                      base_dir=CONFIGS)
+    branches = config.branches()
+    assert branches
+    for branch in branches:
+        train = config.train_config(branch["method"], Path("train.jsonl"), Path("out"))
+        assert train.method in ("sft", "lora", "loramoe")
