@@ -112,6 +112,9 @@ class LoRAMoEPipeline(FlowSpec):
         data = ingest(self.pipeline_config, out)
         self.train_sets, self.eval_set = data["train"], data["eval"]
         self.dropped_overlap, self.shortfall = data["dropped_overlap"], data["shortfall"]
+        if self.shortfall:  # the report's setup says it too
+            print(f"warning: records the tasks could not supply at the largest scale: "
+                  f"{self.shortfall}; its branches train on what there is")
         self.data_files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         self.next(self.validate)
 
@@ -200,7 +203,7 @@ class LoRAMoEPipeline(FlowSpec):
 
         self.merge_artifacts(inputs, include=["pipeline_config", "resolved", "workdir",
                                               "tracking_uri", "experiment_id", "parent_run_id",
-                                              "base_metrics", "started"])
+                                              "base_metrics", "started", "shortfall"])
         self.outcomes = [branch_outcome(branch) for branch in inputs]
         # the run's wall time up to here, fixed now: a resume from compare clones this step,
         # so its report states the original run's time, not hours since its start
@@ -220,7 +223,7 @@ class LoRAMoEPipeline(FlowSpec):
         # None for a run joined before the join step recorded it: no wall time in its report
         wall = getattr(self, "wall_to_join", None)
         summary = compare_branches(self.outcomes, self.base_metrics, self.parent_run_id, out,
-                                   self.pipeline_config, wall)
+                                   self.pipeline_config, wall, getattr(self, "shortfall", None))
         print(f"report: {summary['report']}")
         self.results, self.failed_branches = summary["rows"], summary["failed"]
         comparison_card(current.card["comparison"], self.resolved["name"], summary)

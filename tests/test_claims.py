@@ -229,3 +229,21 @@ def test_the_router_figure_draws_every_loramoe_branch_at_the_largest_scale(tmp_p
     assert panels[1]["values"] == [0.7, pytest.approx(0.6)]
     assert panels[1]["type_blind"] == pytest.approx(2 / 3)  # 2 of 3 experts are knowledge
     assert router_types_plot(branches, tmp_path / "r.png", plt).stat().st_size > 0
+
+
+def test_the_report_says_which_tasks_ran_short_of_data():
+    """lbc_long.toml asked 4,096 examples and translation could supply 42 fewer; the report
+    said "Scales: [4096]" and nothing else (found reading that run's report)."""
+    from pathlib import Path
+
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.markdown import setup_section
+
+    configs = Path(__file__).resolve().parents[1] / "flows" / "configs"
+    config = PipelineConfig.from_dict(tomllib.loads((configs / "lbc_long.toml").read_text()),
+                                      base_dir=configs)
+    assert "Short of data" not in setup_section(config, None, {})
+    text = setup_section(config, None, {"translation": 42, "nli": 1200})
+    assert "**Short of data**" in text and "nli 1,200, translation 42" in text

@@ -124,7 +124,8 @@ def claims_section(claims: pd.DataFrame) -> str:
             table(["claim", "paper", "this run", "verdict"], rows))
 
 
-def setup_section(config, wall_seconds: float | None) -> str:
+def setup_section(config, wall_seconds: float | None,
+                  shortfall: dict[str, int] | None = None) -> str:
     mixture = config.mixture
     methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
                                                  f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
@@ -146,6 +147,10 @@ def setup_section(config, wall_seconds: float | None) -> str:
                  is not None else ""),
              f"- Trained tasks: {', '.join(trained)}",
              f"- Eval-only relations: {', '.join(untrained) or 'none'}"]
+    if shortfall:  # a scale's label is what was asked; say what the data could not supply
+        short = ", ".join(f"{task} {n:,}" for task, n in sorted(shortfall.items()))
+        lines.append(f"- **Short of data**: records a task could not supply at the largest "
+                     f"scale ({short}); its branches trained on what there was")
     if wall_seconds is not None:
         lines.append(f"- Wall time to the compare step: {wall_seconds:,.0f} s")
     return "## Setup\n\n" + "\n".join(lines)
@@ -153,9 +158,11 @@ def setup_section(config, wall_seconds: float | None) -> str:
 
 def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame,
                  claims: pd.DataFrame, plots: list[Path], title: str,
-                 wall_seconds: float | None = None) -> Path:
+                 wall_seconds: float | None = None,
+                 shortfall: dict[str, int] | None = None) -> Path:
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    parts = [f"# {title}", setup_section(config, wall_seconds), results_section(results),
+    parts = [f"# {title}", setup_section(config, wall_seconds, shortfall),
+             results_section(results),
              claims_section(claims), paired_section(paired), "## Figures\n\n" + figures]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")
     return path

@@ -75,7 +75,8 @@ def with_holm_vs_base(table: pd.DataFrame) -> pd.DataFrame:
 
 def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any],
                      parent_run_id: str, out: Path, config=None,
-                     wall_seconds: float | None = None) -> dict[str, Any]:
+                     wall_seconds: float | None = None,
+                     shortfall: dict[str, int] | None = None) -> dict[str, Any]:
     """The comparison step: results table, paired tests, paper claims, plots and the
     markdown report (report.md, written from these numbers), logged to the MLflow parent run
     (artifacts under compare/, each branch's scores as `branch/metric`)."""
@@ -98,7 +99,7 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     files = [*plots, out / "results.csv", out / "paired.csv", out / "claims.csv"]
     if config is not None:
         files.append(write_report(out / "report.md", config, table, paired, claims, plots,
-                                  f"LoRAMoE study: {config.name}", wall_seconds))
+                                  f"LoRAMoE study: {config.name}", wall_seconds, shortfall))
     store_folder(parent_run_id, files, "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
