@@ -210,6 +210,10 @@ def test_config_errors_name_the_field(tmp_path):
         TrainConfig(method="qlora")
     with pytest.raises(TrainConfigError, match=r"TrainConfig\.batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.router_lr_scale: must be > 0"):
+        TrainConfig(router_lr_scale=0)
+    with pytest.raises(TrainConfigError, match=r"router_lr_scale.*1 for method 'lora'.*routers"):
+        TrainConfig(method="lora", router_lr_scale=10)
     with pytest.raises(TrainConfigError, match="unknown field"):
         TrainConfig.from_dict({"learning_rat": 1})
     path = tmp_path / "c.toml"
@@ -292,3 +296,40 @@ def test_cpu_training_uses_fused_adamw(tiny_model_dir, tiny_train_file, tmp_path
                          output_dir=str(tmp_path / "run"), method="loramoe", max_steps=1)
     training = build_training(config, resume=False)
     assert training.optimizer.optimizer.defaults["fused"] is True
+
+
+def test_router_lr_scale_moves_only_the_routers_faster(tiny_model_dir, tiny_train_file,
+                                                        tmp_path):
+    """router_lr_scale = 10 puts every LoRAMoE router (and nothing else) in an AdamW group at
+    10× the lr: after one step from the same start the routers moved 10× as far (AdamW's
+    first step is ~lr·sign(g)), the experts exactly as far as with one lr."""
+    from safetensors.torch import load_file
+
+    from loramoe.adapter import WEIGHTS_NAME
+    from loramoe.layer import LoRAMoELinear
+    from loramoe.train import train
+    from loramoe.train.builders import build_training
+
+    moved = {}
+    for scale in (1.0, 10.0):
+        config = TrainConfig(model=str(tiny_model_dir), train_file=str(tiny_train_file),
+                             output_dir=str(tmp_path / f"x{scale}"), method="loramoe",
+                             max_steps=1, warmup_ratio=0.0, router_lr_scale=scale)
+        built = build_training(config, resume=False)
+        layers = [m for m in built.model.modules() if isinstance(m, LoRAMoELinear)]
+        groups = built.optimizer.optimizer.param_groups
+        assert [g["lr"] for g in groups] == ([2e-4] if scale == 1 else [2e-4, 2e-3])
+        if scale != 1:
+            assert {id(p) for p in groups[1]["params"]} == {id(m.router_weight) for m in layers}
+        start = {name: p.detach().clone() for name, p in built.model.named_parameters()
+                 if p.requires_grad}
+        train(config, progress=False)
+        after = load_file(str(tmp_path / f"x{scale}" / "adapter" / WEIGHTS_NAME))
+        initial = {key: next(v for name, v in start.items() if name.endswith(key))
+                   for key in after}  # adapter keys lack the training wrapper's prefix
+        moved[scale] = {kind: sum((after[k] - initial[k]).abs().sum().item()
+                                  for k in after if k.endswith(kind))
+                        for kind in ("router_weight", "lora_B")}
+    assert moved[1.0]["router_weight"] > 0 and moved[1.0]["lora_B"] > 0
+    assert moved[10.0]["router_weight"] / moved[1.0]["router_weight"] == pytest.approx(10, rel=1e-3)
+    assert moved[10.0]["lora_B"] == pytest.approx(moved[1.0]["lora_B"], rel=1e-5)

@@ -88,9 +88,24 @@ def deepspeed_recipe(ds_config: dict, config: TrainConfig, dtype: torch.dtype) -
     ds_config["gradient_clipping"] = 0.0
 
 
-def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, total_steps: int,
-                    fused: bool = False):
-    """AdamW with linear warm-up, then cosine decay to 0 over total_steps or a constant lr.
+def optimizer_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as AdamW groups: one at train.lr, and with router_lr_scale
+    != 1 the LoRAMoE routers (Wg of every layer) in a second one at lr × router_lr_scale."""
+    from loramoe.layer import LoRAMoELinear
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.router_lr_scale == 1:
+        return [{"params": params}]
+    routers = {id(m.router_weight) for m in model.modules() if isinstance(m, LoRAMoELinear)}
+    return [{"params": [p for p in params if id(p) not in routers]},
+            {"params": [p for p in params if id(p) in routers],
+             "lr": config.learning_rate * config.router_lr_scale}]
+
+
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], config: TrainConfig,
+                    total_steps: int, fused: bool = False):
+    """AdamW with linear warm-up, then cosine decay to 0 over total_steps or a constant lr;
+    params: tensors, or groups with their own lr (the schedule scales each group's lr).
 
     fused: torch's one-kernel AdamW, for CPU training. On CPU torch's default AdamW loops over
     the tensors: 0.61 s a step for the default model's 135M fp32 parameters vs 0.08 s fused;
@@ -230,8 +245,9 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     per_epoch = math.ceil(len(dataset) / (config.batch_size * accelerator.num_processes
                                           * config.grad_accum))
     total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-    params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, config, total_steps,
+    groups = optimizer_groups(lm, config)
+    params = [p for group in groups for p in group["params"]]
+    optimizer, scheduler = build_optimizer(groups, config, total_steps,
                                            fused=state.device.type == "cpu")
     model, optimizer, scheduler = accelerator.prepare(ResponseLM(lm), optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,

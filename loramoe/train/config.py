@@ -54,6 +54,10 @@ class TrainConfig:
     log_every: int = 1
     # LoRAMoE (method="loramoe"); lbc_beta=0 is the no-LBC ablation
     loramoe: LoRAMoEConfig = field(default_factory=LoRAMoEConfig)
+    # the routers' lr is lr × this (1: one lr for all, as in the paper). AdamW moves each
+    # parameter by ~lr a step whatever the loss weight, so a larger LBC β cannot move the
+    # routers faster; this can (docs/router_lr.md)
+    router_lr_scale: float = 1.0
     # single LoRA (method="lora"), on the same target modules
     lora_rank: int = 4
     lora_alpha: float = 32.0
@@ -83,6 +87,9 @@ class TrainConfig:
             ("snapshot_steps", lambda v: all(isinstance(s, int) and s >= 1 for s in v),
              "a list of optimizer steps >= 1"),
             ("log_every", lambda v: v >= 1, ">= 1"),
+            ("router_lr_scale", lambda v: v > 0, "> 0"),
+            ("router_lr_scale", lambda v: v == 1 or self.method == "loramoe",
+             f"1 for method {self.method!r} (only LoRAMoE has routers)"),
             ("lora_rank", lambda v: v >= 1, ">= 1"),
             ("lora_alpha", lambda v: v > 0, "> 0"),
             ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
