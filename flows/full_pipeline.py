@@ -54,6 +54,11 @@ def set_max_workers_from_config(argv: list[str]) -> None:
 # variable set here would override the config of every run that process starts.
 if __name__ == "__main__":
     set_max_workers_from_config(sys.argv)
+    # Every task writes whole lines: Metaflow reads task output with readline(), and a task
+    # inside a progress bar would hold it until the bar ends, stalling the parallel branches
+    from loramoe.progress import whole_lines_off_terminal
+
+    whole_lines_off_terminal()
 
 from metaflow import (  # noqa: E402
     Config,

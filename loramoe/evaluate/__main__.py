@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be >= 1, got {args.batch_size}")
+    from loramoe.progress import whole_lines_off_terminal
+
+    whole_lines_off_terminal()
     from loramoe.data.records import RecordsError, check_records, read_records
 
     try:  # the eval file's schema, before torch and the model are loaded

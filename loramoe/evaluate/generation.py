@@ -39,7 +39,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
 
     New tokens per batch: max_new_tokens if given, else by the items' metrics (short for QA).
     """
-    from tqdm.auto import tqdm
+    from loramoe.progress import track
 
     encoded = [prompt_ids(tokenizer, p) for p in frame["prompt"]]
     cut = sum(len(e) > max_prompt_tokens for e in encoded)
@@ -59,7 +59,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     contiguous_head_input(model)
     batches = [group[i:i + batch_size] for group in budget_groups(order, budgets)
                for i in range(0, len(group), batch_size)]
-    for batch in tqdm(batches, desc="generate", disable=not progress):
+    for batch in track(batches, len(batches), "generate", enabled=progress):
         ids, mask = (t.to(model.device) for t in pad_rows([encoded[i] for i in batch], pad_id))
         max_new = max(budgets[i] for i in batch)
         short = [frame["metric"].iloc[i] in SHORT_ANSWER_METRICS for i in batch]

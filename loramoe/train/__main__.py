@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from loramoe.data.records import RecordsError
     from loramoe.model_paths import ModelNotAvailableError
+    from loramoe.progress import whole_lines_off_terminal
     from loramoe.train.config import TrainConfig, TrainConfigError
 
+    whole_lines_off_terminal()
     try:
         config = TrainConfig.from_file(args.config, args.set)
         from loramoe.train import train  # torch and transformers: only for a valid config

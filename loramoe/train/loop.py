@@ -105,7 +105,7 @@ def lbc_term(routed: RoutedBatch | None, config: TrainConfig, gather=None, total
 def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = False,
           progress: bool = True) -> TrainResult:
     """Train per the config; returns where the adapter (or full model) was written."""
-    from tqdm.auto import tqdm
+    from loramoe.progress import progress as progress_bar
 
     run = build_training(config, resume)
     late = [s for s in config.snapshot_steps if s > run.total_steps]
@@ -117,8 +117,8 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     sinks = [sink] if sink is not None else []
     sinks.append(JsonlSink(output_dir / "metrics.jsonl"))
     at = run.progress
-    bar = tqdm(total=run.total_steps, initial=at.step, desc=f"train {config.method}",
-               disable=not (progress and acc.is_main_process))
+    bar = progress_bar(run.total_steps, f"train {config.method}", initial=at.step,
+                       enabled=progress and acc.is_main_process)
     tokens, start, last = 0, time.perf_counter(), {}
     # several processes: the LBC's Q and the router CV's importance span the global batch
     gather, total = (gather_samples, process_sum(acc)) if acc.num_processes > 1 else (None, None)
