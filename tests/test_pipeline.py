@@ -85,7 +85,8 @@ def smoke_run(tmp_path_factory):
     methods = tomllib.loads(SMOKE.read_text())["methods"]
     methods["lora"] = {"method": "lora", "loramoe": {"target_modules": ["no_such_module"]}}
     config = write_config(workdir / "smoke.toml", methods=methods)
-    run, stdout, stderr = run_flow(workdir, config)
+    (workdir / "tmp").mkdir()  # the run's TMPDIR, to see what the steps leave behind
+    run, stdout, stderr = run_flow(workdir, config, env={"TMPDIR": str(workdir / "tmp")})
     return workdir, run, stdout, stderr
 
 
@@ -119,6 +120,14 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
     assert "compare/retention_downstream_vs_scale.png" in artifacts
     assert "compare/router_type_weights.png" in artifacts and "compare/router_cv.png" in artifacts
     assert any(a.path == "data_docs" for a in client.list_artifacts(parent.info.run_id))
+
+
+def test_steps_leave_no_scratch_folders(smoke_run):
+    """Each step's working folder goes when the step ends, failed branches' included
+    (before: every run left its data, trained models and registry staging in /tmp)."""
+    workdir, run, _, _ = smoke_run
+    assert run.successful
+    assert sorted(p.name for p in (workdir / "tmp").glob("loramoe-*")) == []
 
 
 def test_branches_pass_references_not_weights(smoke_run):
