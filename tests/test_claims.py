@@ -247,3 +247,25 @@ def test_the_report_says_which_tasks_ran_short_of_data():
     assert "Short of data" not in setup_section(config, None, {})
     text = setup_section(config, None, {"translation": 42, "nli": 1200})
     assert "**Short of data**" in text and "nli 1,200, translation 42" in text
+
+
+def test_the_lbc_is_judged_against_a_control_that_differs_in_the_lbc_alone():
+    """router_lr.toml: the aligned LBC at the default router lr, and β = 0 only with the
+    routers at 10× the lr. Before, the claim compared the two and credited the router lr to
+    the LBC; now it picks a matched control, or says it has none."""
+    ones = [1.0] * 60
+
+    def moe(name, kept, beta, form="paper", router_lr_scale=1.0):
+        branch = outcome(name, "loramoe", 100, kept, ones, beta=beta, form=form)
+        branch["trained"]["train_config"]["router_lr_scale"] = router_lr_scale
+        return branch
+
+    unmatched = [moe("aligned-100", 190, 1.0, "aligned"), moe("b0_r10-100", 150, 0.0,
+                                                              router_lr_scale=10.0)]
+    rows = paper_claims(unmatched).set_index("claim")
+    row = rows.loc["The LBC (aligned form) helps LoRAMoE"]
+    assert row["verdict"] == "not measured"
+    assert "also differ in router_lr_scale" in row["ours"]
+    matched = [*unmatched, moe("b0-100", 150, 0.0)]  # same as aligned-100 but for the LBC
+    row = paper_claims(matched).set_index("claim").loc["The LBC (aligned form) helps LoRAMoE"]
+    assert row["verdict"] == "reproduced" and "aligned-100 vs b0-100" in row["ours"]

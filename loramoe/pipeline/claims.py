@@ -157,13 +157,42 @@ def claim_downstream(branches) -> Claim:
         verdict))
 
 
+LBC_FIELDS = ("loramoe.lbc_beta", "loramoe.lbc_form", "loramoe.lbc_load")
+
+
+def _fields(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_fields(value, f"{prefix}{key}.") if isinstance(value, dict)
+                   else {f"{prefix}{key}": value})
+    return out
+
+
+def confounders(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The train-config fields two branches differ in besides the LBC's own (and paths)."""
+    fa, fb = (_fields(x.get("trained", {}).get("train_config", {})) for x in (a, b))
+    skip = {"train_file", "output_dir", *LBC_FIELDS}
+    return sorted(k for k in fa.keys() | fb.keys() if k not in skip and fa.get(k) != fb.get(k))
+
+
 def claim_lbc_helps(branches, form: str) -> Claim:
+    """The LBC branch against the β = 0 branch that differs from it in the LBC alone (at one
+    scale): another difference (a router lr, a rank) would be credited to the LBC."""
     claim = f"The LBC ({form} form) helps LoRAMoE"
     paper = ("Sec. 3: the LBC makes a portion of experts focus on world knowledge "
              "(ablation in the paper)")
     pair = at_largest_shared_scale(branches, f"loramoe_{form}", "loramoe_nolbc")
     if pair is None:
         return _not_measured(claim, paper, f"needs loramoe with the {form} LBC and with β = 0")
+    lbc = pair[0]
+    controls = [b for b in _ok(branches)
+                if role(b) == "loramoe_nolbc" and b["scale"] == lbc["scale"]]
+    pair = [lbc, min(controls, key=lambda c: len(confounders(lbc, c)))]  # ties: config order
+    other = confounders(*pair)
+    if other:
+        return _not_measured(claim, paper, f"needs a β = 0 branch that differs from "
+                             f"{lbc['name']} in the LBC alone ({_names(pair)} also differ in "
+                             f"{', '.join(other)})")
     kept, down = retention_pair(*pair), downstream_pair(*pair)
 
     def judge() -> tuple[str, str]:
