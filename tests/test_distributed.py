@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -58,9 +59,12 @@ def relative_differences(a: dict, b: dict) -> dict[str, float]:
             for key in a if a[key].float().norm() > 0}
 
 
-def test_two_processes_give_the_one_process_adapter(frame, tmp_path):
+def test_two_processes_give_the_one_process_adapter(frame, tmp_path, monkeypatch):
     one = train_branch(branch_config(1, batch_size=8), frame, tmp_path / "one")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     two = train_branch(branch_config(2, batch_size=4), frame, tmp_path / "two")
+    assert not list((tmp_path / "tmp").glob("loramoe-launch-*"))  # the launch config's folder
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["steps"] == two["steps"] == 4
     a, b = written_weights(one), written_weights(two)

@@ -79,15 +79,16 @@ def train_in_processes(config: PipelineConfig, train_config: TrainConfig, proces
     import torch
 
     prefix, env = launcher(config, train_config.method, processes, torch.cuda.is_available())
-    config_file = Path(tempfile.mkdtemp(prefix="loramoe-launch-")) / "train_config.json"
-    config_file.write_text(json.dumps(train_config.to_dict()))
-    worker = ["-m", "loramoe.pipeline.worker", "--config", str(config_file),
-              "--threads", str(threads)]
-    if mlflow_run_id:
-        worker += ["--mlflow-run-id", mlflow_run_id, "--tracking-uri", tracking_uri or ""]
-    done = subprocess.run(prefix + worker, env={**os.environ, **env, "OMP_NUM_THREADS":
-                                                str(threads)},
-                          capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="loramoe-launch-") as folder:
+        config_file = Path(folder) / "train_config.json"
+        config_file.write_text(json.dumps(train_config.to_dict()))
+        worker = ["-m", "loramoe.pipeline.worker", "--config", str(config_file),
+                  "--threads", str(threads)]
+        if mlflow_run_id:
+            worker += ["--mlflow-run-id", mlflow_run_id, "--tracking-uri", tracking_uri or ""]
+        done = subprocess.run(prefix + worker, env={**os.environ, **env, "OMP_NUM_THREADS":
+                                                    str(threads)},
+                              capture_output=True, text=True)
     if done.returncode != 0:
         raise LaunchError(f"{processes}-process training failed (exit {done.returncode}): "
                           f"{root_cause(done.stderr)}\n{done.stderr[-4000:]}")
