@@ -18,14 +18,19 @@ import pandas as pd
 
 from loramoe.evaluate.stats import ALPHA, holm_adjust
 from loramoe.pipeline.paired import downstream_pair, paired_kept
+from loramoe.tracking.runs import flatten
 
 DOWNSTREAM_MARGIN = 0.05  # "within a few points of SFT": the paired CI's lower bound > −5 points
 NO_SEPARATION = 0.02  # a router-separation CI inside ±0.02 reads as "no separation"
 PAPER_BETA = 0.1  # the paper's LBC weight: the claims are about the paper's configuration
 
 
+def _train_config(branch: dict[str, Any]) -> dict[str, Any]:
+    return branch.get("trained", {}).get("train_config", {})
+
+
 def role(branch: dict[str, Any]) -> str:
-    config = branch.get("trained", {}).get("train_config", {})
+    config = _train_config(branch)
     method = config.get("method", branch.get("method"))
     if method != "loramoe":
         return method
@@ -40,7 +45,7 @@ def _ok(branches: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _off_paper_beta(branch: dict[str, Any]) -> float:
     """How far the branch's LBC weight is from the paper's (0 for methods without one)."""
-    moe = branch.get("trained", {}).get("train_config", {}).get("loramoe", {})
+    moe = _train_config(branch).get("loramoe", {})
     return abs(moe.get("lbc_beta", PAPER_BETA) - PAPER_BETA) if role(branch).startswith(
         ("loramoe_paper", "loramoe_aligned")) else 0.0
 
@@ -160,17 +165,9 @@ def claim_downstream(branches) -> Claim:
 LBC_FIELDS = ("loramoe.lbc_beta", "loramoe.lbc_form", "loramoe.lbc_load")
 
 
-def _fields(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        out.update(_fields(value, f"{prefix}{key}.") if isinstance(value, dict)
-                   else {f"{prefix}{key}": value})
-    return out
-
-
 def confounders(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The train-config fields two branches differ in besides the LBC's own (and paths)."""
-    fa, fb = (_fields(x.get("trained", {}).get("train_config", {})) for x in (a, b))
+    fa, fb = (flatten(_train_config(x)) for x in (a, b))
     skip = {"train_file", "output_dir", *LBC_FIELDS}
     return sorted(k for k in fa.keys() | fb.keys() if k not in skip and fa.get(k) != fb.get(k))
 
