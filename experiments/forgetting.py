@@ -94,7 +94,7 @@ def run_method(name: str, config: PipelineConfig, data: Path, out: Path, facts, 
     """Train one method over the largest scale with snapshots, measure every snapshot:
     (result rows, the snapshots as branches for the paired comparisons)."""
     scales = config.mixture.scales
-    method = config.train_config(name, data / f"train_{scales[-1]}.jsonl", out / name)
+    method = config.train_config({"method": name}, data / f"train_{scales[-1]}.jsonl", out / name)
     per_step = method.batch_size * method.grad_accum
     steps = [math.ceil(scale / per_step) for scale in scales]
     method = replace(method, snapshot_steps=steps, max_steps=steps[-1])

@@ -86,6 +86,8 @@ class LoRAMoEPipeline(FlowSpec):
     scales = Parameter("scales", default="", help="comma list overriding config.mixture.scales")
     methods = Parameter("methods", default="", help="comma list of config.methods to run")
     max_steps = Parameter("max-steps", default=0, type=int, help="override train.max_steps")
+    seeds = Parameter("seeds", default="", help="comma list overriding config.seeds (training "
+                      "replicates)")
 
     @step
     def start(self):
@@ -95,7 +97,8 @@ class LoRAMoEPipeline(FlowSpec):
         from loramoe.tracking import log_params, setup, start_parent_run, tracking_uri
 
         resolved = PipelineConfig.from_dict(dict(self.config), base_dir=HERE / "configs")
-        resolved = resolved.with_overrides(self.scales, self.methods, self.max_steps)
+        resolved = resolved.with_overrides(self.scales, self.methods, self.max_steps,
+                                            self.seeds)
         self.pipeline_config = resolved  # parsed and validated once, here
         self.resolved = resolved.to_dict()  # the same, as plain data for the card and MLflow
         self.workdir = os.environ.get("LORAMOE_WORKDIR", os.getcwd())
@@ -162,11 +165,11 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def train(self):
         """Train one (method, scale) branch; per-step metrics go to its nested MLflow run."""
-        from loramoe.pipeline import run_branch_training
+        from loramoe.pipeline import branch_name, run_branch_training
         from loramoe.tracking import start_child_run, use_store
 
         self.branch = dict(self.input)
-        self.branch_name = f"{self.branch['method']}-{self.branch['scale']}"
+        self.branch_name = branch_name(self.branch)
         self.train_error = None
         use_store(self.tracking_uri)
         self.mlflow_run_id = start_child_run(self.experiment_id, self.parent_run_id,

@@ -269,3 +269,16 @@ def test_the_lbc_is_judged_against_a_control_that_differs_in_the_lbc_alone():
     matched = [*unmatched, moe("b0-100", 150, 0.0)]  # same as aligned-100 but for the LBC
     row = paper_claims(matched).set_index("claim").loc["The LBC (aligned form) helps LoRAMoE"]
     assert row["verdict"] == "reproduced" and "aligned-100 vs b0-100" in row["ours"]
+
+
+def test_a_run_with_seeds_pairs_branches_within_each_seed():
+    """Replicates are not paired across seeds: sft-s0 vs lora-s1 would mix training noise
+    into a method comparison (replicates.py pools seeds instead)."""
+    from loramoe.pipeline.paired import comparison_pairs
+
+    branches = [{"name": f"{m}-{s}-s{seed}", "method_name": m, "scale": s, "seed": seed}
+                for m in ("sft", "lora") for s in (10, 100) for seed in (0, 1)]
+    pairs = comparison_pairs(branches)
+    assert len(pairs) == 2 * 2 + 2 * 2  # a method pair per scale and seed; a scale step
+    assert all(a["seed"] == b["seed"] for a, b, _ in pairs)  # per method and seed
+    assert {(a["scale"], b["scale"]) for a, b, kind in pairs if kind == "scale"} == {(10, 100)}

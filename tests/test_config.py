@@ -83,5 +83,5 @@ def test_every_preset_parses_and_gives_each_branch_a_valid_train_config(preset):
     branches = config.branches()
     assert branches
     for branch in branches:
-        train = config.train_config(branch["method"], Path("train.jsonl"), Path("out"))
+        train = config.train_config(branch, Path("train.jsonl"), Path("out"))
         assert train.method in ("sft", "lora", "loramoe")

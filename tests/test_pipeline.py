@@ -279,13 +279,13 @@ def test_shipped_configs_load_and_validate(name):
     assert config.branches()
     if name == "paper":
         assert config.base_model == "meta-llama/Llama-2-7b-hf"
-        train = config.train_config("loramoe", Path("x"), Path("y"))
+        train = config.train_config({"method": "loramoe"}, Path("x"), Path("y"))
         moe = train.loramoe
         assert (moe.num_experts, moe.rank, moe.alpha, moe.lbc_beta, moe.lbc_delta) == \
             (6, 4, 32.0, 0.1, 0.1)
         assert train.learning_rate == 2e-4 and config.resources["gpu"] >= 1
         assert config.mixture.scales[0] == 10_000 and config.mixture.scales[-1] == 3_000_000
-        nolbc = config.train_config("loramoe_nolbc", Path("x"), Path("y")).loramoe
+        nolbc = config.train_config({"method": "loramoe_nolbc"}, Path("x"), Path("y")).loramoe
         assert nolbc.lbc_beta == 0.0 and nolbc.num_experts == 6  # deep-merged override
 
 
@@ -301,4 +301,26 @@ def test_config_errors_name_the_field():
     with pytest.raises(PipelineConfigError, match="--methods"):
         config.with_overrides(methods="qlora")
     assert config.with_overrides(scales="8", methods="lora", max_steps=2).branches() == \
-        [{"method": "lora", "scale": 8}]
+        [{"method": "lora", "scale": 8, "seed": None}]
+    with pytest.raises(PipelineConfigError, match="--seeds"):
+        config.with_overrides(seeds="1,x")
+    with pytest.raises(PipelineConfigError, match=r"config\.seeds: .*distinct"):
+        PipelineConfig.from_dict({**data, "seeds": [1, 1]})
+
+
+def test_seeds_replicate_every_branch_with_its_own_train_seed():
+    """Each (method, scale) is trained once per seed, named -s<seed>, train.seed set to it;
+    without seeds, one replicate at the method's own seed and the old names."""
+    from loramoe.pipeline import PipelineConfig, branch_name
+
+    config = PipelineConfig.from_dict(tomllib.loads(SMOKE.read_text()))
+    plain = config.branches()
+    assert [branch_name(b) for b in plain] == [f"{b['method']}-{b['scale']}" for b in plain]
+    assert {config.train_config(b, Path("x"), Path("y")).seed for b in plain} == \
+        {t.seed for t in config.methods.values()}
+    replicated = config.with_overrides(seeds="3,5").branches()
+    assert len(replicated) == 2 * len(plain)
+    names = [branch_name(b) for b in replicated]
+    assert len(set(names)) == len(names) and all(n.endswith(("-s3", "-s5")) for n in names)
+    for branch in replicated:
+        assert config.train_config(branch, Path("x"), Path("y")).seed == branch["seed"]

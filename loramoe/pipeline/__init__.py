@@ -5,7 +5,8 @@ from __future__ import annotations
 from loramoe.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "loramoe.pipeline.config": ["PipelineConfig", "PipelineConfigError", "deep_merge"],
+    "loramoe.pipeline.config": ["PipelineConfig", "PipelineConfigError", "branch_name",
+                                "deep_merge"],
     "loramoe.pipeline.registry": ["choose_candidate", "register_champion"],
     "loramoe.pipeline.plots": ["comparison_plots"],
     "loramoe.pipeline.report": ["compare_branches", "results_table"],

@@ -79,6 +79,10 @@ class PipelineConfig:
     retry_times: int = 0
     timeout_minutes: int = 120
     local_parallel_branches: int = 1  # branches Metaflow runs at once on a local machine
+    # training seeds, each (method, scale) trained once per seed (train.seed overridden):
+    # replicates whose spread measures training noise, which item intervals do not cover.
+    # Empty: one replicate at each method's own train.seed, branches named without a seed.
+    seeds: list[int] = field(default_factory=list)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,8 @@ class PipelineConfig:
             ("retry_times", lambda v: v >= 0, ">= 0"),
             ("timeout_minutes", lambda v: v >= 1, ">= 1"),
             ("local_parallel_branches", lambda v: v >= 1, ">= 1"),
+            ("seeds", lambda v: all(matches(s, int) and s >= 0 for s in v)
+             and len(set(v)) == len(v), "distinct integers >= 0 (empty: each train.seed)"),
             ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1 and gpu >= 0, "
              "each a number (gpu an integer)"),
         ], PipelineConfigError, prefix="config")
@@ -146,12 +152,14 @@ class PipelineConfig:
                                for name, overrides in methods.items()}
         return from_mapping(cls, data, PipelineConfigError, prefix="config")
 
-    def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0
-                       ) -> PipelineConfig:
+    def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0,
+                       seeds: str = "") -> PipelineConfig:
         """Apply the flow's Parameters (comma lists; empty/0 = keep the config's)."""
         data = self.to_dict()
         if scales:
             data["mixture"]["scales"] = [int(s) for s in scales.split(",")]
+        if seeds:
+            data["seeds"] = _int_list("--seeds", seeds)
         if methods:
             wanted = [m.strip() for m in methods.split(",")]
             unknown = [m for m in wanted if m not in self.methods]
@@ -180,13 +188,31 @@ class PipelineConfig:
         tasks in this order, so the longest trainings start first and the short ones and the
         evaluations fill the slots behind them (small scales first left one core idle for
         the whole last evaluation). Reports sort by scale themselves."""
-        return [{"method": name, "scale": scale}
-                for scale in sorted(self.mixture.scales, reverse=True) for name in self.methods]
+        return [{"method": name, "scale": scale, "seed": seed}
+                for scale in sorted(self.mixture.scales, reverse=True)
+                for seed in (self.seeds or [None]) for name in self.methods]
 
-    def train_config(self, method: str, train_file: Path, output_dir: Path) -> TrainConfig:
-        """The method's TrainConfig (validated once, at construction) for one branch."""
-        return replace(self.methods[method], train_file=str(train_file),
-                       output_dir=str(output_dir))
+    def train_config(self, branch: dict[str, Any], train_file: Path, output_dir: Path
+                     ) -> TrainConfig:
+        """The branch's TrainConfig: its method's (validated once, at construction) with the
+        branch's seed, if it has one."""
+        seed = branch.get("seed")
+        method = self.methods[branch["method"]]
+        return replace(method, train_file=str(train_file), output_dir=str(output_dir),
+                       seed=method.seed if seed is None else seed)
+
+
+def branch_name(branch: dict[str, Any]) -> str:
+    """`method-scale`, and `-s<seed>` for a replicate of a run with `seeds`."""
+    seed = branch.get("seed")
+    return f"{branch['method']}-{branch['scale']}" + ("" if seed is None else f"-s{seed}")
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise PipelineConfigError(f"{name}: a comma list of integers, got {text!r}") from None
 
 
 def _method_config(name: str, shared: dict[str, Any], overrides: Any) -> TrainConfig:

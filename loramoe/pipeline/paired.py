@@ -44,11 +44,13 @@ def downstream_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def comparison_pairs(ok: list[dict[str, Any]]) -> list[tuple[dict, dict, str]]:
     """(a, b, "method") for every two branches at one scale, (smaller, larger, "scale") for
-    every method's consecutive scales."""
+    every method's consecutive scales; a run with seeds pairs within each seed (across seeds
+    see replicates.py)."""
     pairs = [(a, b, "method") for i, a in enumerate(ok) for b in ok[i + 1:]
-             if a["scale"] == b["scale"]]
-    for method in sorted({b["method_name"] for b in ok}):
-        series = sorted((b for b in ok if b["method_name"] == method), key=lambda b: b["scale"])
+             if a["scale"] == b["scale"] and a.get("seed") == b.get("seed")]
+    for method, seed in sorted({(b["method_name"], b.get("seed") or 0) for b in ok}):
+        series = sorted((b for b in ok if b["method_name"] == method
+                         and (b.get("seed") or 0) == seed), key=lambda b: b["scale"])
         pairs += [(small, large, "scale") for small, large in pairwise(series)]
     return pairs
 

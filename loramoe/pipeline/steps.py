@@ -15,7 +15,7 @@ import pandas as pd
 
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
-from loramoe.pipeline.config import PipelineConfig
+from loramoe.pipeline.config import PipelineConfig, branch_name
 from loramoe.pipeline.threads import check_gpus, use_branch_threads
 
 
@@ -53,9 +53,9 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     from loramoe.tracking import log_params, set_tag, store_folder, system_metrics
 
     check_gpus(config)
-    name = f"{branch['method']}-{branch['scale']}"
+    name = branch_name(branch)
     train_file = write_records(train_frame, workdir / "train.jsonl")
-    train_config = config.train_config(branch["method"], train_file, workdir / "run")
+    train_config = config.train_config(branch, train_file, workdir / "run")
     processes = config.train_processes
     threads = use_branch_threads(config, processes)
     if mlflow_run_id:
@@ -88,7 +88,7 @@ def branch_params(branch: dict[str, Any], train_config, threads: int, processes:
     if train_config.method == "loramoe" and train_config.loramoe.lbc_beta == 0:
         lbc_form = "off"
     return {"method": branch["method"], "scale": int(branch["scale"]), "lbc_form": lbc_form,
-            "algorithm": train_config.method, "branch": f"{branch['method']}-{branch['scale']}",
+            "algorithm": train_config.method, "branch": branch_name(branch),
             "torch_threads": threads, "train_processes": processes, **fields}
 
 
@@ -187,7 +187,8 @@ def branch_outcome(branch) -> dict[str, Any]:
     its trained folder is, or its error; failed branches are reported, not dropped."""
     error = branch.train_error or branch.eval_error
     outcome = {"name": branch.branch_name, "method_name": branch.branch["method"],
-               "scale": branch.branch["scale"], "mlflow_run_id": branch.mlflow_run_id,
+               "scale": branch.branch["scale"], "seed": branch.branch.get("seed"),
+               "mlflow_run_id": branch.mlflow_run_id,
                "error": str(error) if error else None}
     if not error:
         outcome.update({"method": branch.result["method"], "metrics": branch.result["metrics"],
