@@ -282,3 +282,41 @@ def test_a_run_with_seeds_pairs_branches_within_each_seed():
     assert len(pairs) == 2 * 2 + 2 * 2  # a method pair per scale and seed; a scale step
     assert all(a["seed"] == b["seed"] for a, b, _ in pairs)  # per method and seed
     assert {(a["scale"], b["scale"]) for a, b, kind in pairs if kind == "scale"} == {(10, 100)}
+
+
+def seeded(name, method, scale, seed, kept, separation=None):
+    branch = outcome(name, method, scale, kept, [1.0] * 60, separation=separation)
+    return {**branch, "name": f"{name}-s{seed}", "method_name": name.rsplit("-", 1)[0],
+            "seed": seed}
+
+
+def test_claims_pool_seed_replicates():
+    """LoRAMoE keeps 40 more facts than SFT with seed 0 and 40 fewer with seed 1: each seed
+    alone reads "reproduced" or "not reproduced", the two together "inconclusive"."""
+    sep = {"value": 0.2, "ci": [0.1, 0.3]}
+    flip = [seeded("sft-100", "sft", 100, 0, 150), seeded("moe-100", "loramoe", 100, 0, 190, sep),
+            seeded("sft-100", "sft", 100, 1, 190), seeded("moe-100", "loramoe", 100, 1, 150,
+                                                            {"value": 0.0, "ci": [-0.01, 0.01]})]
+    keeps = "LoRAMoE + LBC keeps more world knowledge than SFT"
+    separate = "Routers separate by expert type (LBC, paper form)"
+    assert paper_claims(flip[:2]).set_index("claim").loc[keeps, "verdict"] == "reproduced"
+    assert paper_claims(flip[2:]).set_index("claim").loc[keeps, "verdict"] == "not reproduced"
+    both = paper_claims(flip).set_index("claim")
+    assert both.loc[keeps, "verdict"] == "inconclusive"
+    assert "2 seeds, each +0.200 / -0.200; 200 items" in both.loc[keeps, "ours"]
+    # separation read per seed: one seed separates, the other does not
+    assert both.loc[separate, "verdict"] == "inconclusive"
+    assert "moe-100-s0" in both.loc[separate, "ours"] and "moe-100-s1" in both.loc[separate, "ours"]
+    # the same +0.2 in both seeds is a pooled, significant difference
+    agree = [seeded("sft-100", "sft", 100, s, 150) for s in (0, 1)] + \
+            [seeded("moe-100", "loramoe", 100, s, 190, sep) for s in (0, 1)]
+    pooled = paper_claims(agree).set_index("claim")
+    assert pooled.loc[keeps, "verdict"] == "reproduced"
+    assert pooled.loc[separate, "verdict"] == "reproduced"
+    # two seeds at one scale are not two scales
+    forgets = "Vanilla SFT forgets world knowledge as instruction data grows"
+    assert pooled.loc[forgets, "verdict"] == "not measured"
+    scales = paper_claims(agree + [seeded("sft-10", "sft", 10, s, 200) for s in (0, 1)])
+    row = scales.set_index("claim").loc[forgets]
+    assert row["verdict"] == "reproduced" and "100 vs 10 examples" in row["ours"]
+    assert "2 seeds, each -0.250 / -0.250" in row["ours"]

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import tomllib
 
@@ -245,6 +246,30 @@ def test_resume_reruns_from_compare(smoke_run):
     # Same scores as the current champion: a tie does not move the alias.
     assert not decision["promoted"] and "does not beat" in decision["reason"]
     assert second.version == run["register"].task.data.decision["version"]
+
+
+def test_seed_replicates_pool_within_a_run_and_across_runs(smoke_run, tmp_path):
+    """A run with --seeds reports its branches pooled over the seeds; the CLI pools it with
+    the smoke run (seed 0, its train.seed) into three seeds a method."""
+    workdir, first, _, _ = smoke_run
+    config = write_config(tmp_path / "smoke.toml")
+    run, _, stderr = run_flow(workdir, config, seeds="1,2", methods="sft,loramoe", scales="16")
+    assert run.successful, stderr[-3000:]
+    assert sorted(o["name"] for o in run["join"].task.data.outcomes) == \
+        ["loramoe-16-s1", "loramoe-16-s2", "sft-16-s1", "sft-16-s2"]
+    report = (workdir / "outputs" / "reports" / run.id / "report.md").read_text()
+    assert "## Across training seeds" in report
+    tests = pd.read_csv(workdir / "outputs" / "reports" / run.id / "replicate_tests.csv")
+    assert tests[["a", "b", "seeds"]].astype(str).drop_duplicates().values.tolist() == \
+        [["sft-16", "loramoe-16", "1,2"]]
+    out = tmp_path / "pooled"
+    subprocess.run([sys.executable, "-m", "loramoe.pipeline.replicates", first.id, run.id,
+                    "--out", str(out)], cwd=workdir, check=True, capture_output=True)
+    pooled = pd.read_csv(out / "replicates.csv", dtype={"seeds": str}).set_index(
+        ["method", "scale"])
+    assert pooled.loc[("sft", 16), "seeds"] == pooled.loc[("loramoe", 16), "seeds"] == "0,1,2"
+    assert pooled.loc[("loramoe", 32), "seeds"] == "0"  # the smoke run's alone
+    assert "## Across training seeds" in (out / "replicates.md").read_text()
 
 
 def test_serve_champion_over_http(smoke_run, tmp_path):

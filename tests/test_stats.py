@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from loramoe.evaluate.stats import (
+    crossed_bootstrap,
     group_difference,
     holm_adjust,
     mcnemar_exact,
@@ -164,3 +165,39 @@ def test_default_rounds_resolve_p_for_a_family_of_forty():
     a, b = pd.Series([1.0] * 20), pd.Series([0.0] * 20)
     p = paired_bootstrap(a, b, pd.Series(["t"] * 20))["p"]
     assert p == pytest.approx(2 / 10_001) and 40 * p < 0.05
+
+
+def test_crossed_bootstrap_interval_spans_the_seeds_when_items_agree():
+    # every item scores 0.1 under seed 0 and 0.3 under seed 1: all spread is training noise.
+    # A round draws seeds (0,0), (1,1) or a mix with probabilities 1/4, 1/4, 1/2, so the
+    # rounds take 0.1, 0.3 or 0.2 and the 95% percentile interval is exactly [0.1, 0.3]
+    values = np.array([[0.1] * 50, [0.3] * 50])
+    out = crossed_bootstrap(values)
+    assert out["value"] == pytest.approx(0.2) and out["per_seed"] == pytest.approx([0.1, 0.3])
+    assert out["ci"] == pytest.approx([0.1, 0.3])
+    assert out["p"] == pytest.approx(2 / 10_001) and (out["seeds"], out["n"]) == (2, 50)
+
+
+def test_crossed_bootstrap_finds_nothing_when_seeds_disagree():
+    # seed 0 alone would be a certain +0.1 (every item); seed 1 says -0.1: no sign is known
+    out = crossed_bootstrap(np.array([[0.1] * 50, [-0.1] * 50]))
+    assert out["value"] == pytest.approx(0.0) and out["p"] == 1.0
+    assert out["ci"] == pytest.approx([-0.1, 0.1])
+
+
+def test_crossed_bootstrap_with_one_seed_or_equal_seeds_is_the_item_bootstrap():
+    # 104 of 400 right (see the normal-theory test above): one seed, or the same seed twice,
+    # gives the items' interval alone
+    row = np.array([1.0] * 104 + [0.0] * 296)
+    half = 1.959964 * np.sqrt(0.26 * 0.74 / 400)
+    for values in (row[None, :], np.stack([row, row])):
+        assert crossed_bootstrap(values)["ci"] == pytest.approx([0.26 - half, 0.26 + half],
+                                                                abs=0.004)
+
+
+def test_crossed_bootstrap_is_a_macro_mean_over_tasks():
+    # 30 items of t1 all right, 10 of t2 all wrong: macro 0.5 (the item mean would be 0.75),
+    # and resampling within each task cannot move it
+    values = np.array([[1.0] * 30 + [0.0] * 10] * 2)
+    out = crossed_bootstrap(values, pd.Series(["t1"] * 30 + ["t2"] * 10))
+    assert out["value"] == pytest.approx(0.5) and out["ci"] == pytest.approx([0.5, 0.5])

@@ -4,6 +4,9 @@ tests, never from a bare difference.
 Branches play roles by what they trained: "sft", "lora", "loramoe_nolbc" (β = 0) and
 "loramoe_<form>" (β > 0, form "paper" or "aligned"). Every claim is read at the largest data
 scale that the roles it needs share (the paper's regime: the most instruction data).
+Where the roles were trained with several seeds (one run with `seeds`, or runs pooled by
+replicates.py), a claim's test pools the seeds both branches share (crossed bootstrap over
+seeds and items, paired by seed), so training noise counts against the claim.
 The "paper" column quotes the paper's stated claim; its own figures are not restated here
 (the paper's tables are not available offline to this project: compare against the PDF).
 """
@@ -71,9 +74,43 @@ def _names(branches: list[dict[str, Any]]) -> str:
     return " vs ".join(b["name"] for b in branches)
 
 
-def retention_pair(a: dict, b: dict) -> dict[str, Any]:
-    """Probe retention of A minus B on the base-known facts (exact McNemar)."""
-    return paired_kept(a, b, "probe_retention")
+def seeds_shared(a: dict, b: dict, branches: list[dict[str, Any]]
+                 ) -> tuple[list[dict], list[dict]]:
+    """A's and B's replicates (same method name and scale) at the seeds both trained."""
+    from loramoe.pipeline.replicates import seed_of
+
+    def replicates(x: dict) -> dict[int, dict]:
+        return {seed_of(r): r for r in _ok(branches)
+                if r["method_name"] == x["method_name"] and r["scale"] == x["scale"]}
+
+    ra, rb = replicates(a), replicates(b)
+    seeds = sorted(set(ra) & set(rb))
+    return [ra[s] for s in seeds], [rb[s] for s in seeds]
+
+
+def _pair(a: dict, b: dict, branches: list[dict[str, Any]], measure: str) -> dict[str, Any]:
+    """A minus B on `measure`: pooled over the seeds both trained if there are ≥ 2 (its
+    `per_seed` says so), else this one pair of branches."""
+    from loramoe.pipeline.replicates import pooled_difference
+
+    ra, rb = seeds_shared(a, b, branches)
+    if len(ra) < 2:
+        return (paired_kept(a, b, measure) if measure == "probe_retention"
+                else downstream_pair(a, b))
+    pooled = pooled_difference(ra, rb, measure)
+    return {**pooled, "diff": pooled["value"], "significant": pooled["p"] < ALPHA}
+
+
+def retention_pair(a: dict, b: dict, branches: list[dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """Probe retention of A minus B on the base-known facts (exact McNemar; with seed
+    replicates in `branches`, pooled over them)."""
+    return _pair(a, b, branches or [a, b], "probe_retention")
+
+
+def downstream_diff(a: dict, b: dict, branches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Downstream macro score of A minus B (paired bootstrap; pooled over seed replicates)."""
+    return _pair(a, b, branches, "downstream")
 
 
 @dataclass
@@ -103,8 +140,18 @@ def _verdict(significant: bool, better: bool, n: int | None = None) -> str:
 def _ret(test: dict) -> str:
     if not test["n"]:
         return "no base-known facts"
+    if "per_seed" in test:
+        return _ci(test) + _seeds(test)
     return f"{test['diff']:+.3f} (McNemar p = {test['p']:.3g}, Holm p = {test['p_holm']:.3g}; " \
            f"{test['only_a']} vs {test['only_b']} discordant of {test['n']})"
+
+
+def _seeds(test: dict) -> str:
+    """How a pooled test was made, e.g. "; 2 seeds, each +0.010 / +0.014; 994 items"."""
+    if "per_seed" not in test:
+        return ""
+    each = " / ".join(f"{v:+.3f}" for v in test["per_seed"])
+    return f"; {test['seeds']} seeds, each {each}; {test['n']} items, crossed bootstrap"
 
 
 def _ci(test: dict, key: str = "diff") -> str:
@@ -120,10 +167,14 @@ def claim_forgetting(branches) -> Claim:
     claim = "Vanilla SFT forgets world knowledge as instruction data grows"
     paper = ("abstract: 'large-scale increases in instruction data can damage the world "
              "knowledge previously stored in LLMs'")
-    sft = sorted((b for b in _ok(branches) if role(b) == "sft"), key=lambda b: b["scale"])
+    by_scale: dict[int, dict] = {}  # one branch a scale (seed replicates pool in the test)
+    for b in _ok(branches):
+        if role(b) == "sft":
+            by_scale.setdefault(b["scale"], b)
+    sft = [by_scale[s] for s in sorted(by_scale)]
     if len(sft) < 2:
         return _not_measured(claim, paper, "needs SFT at ≥ 2 scales")
-    test = retention_pair(sft[-1], sft[0])  # largest minus smallest, same facts
+    test = retention_pair(sft[-1], sft[0], branches)  # largest minus smallest, same facts
     return Claim(claim, paper, [test], lambda: (
         f"SFT probe retention {sft[-1]['scale']} vs {sft[0]['scale']} examples: {_ret(test)}",
         _verdict(test["significant"], (test["diff"] or 0) < 0, test["n"])))
@@ -136,7 +187,7 @@ def claim_keeps_knowledge(branches, other: str) -> Claim:
     pair = at_largest_shared_scale(branches, "loramoe_paper", other)
     if pair is None:
         return _not_measured(claim, paper, f"needs loramoe (LBC, paper form) and {other}")
-    test = retention_pair(*pair)
+    test = retention_pair(*pair, branches)
     return Claim(claim, paper, [test], lambda: (
         f"probe retention, {_names(pair)}: {_ret(test)}",
         _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])))
@@ -151,15 +202,15 @@ def claim_downstream(branches) -> Claim:
     pair = at_largest_shared_scale(branches, "loramoe_paper", "sft")
     if pair is None:
         return _not_measured(claim, paper, "needs loramoe (LBC) and sft")
-    test = downstream_pair(*pair)
+    test = downstream_diff(*pair, branches)
     if test["ci"] is None:
         return _not_measured(claim, paper, "no downstream items")
     lo, hi = test["ci"]
     verdict = ("reproduced" if lo > -DOWNSTREAM_MARGIN else
                "not reproduced" if hi < -DOWNSTREAM_MARGIN else "inconclusive")
     return Claim(claim, paper, judge=lambda: (
-        f"LoRAMoE − SFT, {_names(pair)}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})",
-        verdict))
+        f"LoRAMoE − SFT, {_names(pair)}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})"
+        f"{_seeds(test)}", verdict))
 
 
 LBC_FIELDS = ("loramoe.lbc_beta", "loramoe.lbc_form", "loramoe.lbc_load")
@@ -190,35 +241,42 @@ def claim_lbc_helps(branches, form: str) -> Claim:
         return _not_measured(claim, paper, f"needs a β = 0 branch that differs from "
                              f"{lbc['name']} in the LBC alone ({_names(pair)} also differ in "
                              f"{', '.join(other)})")
-    kept, down = retention_pair(*pair), downstream_pair(*pair)
+    kept, down = retention_pair(*pair, branches), downstream_diff(*pair, branches)
 
     def judge() -> tuple[str, str]:
         signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
         worse, better = any(d < 0 for d in signs), any(d > 0 for d in signs)
         verdict = "not reproduced" if worse else "reproduced" if better else "inconclusive"
         return (f"vs β = 0, {_names(pair)}: retention {_ret(kept)}; downstream "
-                f"{_ci(down)}", verdict)
+                f"{_ci(down)}{_seeds(down)}", verdict)
 
     return Claim(claim, paper, [kept, down], judge)
 
 
 def claim_separation(branches, form: str) -> Claim:
     """Read from the separation's 95% interval against a stated margin (no test of a
-    difference between branches, so not in the Holm family)."""
+    difference between branches, so not in the Holm family). With seed replicates every
+    seed is read: the claim holds (or fails) only if it does for each of them."""
     claim = f"Routers separate by expert type (LBC, {form} form)"
     paper = ("abstract (v1): LoRAMoE 'can reasonably coordinate experts based on data "
              "type during inference' (Fig. 7)")
     found = at_largest_shared_scale(branches, f"loramoe_{form}")
-    sep = found[0]["metrics"].get("router_separation") if found else None
-    if not sep or sep.get("ci") is None:
+    replicates = seeds_shared(found[0], found[0], branches)[0] if found else []
+    seps = [r["metrics"].get("router_separation") for r in replicates]
+    if not seps or any(not sep or sep.get("ci") is None for sep in seps):
         return _not_measured(claim, paper, f"needs loramoe with the {form} LBC")
-    lo, hi = sep["ci"]
-    # a CI inside ±NO_SEPARATION is no separation worth the name, even if it excludes 0
-    verdict = ("not reproduced" if hi < 0 or (lo > -NO_SEPARATION and hi < NO_SEPARATION)
-               else "reproduced" if lo > 0 else "inconclusive")
+    verdicts = {_separation_verdict(*sep["ci"]) for sep in seps}
+    verdict = verdicts.pop() if len(verdicts) == 1 else "inconclusive"
     return Claim(claim, paper, judge=lambda: (
-        f"knowledge-expert weight, knowledge − downstream tasks, {_names(found)}: "
-        f"{_ci(sep, 'value')}", verdict))
+        "knowledge-expert weight, knowledge − downstream tasks, "
+        + "; ".join(f"{r['name']}: {_ci(sep, 'value')}"
+                    for r, sep in zip(replicates, seps, strict=True)), verdict))
+
+
+def _separation_verdict(lo: float, hi: float) -> str:
+    # a CI inside ±NO_SEPARATION is no separation worth the name, even if it excludes 0
+    return ("not reproduced" if hi < 0 or (lo > -NO_SEPARATION and hi < NO_SEPARATION)
+            else "reproduced" if lo > 0 else "inconclusive")
 
 
 def adjust_family(tests: list[dict[str, Any]]) -> None:

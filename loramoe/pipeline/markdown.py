@@ -110,6 +110,32 @@ def paired_section(paired: pd.DataFrame) -> str:
                    "p", "Holm p", "verdict"], rows))
 
 
+def replicates_section(pooled: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    """Scores and comparisons pooled over training seeds (replicates.py)."""
+    if not len(pooled):
+        return ""
+    measures = [m for m in ("probe_retention", "downstream") if m in pooled]
+    rows = [[r["method"], _num(r["scale"]), r["seeds"],
+             *(f"{with_ci(r, m)} ({r[f'{m}_per_seed']})" for m in measures)]
+            for _, r in pooled.iterrows()]
+    tests = [[r["measure"], r["comparison"], r["a"], r["b"], r["seeds"], _num(r["items"]),
+              f"{_signed(r['diff'])} [{_signed(r['diff_lo'])}, {_signed(r['diff_hi'])}]",
+              r["per_seed"], _p(r["p"]), _p(r["p_holm"]), r["verdict"]]
+             for _, r in comparisons.iterrows()]
+    return ("## Across training seeds\n\nEach (method, scale) trained once per seed; every "
+            "score and difference pooled over the seeds with seeds and items resampled "
+            f"together (crossed bootstrap, {ROUNDS:,} rounds), so its 95% interval covers "
+            "training noise as well as the choice of items; two methods are paired by seed "
+            "and by item. Each seed's own value in parentheses. With two or three seeds the "
+            "seed part of an interval is coarse: read the per-seed values beside it. Each "
+            "measure's comparisons are one Holm family.\n\n" +
+            table(["method", "scale", "seeds", *(m.replace("_", " ") + " (per seed)"
+                                                  for m in measures)], rows) +
+            ("\n\n" + table(["measure", "kind", "a", "b", "seeds", "items",
+                               "a − b [95% CI]", "per seed", "p", "Holm p", "verdict"], tests)
+             if tests else ""))
+
+
 def claims_section(claims: pd.DataFrame) -> str:
     rows = [[r["claim"], r["paper"], r["ours"], f"**{r['verdict']}**"]
             for _, r in claims.iterrows()]
@@ -120,7 +146,10 @@ def claims_section(claims: pd.DataFrame) -> str:
             f"paired tests behind the verdicts ({family}: McNemar on retention, paired "
             "bootstrap on downstream) are one family: a verdict reads its Holm-adjusted p. "
             "The downstream-margin and router-separation rows read their 95% interval "
-            "against the stated margin.\n\n" +
+            "against the stated margin. Where the roles were trained with several seeds, a "
+            "test pools the seeds both share (crossed bootstrap over seeds and items; the "
+            "row says so and gives each seed's value) and a separation row must hold for "
+            "every seed.\n\n" +
             table(["claim", "paper", "this run", "verdict"], rows))
 
 
@@ -159,10 +188,10 @@ def setup_section(config, wall_seconds: float | None,
 def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame,
                  claims: pd.DataFrame, plots: list[Path], title: str,
                  wall_seconds: float | None = None,
-                 shortfall: dict[str, int] | None = None) -> Path:
+                 shortfall: dict[str, int] | None = None, replicates: str = "") -> Path:
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
     parts = [f"# {title}", setup_section(config, wall_seconds, shortfall),
-             results_section(results),
+             results_section(results), replicates,
              claims_section(claims), paired_section(paired), "## Figures\n\n" + figures]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")
     return path

@@ -33,7 +33,9 @@ def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     panels = ((axes[0], "retention"), (axes[2], "downstream_score"),
               (axes[1], "untrained_retention"))
-    for method, group in ok.groupby("method"):
+    seeds = ok["seed"] if "seed" in ok else pd.Series(None, index=ok.index)
+    for (method, seed), group in ok.groupby([ok["method"], seeds.fillna(-1)]):
+        label = method if seed < 0 else f"{method} (seed {int(seed)})"  # a line per replicate
         group = group.sort_values("scale")
         for ax, column in panels:
             if group[column].isna().all():
@@ -43,7 +45,7 @@ def scale_plot(table: pd.DataFrame, path: Path, plt) -> Path:
             low = (values - group[f"{column}_lo"].astype(float)).clip(lower=0)
             high = (group[f"{column}_hi"].astype(float) - values).clip(lower=0)
             ax.errorbar(group["scale"], values, yerr=[low.fillna(0), high.fillna(0)],
-                        marker="o", capsize=3, label=method)
+                        marker="o", capsize=3, label=label)
     base = table[table["method"] == "base"].iloc[0]
     axes[2].axhline(base["downstream_score"], color="grey", linestyle="--", label="base")
     axes[0].set(title="Knowledge retention (generation)", xlabel="training examples",

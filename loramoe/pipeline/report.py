@@ -54,7 +54,7 @@ def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) 
                          "status": f"failed: {b['error']}"})
             continue
         rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
-                     "status": "ok", **score_columns(b["metrics"])})
+                     "seed": b.get("seed"), "status": "ok", **score_columns(b["metrics"])})
     return with_holm_vs_base(pd.DataFrame(rows))
 
 
@@ -97,9 +97,12 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     paired.to_csv(out / "paired.csv", index=False)
     claims.to_csv(out / "claims.csv", index=False)
     files = [*plots, out / "results.csv", out / "paired.csv", out / "claims.csv"]
+    replicates = write_replicates(outcomes, out)
+    files += [out / "replicates.csv", out / "replicate_tests.csv"] if replicates else []
     if config is not None:
         files.append(write_report(out / "report.md", config, table, paired, claims, plots,
-                                  f"LoRAMoE study: {config.name}", wall_seconds, shortfall))
+                                  f"LoRAMoE study: {config.name}", wall_seconds, shortfall,
+                                  replicates))
     store_folder(parent_run_id, files, "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
@@ -110,6 +113,21 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "claims": claims.to_dict(orient="records"),
             "report": out / "report.md" if config is not None else None,
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
+
+
+def write_replicates(outcomes: list[dict[str, Any]], out: Path) -> str:
+    """When a (method, scale) trained with several seeds: the pooled scores and comparisons
+    (replicates.csv, replicate_tests.csv) and their report section; else nothing."""
+    from loramoe.pipeline import replicates
+    from loramoe.pipeline.markdown import replicates_section
+
+    if not replicates.has_replicates(outcomes):
+        return ""
+    pooled = replicates.replicate_table(outcomes)
+    tests = replicates.replicate_comparisons(outcomes)
+    pooled.to_csv(out / "replicates.csv", index=False)
+    tests.to_csv(out / "replicate_tests.csv", index=False)
+    return replicates_section(pooled, tests)
 
 
 LOGGED = [f"{name}{suffix}" for name in (
