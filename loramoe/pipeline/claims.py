@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from loramoe.evaluate.stats import ALPHA, holm_adjust
-from loramoe.pipeline.paired import downstream_pair, paired_kept
+from loramoe.pipeline.paired import difference, replicates_at_shared_seeds
 from loramoe.tracking.runs import flatten
 
 DOWNSTREAM_MARGIN = 0.05  # "within a few points of SFT": the paired CI's lower bound > −5 points
@@ -72,45 +72,6 @@ def at_largest_shared_scale(branches, *roles: str) -> list[dict[str, Any]] | Non
 def _names(branches: list[dict[str, Any]]) -> str:
     """The branches a claim read (names carry the scale), e.g. "loramoe_paper-512 vs sft-512"."""
     return " vs ".join(b["name"] for b in branches)
-
-
-def seeds_shared(a: dict, b: dict, branches: list[dict[str, Any]]
-                 ) -> tuple[list[dict], list[dict]]:
-    """A's and B's replicates (same method name and scale) at the seeds both trained."""
-    from loramoe.pipeline.replicates import seed_of
-
-    def replicates(x: dict) -> dict[int, dict]:
-        return {seed_of(r): r for r in _ok(branches)
-                if r["method_name"] == x["method_name"] and r["scale"] == x["scale"]}
-
-    ra, rb = replicates(a), replicates(b)
-    seeds = sorted(set(ra) & set(rb))
-    return [ra[s] for s in seeds], [rb[s] for s in seeds]
-
-
-def _pair(a: dict, b: dict, branches: list[dict[str, Any]], measure: str) -> dict[str, Any]:
-    """A minus B on `measure`: pooled over the seeds both trained if there are ≥ 2 (its
-    `per_seed` says so), else this one pair of branches."""
-    from loramoe.pipeline.replicates import pooled_difference
-
-    ra, rb = seeds_shared(a, b, branches)
-    if len(ra) < 2:
-        return (paired_kept(a, b, measure) if measure == "probe_retention"
-                else downstream_pair(a, b))
-    pooled = pooled_difference(ra, rb, measure)
-    return {**pooled, "diff": pooled["value"], "significant": pooled["p"] < ALPHA}
-
-
-def retention_pair(a: dict, b: dict, branches: list[dict[str, Any]] | None = None
-                   ) -> dict[str, Any]:
-    """Probe retention of A minus B on the base-known facts (exact McNemar; with seed
-    replicates in `branches`, pooled over them)."""
-    return _pair(a, b, branches or [a, b], "probe_retention")
-
-
-def downstream_diff(a: dict, b: dict, branches: list[dict[str, Any]]) -> dict[str, Any]:
-    """Downstream macro score of A minus B (paired bootstrap; pooled over seed replicates)."""
-    return _pair(a, b, branches, "downstream")
 
 
 @dataclass
@@ -174,7 +135,7 @@ def claim_forgetting(branches) -> Claim:
     sft = [by_scale[s] for s in sorted(by_scale)]
     if len(sft) < 2:
         return _not_measured(claim, paper, "needs SFT at ≥ 2 scales")
-    test = retention_pair(sft[-1], sft[0], branches)  # largest minus smallest, same facts
+    test = difference(sft[-1], sft[0], branches, "probe_retention")  # largest - smallest
     return Claim(claim, paper, [test], lambda: (
         f"SFT probe retention {sft[-1]['scale']} vs {sft[0]['scale']} examples: {_ret(test)}",
         _verdict(test["significant"], (test["diff"] or 0) < 0, test["n"])))
@@ -187,7 +148,7 @@ def claim_keeps_knowledge(branches, other: str) -> Claim:
     pair = at_largest_shared_scale(branches, "loramoe_paper", other)
     if pair is None:
         return _not_measured(claim, paper, f"needs loramoe (LBC, paper form) and {other}")
-    test = retention_pair(*pair, branches)
+    test = difference(*pair, branches, "probe_retention")
     return Claim(claim, paper, [test], lambda: (
         f"probe retention, {_names(pair)}: {_ret(test)}",
         _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])))
@@ -202,7 +163,7 @@ def claim_downstream(branches) -> Claim:
     pair = at_largest_shared_scale(branches, "loramoe_paper", "sft")
     if pair is None:
         return _not_measured(claim, paper, "needs loramoe (LBC) and sft")
-    test = downstream_diff(*pair, branches)
+    test = difference(*pair, branches, "downstream")
     if test["ci"] is None:
         return _not_measured(claim, paper, "no downstream items")
     lo, hi = test["ci"]
@@ -241,7 +202,7 @@ def claim_lbc_helps(branches, form: str) -> Claim:
         return _not_measured(claim, paper, f"needs a β = 0 branch that differs from "
                              f"{lbc['name']} in the LBC alone ({_names(pair)} also differ in "
                              f"{', '.join(other)})")
-    kept, down = retention_pair(*pair, branches), downstream_diff(*pair, branches)
+    kept, down = (difference(*pair, branches, m) for m in ("probe_retention", "downstream"))
 
     def judge() -> tuple[str, str]:
         signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
@@ -261,7 +222,7 @@ def claim_separation(branches, form: str) -> Claim:
     paper = ("abstract (v1): LoRAMoE 'can reasonably coordinate experts based on data "
              "type during inference' (Fig. 7)")
     found = at_largest_shared_scale(branches, f"loramoe_{form}")
-    replicates = seeds_shared(found[0], found[0], branches)[0] if found else []
+    replicates = replicates_at_shared_seeds(found[0], found[0], branches)[0] if found else []
     seps = [r["metrics"].get("router_separation") for r in replicates]
     if not seps or any(not sep or sep.get("ci") is None for sep in seps):
         return _not_measured(claim, paper, f"needs loramoe with the {form} LBC")

@@ -42,6 +42,36 @@ def downstream_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return paired_bootstrap(both["score_a"], both["score_b"], both["task"])
 
 
+def replicates_at_shared_seeds(a: dict[str, Any], b: dict[str, Any],
+                               branches: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """A's and B's seed replicates (same method name and scale) at the seeds both trained."""
+    from loramoe.pipeline.replicates import seed_of
+
+    def replicates(x: dict[str, Any]) -> dict[int, dict]:
+        return {seed_of(r): r for r in branches if not r.get("error")
+                and r["method_name"] == x["method_name"] and r["scale"] == x["scale"]}
+
+    ra, rb = replicates(a), replicates(b)
+    seeds = sorted(set(ra) & set(rb))
+    return [ra[s] for s in seeds], [rb[s] for s in seeds]
+
+
+def difference(a: dict[str, Any], b: dict[str, Any], branches: list[dict[str, Any]],
+               measure: str) -> dict[str, Any]:
+    """A minus B on `measure` ("probe_retention" or "downstream"): pooled over the seeds
+    both trained if there are ≥ 2 (crossed bootstrap; `per_seed` says so), else this one pair
+    (exact McNemar / paired bootstrap)."""
+    from loramoe.evaluate.stats import ALPHA
+    from loramoe.pipeline.replicates import pooled_difference
+
+    ra, rb = replicates_at_shared_seeds(a, b, branches)
+    if len(ra) < 2:
+        return (paired_kept(a, b, measure) if measure == "probe_retention"
+                else downstream_pair(a, b))
+    pooled = pooled_difference(ra, rb, measure)
+    return {**pooled, "diff": pooled["value"], "significant": pooled["p"] < ALPHA}
+
+
 def comparison_pairs(ok: list[dict[str, Any]]) -> list[tuple[dict, dict, str]]:
     """(a, b, "method") for every two branches at one scale, (smaller, larger, "scale") for
     every method's consecutive scales; a run with seeds pairs within each seed (across seeds
