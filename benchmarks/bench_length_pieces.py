@@ -62,7 +62,7 @@ def main() -> None:
     print(f"dtype {dtype}, {args.threads} thread(s), {args.batches} batches, "
           f"{args.rounds} interleaved rounds")
     for method in args.methods.split(","):
-        config = pipeline.train_config(method, Path("unused"), Path("unused"))
+        config = pipeline.train_config({"method": method}, Path("unused"), Path("unused"))
         model, tokenizer = build_model(config, dtype)
         data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
                               frame["task_type"].tolist(), config.loramoe.type_names,

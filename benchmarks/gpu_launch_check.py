@@ -70,7 +70,7 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 def check(method: str, strategy: str, processes: int, dtype: str, work: Path,
           train_file: Path) -> str:
     config = pipeline_config(strategy, processes, dtype)
-    base = config.train_config(method, train_file, work / "plain")
+    base = config.train_config({"method": method}, train_file, work / "plain")
     plain = replace(base, batch_size=8)  # one process, the same global batch
     started = time.perf_counter()
     train(plain, progress=False)
