@@ -18,17 +18,22 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 VOCAB = 96
 
 
+SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # what the session started with
+
+
 @pytest.fixture(autouse=True)
 def restore_tracking_uri_env():
     """mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which every later subprocess
     of the worker inherits (a flow run then logs to that test's store, or retries a server
-    the test has stopped): put the variable back after each test."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    the test has stopped): put the session's value back after each test. Not the value
+    before the test: a module-scoped fixture sets up before this one, so its URI would be
+    "restored" for every later test of the worker (test_bad_input's served model leaked
+    into test_pipeline's smoke run that way)."""
     yield
-    if before is None:
+    if SESSION_TRACKING_URI is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ["MLFLOW_TRACKING_URI"] = SESSION_TRACKING_URI
 
 
 def make_tiny_llama(seed: int = 0) -> LlamaForCausalLM:
