@@ -5,9 +5,9 @@
     python flows/full_pipeline.py run --methods loramoe,lora --scales 64,256 --max-steps 20
     python flows/full_pipeline.py --with kubernetes run                 # GPU/cloud workers
 
-start -> ingest -> validate -> train (foreach method x scale) -> evaluate -> join -> compare
--> register -> end. Every step calls one function of loramoe.pipeline; runs, metrics, plots
-and adapters go to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).
+start -> ingest -> validate -> train (foreach method x scale [x seed]) -> evaluate -> join
+-> compare -> register -> end. Every step calls one function of loramoe.pipeline; runs,
+metrics, plots and adapters go to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class LoRAMoEPipeline(FlowSpec):
                gpu=config.resources.gpu)
     @step
     def train(self):
-        """Train one (method, scale) branch; per-step metrics go to its nested MLflow run."""
+        """Train one (method, scale, seed) branch; per-step metrics go to its nested MLflow run."""
         from loramoe.pipeline import branch_name, run_branch_training
         from loramoe.tracking import start_child_run, use_store
 
