@@ -45,13 +45,10 @@ def downstream_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def replicates_at_shared_seeds(a: dict[str, Any], b: dict[str, Any],
                                branches: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     """A's and B's seed replicates (same method name and scale) at the seeds both trained."""
-    from loramoe.pipeline.replicates import seed_of
+    from loramoe.pipeline.replicates import replicate_groups
 
-    def replicates(x: dict[str, Any]) -> dict[int, dict]:
-        return {seed_of(r): r for r in branches if not r.get("error")
-                and r["method_name"] == x["method_name"] and r["scale"] == x["scale"]}
-
-    ra, rb = replicates(a), replicates(b)
+    groups = replicate_groups(branches)
+    ra, rb = (groups[(x["method_name"], int(x["scale"]))] for x in (a, b))
     seeds = sorted(set(ra) & set(rb))
     return [ra[s] for s in seeds], [rb[s] for s in seeds]
 

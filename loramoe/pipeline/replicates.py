@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from loramoe.pipeline.claims import paper_claims
-    from loramoe.pipeline.markdown import claims_section, replicates_section
+    from loramoe.pipeline.markdown import claims_section
+    from loramoe.pipeline.report import write_replicates
 
     parser = argparse.ArgumentParser(prog="python -m loramoe.pipeline.replicates",
                                      description=main.__doc__)
@@ -190,14 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     if not has_replicates(outcomes):
         parser.error(f"runs {args.run_ids}: no (method, scale) trained with two seeds")
     args.out.mkdir(parents=True, exist_ok=True)
-    pooled, tests = replicate_table(outcomes), replicate_comparisons(outcomes)
-    pooled.to_csv(args.out / "replicates.csv", index=False)
-    tests.to_csv(args.out / "replicate_tests.csv", index=False)
+    section = write_replicates(outcomes, args.out)  # replicates.csv, replicate_tests.csv
     claims = paper_claims(outcomes)  # its paired tests pool the seeds the roles share
     claims.to_csv(args.out / "claims.csv", index=False)
     report = args.out / "replicates.md"
     report.write_text(f"# Replicates of runs {', '.join(args.run_ids)}\n\n"
-                      + replicates_section(pooled, tests) + "\n\n"
+                      + section + "\n\n"
                       + claims_section(claims) + "\n")
     print(report.read_text())
 
