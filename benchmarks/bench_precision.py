@@ -5,7 +5,9 @@
 Each method is built twice, once with its frozen weights stored in fp32 and once in bf16
 (`load_base_model(dtype=...)`; adapters and routers stay fp32), and the steps run
 interleaved, round after round. Full SFT in bf16 follows the trainer's recipe: fp32 master
-weights, bf16 compute under autocast. Prints ms/step, tokens/s, bf16 speed-up per method and
+weights, bf16 compute under autocast. In bf16 on a CPU the attention product runs in fp32,
+as the trainer runs it (loramoe/backends/attention.py; --attention sdpa: torch's bf16
+kernel). Prints ms/step, tokens/s, bf16 speed-up per method and
 LoRAMoE / frozen base in each dtype.
 """
 
@@ -20,15 +22,18 @@ from peft import LoraConfig, get_peft_model
 from train_step import make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
+from loramoe.backends.attention import use_training_attention
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build(method: str, dtype: str):
+def build(method: str, dtype: str, attention: str = "trainer"):
     """(model, autocast dtype or None) for one method with frozen weights in `dtype`."""
     storage = torch.float32 if method == "sft" else DTYPES[dtype]
     model, _ = load_base_model(dtype=storage)
+    if attention == "trainer":
+        use_training_attention(model, DTYPES[dtype], torch.device("cpu"))
     if method == "frozen base":
         model.requires_grad_(False)
         model.enable_input_require_grads()
@@ -47,13 +52,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--methods", default="frozen base,PEFT LoRA,LoRAMoE,sft")
+    parser.add_argument("--attention", choices=["trainer", "sdpa"], default="trainer")
     args = parser.parse_args()
     torch.manual_seed(0)
     ids = torch.randint(100, 49_152, (args.batch, args.seq))
     steps = {}
     for method in args.methods.split(","):
         for dtype in DTYPES:
-            model, autocast = build(method, dtype)
+            model, autocast = build(method, dtype, args.attention)
             steps[(method, dtype)] = make_step(model, ids, method == "LoRAMoE", lr=1e-5,
                                                autocast=autocast)
     for step in steps.values():  # warm-up
@@ -71,7 +77,8 @@ def report(times, args) -> None:
     ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
     tokens = args.batch * args.seq
     print(f"Train step, SmolLM2-135M-Instruct, batch {args.batch} x {args.seq}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} rounds")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} rounds, "
+          f"attention in bf16: {args.attention}")
     print(f"  {'method':<12} {'fp32 ms':>9} {'bf16 ms':>9} {'bf16 tok/s':>11} {'speed-up':>9}"
           f"  (per round: median, range)")
     for method in dict.fromkeys(m for m, _ in times):

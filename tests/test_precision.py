@@ -122,6 +122,30 @@ def test_bf16_adapter_training_stores_the_base_in_bf16_and_adapters_in_fp32(
     assert saved["dtype"] == "bf16"
 
 
+@pytest.mark.parametrize("method", ["sft", "lora", "loramoe"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_bf16_training_on_a_cpu_computes_attention_in_fp32(
+        method, dtype, cpu_with_bf16, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    # torch's CPU flash-attention backward is slow in bf16 (loramoe/backends/attention.py)
+    import loramoe.train.builders as builders
+    from loramoe.backends.attention import NAME
+
+    built = {}
+    real = builders.build_model
+
+    def recording(config, dtype):
+        built["model"], tokenizer = real(config, dtype)
+        return built["model"], tokenizer
+
+    monkeypatch.setattr(builders, "build_model", recording)
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, method=method,
+                        dtype=dtype, max_steps=1)
+    train(config, progress=False)
+    model = built["model"]
+    inner = model.get_base_model() if method == "lora" else model
+    assert inner.config._attn_implementation == (NAME if dtype == "bf16" else "sdpa")
+
+
 def test_bf16_sft_keeps_fp32_master_weights_and_learns(cpu_with_bf16, tiny_model_dir,
                                                          tiny_train_file, tmp_path):
     from safetensors.torch import load_file

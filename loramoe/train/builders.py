@@ -216,6 +216,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
         set_seed,
     )
 
+    from loramoe.backends.attention import use_training_attention
     from loramoe.train.checkpoints import start_checkpoint
 
     # The first PartialState fixes the process group: it must see ACCELERATE_USE_CPU (which
@@ -238,6 +239,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     output_dir = Path(config.output_dir)
     checkpoint = start_checkpoint(accelerator, output_dir, resume)
     lm, tokenizer = build_model(config, dtype)
+    use_training_attention(lm, dtype, state.device)  # bf16 on a CPU: fp32 attention product
     dataset = encode_frame(config, frame, tokenizer)
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "

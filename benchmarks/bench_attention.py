@@ -1,0 +1,105 @@
+"""bf16 training on a CPU: torch's bf16 SDPA vs the fp32 attention product the trainer uses.
+
+    python benchmarks/bench_attention.py [--methods sft,lora,loramoe] [--batches 4]
+        [--rounds 3] [--threads 1]
+
+Takes the default config's largest train scale, shuffled as the trainer does, and times the
+trainer's own step (forward_batch in length pieces + LBC + backward; full SFT under bf16
+autocast with fp32 master weights) on its first batches, per method, in three variants
+interleaved round by round (one run): fp32 weights; bf16 with transformers' "sdpa"; bf16
+with loramoe/backends/attention.py's fp32 product (what `train` picks on a CPU in bf16).
+Prints seconds a step and the ratios. Needs a CPU with native bf16 (avx512_bf16 / amx_bf16).
+--threads 1 is how a pipeline branch trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import time
+from pathlib import Path
+
+import tomllib
+import torch
+
+from loramoe.backends.attention import use_training_attention
+from loramoe.data import build_mixture
+from loramoe.data.collate import Collator, encode_records
+from loramoe.pipeline import PipelineConfig
+from loramoe.train.builders import build_model
+from loramoe.train.loop import forward_batch, lbc_term
+from loramoe.train.objective import ResponseLM
+
+CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
+VARIANTS = {"fp32": (torch.float32, False), "bf16 sdpa": (torch.bfloat16, False),
+            "bf16 fp32-attention": (torch.bfloat16, True)}
+
+
+def first_batches(config, tokenizer, frame, count: int) -> list[dict]:
+    data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
+                          frame["task_type"].tolist(), config.loramoe.type_names,
+                          config.max_length)
+    order = list(range(len(data)))
+    random.Random(config.seed).shuffle(order)
+    collate = Collator(tokenizer.pad_token_id or 0)
+    size = config.batch_size
+    return [collate([data[i] for i in order[at:at + size]])
+            for at in range(0, count * size, size)]
+
+
+def make_step(model, config, autocast: torch.dtype | None):
+    def step(batch) -> None:
+        context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
+                   else contextlib.nullcontext())
+        with context:
+            lm_loss, routed = forward_batch(model, batch, config, split=True)
+            lbc, _ = lbc_term(routed, config)
+            loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="sft,lora,loramoe")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
+                                        base_dir=CONFIGS)
+    frame = build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
+    print(f"trainer step, default model, {args.threads} thread(s), {args.batches} batches, "
+          f"{args.rounds} interleaved rounds, torch {torch.__version__}")
+    print(f"  {'method':8} {'fp32 s':>7} {'bf16 sdpa s':>11} {'bf16 fp32-attn s':>16} "
+          f"{'fp32-attn/sdpa':>14} {'bf16 speed-up (sdpa, fp32-attn)':>32}")
+    for method in args.methods.split(","):
+        config = pipeline.train_config({"method": method}, Path("unused"), Path("unused"))
+        steps, batches = {}, None
+        for name, (dtype, fp32_attention) in VARIANTS.items():
+            model, tokenizer = build_model(config, dtype)
+            if fp32_attention:
+                assert use_training_attention(model, dtype, torch.device("cpu"))
+            autocast = dtype if method == "sft" and dtype != torch.float32 else None
+            steps[name] = make_step(ResponseLM(model).train(), config, autocast)
+            batches = batches or first_batches(config, tokenizer, frame, args.batches)
+        for step in steps.values():
+            step(batches[0])  # warm-up
+        seconds: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                for batch in batches:
+                    step(batch)
+                seconds[name].append((time.perf_counter() - start) / len(batches))
+        fp32, sdpa, ours = (statistics.median(seconds[name]) for name in VARIANTS)
+        print(f"  {method:8} {fp32:7.2f} {sdpa:11.2f} {ours:16.2f} {ours / sdpa:13.2f}x "
+              f"{fp32 / sdpa:20.2f}x, {fp32 / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
