@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 import statistics
 import time
 from pathlib import Path
 
 import tomllib
 import torch
+from bench_length_pieces import first_batches  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
-from loramoe.data.collate import Collator, encode_records
 from loramoe.pipeline import PipelineConfig
 from loramoe.train.builders import build_model
 from loramoe.train.loop import forward_batch, lbc_term
@@ -35,18 +34,6 @@ from loramoe.train.objective import ResponseLM
 CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
 VARIANTS = {"fp32": (torch.float32, False), "bf16 sdpa": (torch.bfloat16, False),
             "bf16 fp32-attention": (torch.bfloat16, True)}
-
-
-def first_batches(config, tokenizer, frame, count: int) -> list[dict]:
-    data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
-                          frame["task_type"].tolist(), config.loramoe.type_names,
-                          config.max_length)
-    order = list(range(len(data)))
-    random.Random(config.seed).shuffle(order)
-    collate = Collator(tokenizer.pad_token_id or 0)
-    size = config.batch_size
-    return [collate([data[i] for i in order[at:at + size]])
-            for at in range(0, count * size, size)]
 
 
 def make_step(model, config, autocast: torch.dtype | None):

@@ -38,6 +38,19 @@ def padded_tokens(batches: list[dict], split: bool) -> int:
     return sum(p["attention_mask"].numel() for p in pieces)
 
 
+def first_batches(config: TrainConfig, tokenizer, frame, count: int) -> list[dict]:
+    """The first `count` collated batches of `frame`, shuffled as the trainer shuffles."""
+    data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
+                          frame["task_type"].tolist(), config.loramoe.type_names,
+                          config.max_length)
+    order = list(range(len(data)))
+    random.Random(config.seed).shuffle(order)
+    collate = Collator(tokenizer.pad_token_id or 0)
+    size = config.batch_size
+    return [collate([data[i] for i in order[at:at + size]])
+            for at in range(0, count * size, size)]
+
+
 def step(model, batch, config: TrainConfig, split: bool) -> None:
     lm_loss, routed = forward_batch(model, batch, config, split=split)
     lbc, _ = lbc_term(routed, config)
@@ -64,14 +77,7 @@ def main() -> None:
     for method in args.methods.split(","):
         config = pipeline.train_config({"method": method}, Path("unused"), Path("unused"))
         model, tokenizer = build_model(config, dtype)
-        data = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
-                              frame["task_type"].tolist(), config.loramoe.type_names,
-                              config.max_length)
-        order = list(range(len(data)))
-        random.Random(config.seed).shuffle(order)
-        collate = Collator(tokenizer.pad_token_id or 0)
-        batches = [collate([data[i] for i in order[at:at + config.batch_size]])
-                   for at in range(0, args.batches * config.batch_size, config.batch_size)]
+        batches = first_batches(config, tokenizer, frame, args.batches)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         model = ResponseLM(model).train()
         step(model, batches[0], config, split=True)  # warm-up

@@ -25,6 +25,22 @@ def cpu_with_bf16(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
 
 
+@pytest.fixture
+def built(monkeypatch) -> dict:
+    """{"model": the model `train` built}, filled in when a test trains."""
+    import loramoe.train.builders as builders
+
+    built = {}
+    real = builders.build_model
+
+    def recording(config, dtype):
+        built["model"], tokenizer = real(config, dtype)
+        return built["model"], tokenizer
+
+    monkeypatch.setattr(builders, "build_model", recording)
+    return built
+
+
 def test_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: 2.0)
     for flags, want in [({"avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"},
@@ -99,17 +115,7 @@ def test_unsupported_dtype_fails_before_data_or_model_is_loaded(
 
 @pytest.mark.parametrize("method", ["lora", "loramoe"])
 def test_bf16_adapter_training_stores_the_base_in_bf16_and_adapters_in_fp32(
-        method, cpu_with_bf16, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
-    import loramoe.train.builders as builders
-
-    built = {}
-    real = builders.build_model
-
-    def recording(config, dtype):
-        built["model"], tokenizer = real(config, dtype)
-        return built["model"], tokenizer
-
-    monkeypatch.setattr(builders, "build_model", recording)
+        method, cpu_with_bf16, built, tiny_model_dir, tiny_train_file, tmp_path):
     config = config_for(tiny_model_dir, tiny_train_file, tmp_path, method=method,
                         dtype="bf16", max_steps=4, lr=2e-2)
     train(config, progress=False)
@@ -125,19 +131,10 @@ def test_bf16_adapter_training_stores_the_base_in_bf16_and_adapters_in_fp32(
 @pytest.mark.parametrize("method", ["sft", "lora", "loramoe"])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_bf16_training_on_a_cpu_computes_attention_in_fp32(
-        method, dtype, cpu_with_bf16, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+        method, dtype, cpu_with_bf16, built, tiny_model_dir, tiny_train_file, tmp_path):
     # torch's CPU flash-attention backward is slow in bf16 (loramoe/backends/attention.py)
-    import loramoe.train.builders as builders
     from loramoe.backends.attention import NAME
 
-    built = {}
-    real = builders.build_model
-
-    def recording(config, dtype):
-        built["model"], tokenizer = real(config, dtype)
-        return built["model"], tokenizer
-
-    monkeypatch.setattr(builders, "build_model", recording)
     config = config_for(tiny_model_dir, tiny_train_file, tmp_path, method=method,
                         dtype=dtype, max_steps=1)
     train(config, progress=False)
