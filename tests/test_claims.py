@@ -304,6 +304,9 @@ def test_claims_pool_seed_replicates():
     both = paper_claims(flip).set_index("claim")
     assert both.loc[keeps, "verdict"] == "inconclusive"
     assert "2 seeds, each +0.200 / -0.200; 200 items" in both.loc[keeps, "ours"]
+    # a pooled row names the methods, not one seed's branches
+    assert "moe-100 vs sft-100:" in both.loc[keeps, "ours"]
+    assert "-s0" not in both.loc[keeps, "ours"]
     # separation read per seed: one seed separates, the other does not
     assert both.loc[separate, "verdict"] == "inconclusive"
     assert "moe-100-s0" in both.loc[separate, "ours"] and "moe-100-s1" in both.loc[separate, "ours"]

@@ -69,8 +69,11 @@ def at_largest_shared_scale(branches, *roles: str) -> list[dict[str, Any]] | Non
     return [by_role[r][max(shared)] for r in roles] if shared else None
 
 
-def _names(branches: list[dict[str, Any]]) -> str:
-    """The branches a claim read (names carry the scale), e.g. "loramoe_paper-512 vs sft-512"."""
+def _names(branches: list[dict[str, Any]], test: dict | None = None) -> str:
+    """The branches a claim read (names carry the scale), e.g. "loramoe_paper-512 vs sft-512";
+    without the seed where `test` pooled the seeds (one seed's names would misread it)."""
+    if test is not None and "per_seed" in test:
+        return " vs ".join(f"{b['method_name']}-{b['scale']}" for b in branches)
     return " vs ".join(b["name"] for b in branches)
 
 
@@ -150,7 +153,7 @@ def claim_keeps_knowledge(branches, other: str) -> Claim:
         return _not_measured(claim, paper, f"needs loramoe (LBC, paper form) and {other}")
     test = difference(*pair, branches, "probe_retention")
     return Claim(claim, paper, [test], lambda: (
-        f"probe retention, {_names(pair)}: {_ret(test)}",
+        f"probe retention, {_names(pair, test)}: {_ret(test)}",
         _verdict(test["significant"], (test["diff"] or 0) > 0, test["n"])))
 
 
@@ -170,7 +173,7 @@ def claim_downstream(branches) -> Claim:
     verdict = ("reproduced" if lo > -DOWNSTREAM_MARGIN else
                "not reproduced" if hi < -DOWNSTREAM_MARGIN else "inconclusive")
     return Claim(claim, paper, judge=lambda: (
-        f"LoRAMoE − SFT, {_names(pair)}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})"
+        f"LoRAMoE − SFT, {_names(pair, test)}: {_ci(test)} (margin {DOWNSTREAM_MARGIN:.2f})"
         f"{_seeds(test)}", verdict))
 
 
@@ -208,7 +211,7 @@ def claim_lbc_helps(branches, form: str) -> Claim:
         signs = [t["diff"] for t in (kept, down) if t["significant"]]  # None never significant
         worse, better = any(d < 0 for d in signs), any(d > 0 for d in signs)
         verdict = "not reproduced" if worse else "reproduced" if better else "inconclusive"
-        return (f"vs β = 0, {_names(pair)}: retention {_ret(kept)}; downstream "
+        return (f"vs β = 0, {_names(pair, kept)}: retention {_ret(kept)}; downstream "
                 f"{_ci(down)}{_seeds(down)}", verdict)
 
     return Claim(claim, paper, [kept, down], judge)
