@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from loramoe.evaluate.stats import ALPHA, holm_adjust
+from loramoe.pipeline.config import branch_name
 from loramoe.pipeline.paired import difference, replicates_at_shared_seeds
 from loramoe.tracking.runs import flatten
 
@@ -73,7 +74,8 @@ def _names(branches: list[dict[str, Any]], test: dict | None = None) -> str:
     """The branches a claim read (names carry the scale), e.g. "loramoe_paper-512 vs sft-512";
     without the seed where `test` pooled the seeds (one seed's names would misread it)."""
     if test is not None and "per_seed" in test:
-        return " vs ".join(f"{b['method_name']}-{b['scale']}" for b in branches)
+        return " vs ".join(branch_name({"method": b["method_name"], "scale": b["scale"]})
+                           for b in branches)
     return " vs ".join(b["name"] for b in branches)
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from loramoe.pipeline.config import branch_name
+
 COLUMNS = ["measure", "comparison", "a", "b", "seeds", "items", "diff", "diff_lo", "diff_hi",
            "per_seed", "p", "p_holm", "verdict"]
 MEASURES = ("probe_retention", "downstream")
@@ -126,6 +128,11 @@ def _comparisons(groups: dict[tuple[str, int], dict[int, dict]]
     return pairs
 
 
+def _pooled_name(key: tuple[str, int]) -> str:
+    """(method name, scale) -> the branch name without a seed, e.g. "sft-4096"."""
+    return branch_name({"method": key[0], "scale": key[1]})
+
+
 def replicate_comparisons(outcomes: list[dict[str, Any]]) -> pd.DataFrame:
     """A minus B pooled over the seeds both trained (paired by seed and by item), per
     measure; each measure's comparisons one Holm family, as in paired.py."""
@@ -143,8 +150,8 @@ def replicate_comparisons(outcomes: list[dict[str, Any]]) -> pd.DataFrame:
             tests.append((a, b, kind, seeds, pooled_difference(
                 [groups[a][s] for s in seeds], [groups[b][s] for s in seeds], measure)))
         adjusted = holm_adjust([t[-1]["p"] for t in tests])
-        rows += [{"measure": measure, "comparison": kind, "a": f"{a[0]}-{a[1]}",
-                  "b": f"{b[0]}-{b[1]}", "seeds": ",".join(map(str, seeds)),
+        rows += [{"measure": measure, "comparison": kind, "a": _pooled_name(a),
+                  "b": _pooled_name(b), "seeds": ",".join(map(str, seeds)),
                   "items": test["n"], "diff": test["value"], "diff_lo": test["ci"][0],
                   "diff_hi": test["ci"][1],
                   "per_seed": " / ".join(f"{v:+.3f}" for v in test["per_seed"]),
