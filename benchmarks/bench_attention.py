@@ -15,20 +15,18 @@ Prints seconds a step and the ratios. Needs a CPU with native bf16 (avx512_bf16 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from pathlib import Path
 
+import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
 import tomllib
 import torch
-from bench_length_pieces import first_batches  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
 from loramoe.pipeline import PipelineConfig
 from loramoe.train.builders import build_model
-from loramoe.train.loop import forward_batch, lbc_term
 from loramoe.train.objective import ResponseLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
@@ -37,16 +35,8 @@ VARIANTS = {"fp32": (torch.float32, False), "bf16 sdpa": (torch.bfloat16, False)
 
 
 def make_step(model, config, autocast: torch.dtype | None):
-    def step(batch) -> None:
-        context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
-                   else contextlib.nullcontext())
-        with context:
-            lm_loss, routed = forward_batch(model, batch, config, split=True)
-            lbc, _ = lbc_term(routed, config)
-            loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-    return step
+    return lambda batch: bench_length_pieces.step(model, batch, config, split=True,
+                                                  autocast=autocast)
 
 
 def main() -> None:
@@ -73,7 +63,8 @@ def main() -> None:
                 assert use_training_attention(model, dtype, torch.device("cpu"))
             autocast = dtype if method == "sft" and dtype != torch.float32 else None
             steps[name] = make_step(ResponseLM(model).train(), config, autocast)
-            batches = batches or first_batches(config, tokenizer, frame, args.batches)
+            batches = batches or bench_length_pieces.first_batches(config, tokenizer, frame,
+                                                                   args.batches)
         for step in steps.values():
             step(batches[0])  # warm-up
         seconds: dict[str, list[float]] = {name: [] for name in steps}

@@ -12,6 +12,7 @@ the seconds a step, with the ratio. --threads 1 is how a pipeline branch trains.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
@@ -51,10 +52,16 @@ def first_batches(config: TrainConfig, tokenizer, frame, count: int) -> list[dic
             for at in range(0, count * size, size)]
 
 
-def step(model, batch, config: TrainConfig, split: bool) -> None:
-    lm_loss, routed = forward_batch(model, batch, config, split=split)
-    lbc, _ = lbc_term(routed, config)
-    loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
+def step(model, batch, config: TrainConfig, split: bool,
+         autocast: torch.dtype | None = None) -> None:
+    """The trainer's step: forward (under `autocast` if given, as full SFT in bf16), LBC,
+    backward; gradients dropped."""
+    context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
+               else contextlib.nullcontext())
+    with context:
+        lm_loss, routed = forward_batch(model, batch, config, split=split)
+        lbc, _ = lbc_term(routed, config)
+        loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
     loss.backward()
     model.zero_grad(set_to_none=True)
 

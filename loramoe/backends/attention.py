@@ -4,9 +4,9 @@ torch 2.13's CPU flash-attention *backward* is slow in bf16 at the short sequenc
 product trains on: on a 2-core Xeon with AMX, a frozen-base train step of 16 × 64 tokens spent
 422 ms of 1.67 s in it, against 67 ms for the same kernel in fp32, while the bf16 matmuls ran
 3.2× faster than fp32's. Casting q, k, v to fp32 for the attention product alone (the
-projections around it stay bf16) took 21–26 % off a whole trainer step of LoRA and LoRAMoE
-there (docs/benchmarks.md §7, benchmarks/bench_attention.py). The forward alone is not slow
-in bf16, so evaluation and serving keep transformers' "sdpa".
+projections around it stay bf16) took 16–20 % off a whole trainer step of full SFT, LoRA
+and LoRAMoE there (docs/benchmarks.md §7, benchmarks/bench_attention.py). The forward alone
+is not slow in bf16, so evaluation and serving keep transformers' "sdpa".
 
 It plugs in through transformers' AttentionInterface (with the sdpa mask), so the model's
 code is untouched and `model.config._attn_implementation` names what ran.
