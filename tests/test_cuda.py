@@ -141,8 +141,8 @@ def test_one_train_step_of_each_method_runs_on_the_gpu(method, tiny_model_dir, g
 
 
 def test_the_probe_on_the_gpu_equals_the_hand_computed_logprobs(tiny_model_dir):
-    """The probe's cached two-pass scoring on the device (fp32: no rounding to hide behind)
-    against one plain CPU forward per option."""
+    """The probe's packed one-pass scoring (block mask) on the device (fp32: no rounding to
+    hide behind) against one plain CPU forward per option."""
     from test_probe import FACTS, hand_logprob
 
     from loramoe.evaluate.probe import probe_facts

@@ -51,10 +51,19 @@ def test_probe_equals_hand_computed_logprobs_on_the_tiny_model(tiny_model_dir):
                                                   key=hand.__getitem__) == 0)
 
 
-def test_every_choice_score_equals_hand_computed_logprobs(tiny_model_dir):
-    # distractors too: one-token and longer options of one fact take different paths (the
-    # first token from the context's last state, the rest from a pass over longer options)
-    model, tokenizer = load_base_model(str(tiny_model_dir))
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model_dir(request, tmp_path_factory):
+    from conftest import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp(request.param), arch=request.param)
+
+
+def test_every_choice_score_equals_hand_computed_logprobs(model_dir):
+    # distractors too: the first token comes from the context's last state, later ones from
+    # the option's own states in the same row; options of one fact share a row, so one that
+    # saw another's tokens (block mask) or took the wrong positions (rotary in Llama, learned
+    # in GPT-2) would score differently from the plain forward
+    model, tokenizer = load_base_model(str(model_dir))
     contexts, options, hand = [], [], []
     for fact in FACTS.itertuples():
         contexts.append(context_ids(tokenizer, fact.prompt, fact.answer_prefix))
@@ -63,6 +72,7 @@ def test_every_choice_score_equals_hand_computed_logprobs(tiny_model_dir):
         hand.append([hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)
                      for c in fact.choices])
     assert {len(o) for opts in options for o in opts} > {1}, "needs mixed option lengths"
+    assert max(sum(len(o) > 1 for o in opts) for opts in options) > 1, "needs options to pack"
     got = choice_logprobs(model, tokenizer, contexts, options)  # (4, 4)
     for f, scores in enumerate(hand):
         assert got[f, :len(scores)].tolist() == pytest.approx(scores, rel=1e-5, abs=1e-5)

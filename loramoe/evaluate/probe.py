@@ -7,13 +7,16 @@ log-probabilities. gold_logprob is the gold's; mc_correct says whether the gold 
 highest (lm-evaluation-harness's `acc` for multiple choice). Every model sees the same
 prefix, so a model that learned another answer format is not penalised for it.
 
-One forward pass over question + prefix per fact; its last state predicts every choice's
-first token (one vocabulary projection per fact). Only choices of more than one token need
-more: one short pass over them, each reading its fact's context from the KV cache, with the
-vocabulary projection only where a choice's token is predicted.
+One forward pass per fact: its row holds the question + prefix, then the tokens of each
+option longer than one token (all but the last), each option seeing the context and its own
+earlier tokens only (a block mask, positions restarting after the context) — the way
+packed sequences are trained. The context's last state predicts every option's first token,
+an option's own states its later ones; the vocabulary projection runs only at those states.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -21,15 +24,6 @@ import torch
 from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.generation import pad_rows
 from loramoe.model import backbone_and_head
-
-
-def cache_kwarg(backbone) -> str:
-    """transformers >= 5.2x names the KV cache argument `cache`; earlier 5.x (the GPU
-    machine's 5.17) `past_key_values`."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters \
-        else "past_key_values"
 
 
 def context_ids(tokenizer, prompt: str, prefix: str) -> list[int]:
@@ -48,59 +42,73 @@ def continuation_ids(tokenizer, prefix: str, option: str) -> list[int]:
     return tokenizer(f" {option}", add_special_tokens=False)["input_ids"]
 
 
-def width_of(options: list[list[list[int]]]) -> int:
-    """The longest option's token count."""
-    return max(len(choice) for o in options for choice in o)
-
-
 @torch.no_grad()
 def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[list[list[int]]]
                     ) -> torch.Tensor:
     """(B, K) summed log-probs of each fact's K option continuations (-inf for padding)."""
     backbone, head = backbone_and_head(model)
-    device, pad_id = model.device, tokenizer.pad_token_id or 0
+    device = model.device
+    packed = pack_options(contexts, options)
+    ids, _ = pad_rows(packed.rows, tokenizer.pad_token_id or 0, left=False)  # (B, L)
+    segment = pad_rows(packed.segments, -1, left=False)[0]  # (B, L), -1 on padding
+    positions = pad_rows(packed.positions, 0, left=False)[0]  # (B, L)
+    hidden = backbone(input_ids=ids.to(device), position_ids=positions.to(device),
+                      attention_mask=option_mask(segment, model.dtype).to(device),
+                      ).last_hidden_state  # (B, L, H)
+    state_row, state_at = (torch.tensor(x, device=device) for x in zip(*packed.states,
+                                                                     strict=True))  # (S,)
+    logp = head(hidden[state_row, state_at]).float().log_softmax(-1)  # (S, V)
+    state, token, fact, choice = (torch.tensor(x, device=device)
+                                  for x in zip(*packed.targets, strict=True))  # (M,) each
     k = max(len(o) for o in options)
-    # options with more than one token: only they need a pass of their own
-    longer = [(f, j) for f, o in enumerate(options) for j, c in enumerate(o) if len(c) > 1]
-    ids, mask = (t.to(device) for t in pad_rows(contexts, pad_id, left=True))  # (B, P)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, P): left padding shifts nothing
-    out = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   use_cache=bool(longer))
-    # the context's last state predicts every option's first token: one projection per fact
-    first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V)
-    first_ids = torch.tensor([[o[j][0] if j < len(o) else 0 for j in range(k)]
-                              for o in options], device=device)  # (B, K)
-    scores = first.gather(-1, first_ids)  # (B, K)
-    if longer:
-        facts, cols = (torch.tensor(x, device=device)
-                       for x in zip(*longer, strict=True))  # (R,) each
-        scores[facts, cols] += rest_logprobs(backbone, head, out, mask, facts, pad_id,
-                                             [options[f][j] for f, j in longer])
+    scores = torch.zeros(len(options), k, device=device)  # (B, K)
+    scores.index_put_((fact, choice), logp[state, token], accumulate=True)
     exists = torch.tensor([[j < len(o) for j in range(k)] for o in options], device=device)
     return scores.masked_fill(~exists, float("-inf")).cpu()
 
 
-def rest_logprobs(backbone, head, out, mask: torch.Tensor, facts: torch.Tensor, pad_id: int,
-                  longer: list[list[int]]) -> torch.Tensor:
-    """(R,) summed log-probs of each `longer` option's tokens after its first: the states
-    before them come from one pass over those options, each reading the context of its fact
-    (`facts`, (R,)) from the first pass's KV cache."""
-    device = mask.device
-    cache = getattr(out, "cache", None) or out.past_key_values
-    cache.batch_select_indices(facts)  # (R) rows: each longer option's own context
-    opt_ids, opt_mask = (t.to(device) for t in pad_rows(longer, pad_id, left=False))  # (R, O)
-    steps = opt_ids.shape[1] - 1
-    start = mask.sum(-1)[facts]  # (R,) real context length
-    hidden = backbone(input_ids=opt_ids[:, :-1],
-                      position_ids=start[:, None] + torch.arange(steps, device=device),
-                      attention_mask=torch.cat([mask[facts], opt_mask[:, :-1]], -1),
-                      **{cache_kwarg(backbone): cache}).last_hidden_state  # (R, O-1, H)
-    # the state at token t predicts token t+1; an option's last token predicts nothing
-    keep = opt_mask[:, 1:].bool()  # (R, O-1)
-    logp = head(hidden[keep]).float().log_softmax(-1)  # (M, V), only at option tokens
-    token_logp = torch.zeros(keep.shape, device=device)  # (R, O-1)
-    token_logp[keep] = logp.gather(-1, opt_ids[:, 1:][keep][:, None]).squeeze(-1)
-    return token_logp.sum(-1)  # (R,)
+@dataclass
+class PackedOptions:
+    """One row per fact: its context, then its longer options' tokens but the last."""
+    rows: list[list[int]] = field(default_factory=list)
+    segments: list[list[int]] = field(default_factory=list)  # 0: context, s: s-th option
+    positions: list[list[int]] = field(default_factory=list)  # options restart after context
+    states: list[tuple[int, int]] = field(default_factory=list)  # (row, index) to project
+    targets: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # (state, token it predicts, fact, choice)
+
+
+def pack_options(contexts: list[list[int]], options: list[list[list[int]]]) -> PackedOptions:
+    packed = PackedOptions()
+    for f, (context, choices) in enumerate(zip(contexts, options, strict=True)):
+        row, segment = list(context), [0] * len(context)
+        positions = list(range(len(context)))
+        last = len(packed.states)
+        packed.states.append((f, len(context) - 1))  # predicts every first token
+        for j, choice in enumerate(choices):
+            packed.targets.append((last, choice[0], f, j))
+            start, rest = len(row), choice[:-1] if len(choice) > 1 else []
+            row += rest
+            segment += [j + 1] * len(rest)
+            positions += range(len(context), len(context) + len(rest))
+            for t, token in enumerate(choice[1:]):
+                packed.targets.append((len(packed.states), token, f, j))
+                packed.states.append((f, start + t))  # the state of token t predicts t + 1
+        packed.rows.append(row)
+        packed.segments.append(segment)
+        packed.positions.append(positions)
+    return packed
+
+
+def option_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive attention mask: a token sees the earlier tokens of its fact's
+    context and of its own option; padding (segment -1) is seen by no one."""
+    width = segment.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()  # (L, L)
+    query, key = segment[:, :, None], segment[:, None, :]  # (B, L, 1), (B, 1, L)
+    seen = causal & (key >= 0) & ((key == 0) | (key == query))  # (B, L, L)
+    return torch.zeros(seen.shape, dtype=dtype).masked_fill(
+        ~seen, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
 
 
 def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
@@ -114,9 +122,9 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> 
         prefix = prefix if isinstance(prefix, str) else ""
         contexts.append(context_ids(tokenizer, prompt, prefix))
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
-    # by context length (least padding in the pass every fact needs), then option width
-    order = sorted(range(len(contexts)),
-                   key=lambda i: (len(contexts[i]), width_of([options[i]])))
+    # by row length (context + longer options' tokens): least padding
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + sum(
+        len(c) - 1 for c in options[i]))
     scores: dict[int, torch.Tensor] = {}
     model.eval()
     for at in range(0, len(order), batch_size):
