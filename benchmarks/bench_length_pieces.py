@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import random
 import statistics
 import time
@@ -21,12 +22,13 @@ from pathlib import Path
 import tomllib
 import torch
 
+from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
 from loramoe.data.collate import Collator, encode_records
 from loramoe.pipeline import PipelineConfig
 from loramoe.precision import resolve_dtype
 from loramoe.train import TrainConfig
-from loramoe.train.builders import build_model
+from loramoe.train.builders import build_model, precision_plan
 from loramoe.train.loop import forward_batch, lbc_term
 from loramoe.train.objective import ResponseLM
 from loramoe.train.pieces import length_pieces
@@ -82,18 +84,23 @@ def main() -> None:
     print(f"dtype {dtype}, {args.threads} thread(s), {args.batches} batches, "
           f"{args.rounds} interleaved rounds")
     for method in args.methods.split(","):
-        config = pipeline.train_config({"method": method}, Path("unused"), Path("unused"))
+        config = dataclasses.replace(pipeline.train_config({"method": method}, Path("unused"),
+                                                           Path("unused")), dtype=args.dtype)
+        # the trainer's precision: frozen weights in dtype, SFT under autocast, and in bf16
+        # the attention product in fp32 (loramoe/backends/attention.py)
+        _, autocast, _ = precision_plan(config, torch.device("cpu"))
         model, tokenizer = build_model(config, dtype)
+        use_training_attention(model, dtype, torch.device("cpu"))
         batches = first_batches(config, tokenizer, frame, args.batches)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         model = ResponseLM(model).train()
-        step(model, batches[0], config, split=True)  # warm-up
+        step(model, batches[0], config, split=True, autocast=autocast)  # warm-up
         seconds: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.rounds):
             for split in (False, True):
                 start = time.perf_counter()
                 for batch in batches:
-                    step(model, batch, config, split)
+                    step(model, batch, config, split, autocast)
                 seconds[split].append((time.perf_counter() - start) / len(batches))
         whole, pieces = (statistics.median(seconds[s]) for s in (False, True))
         rounds = ", ".join(f"{a:.2f}/{b:.2f}"
