@@ -2,6 +2,7 @@
 frozen base vs one LoRA.
 
     python benchmarks/bench_layer.py [--tokens 2048] [--repeats 30] [--dropout 0.05]
+        [--dtype fp32|bf16]
 
 All variants run side by side in one process, interleaved, on the same input (which requires
 grad, as inside a network), in training mode with the paper's dropout 0.05. Prints median
@@ -30,6 +31,8 @@ from loramoe import LoRAMoEConfig
 from loramoe.backends import select_backend
 from loramoe.layer import LoRAMoELinear
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 class LoopLoRAMoE(nn.Module):
     """The official implementation's shape: one Python iteration and two GEMMs per expert."""
@@ -46,10 +49,11 @@ class LoopLoRAMoE(nn.Module):
         self.scaling = config.scaling
 
     def forward(self, x):
-        result = self.base(x)
+        result, x = self.base(x), x.to(self.router.weight.dtype)  # adapters in fp32
         weights = torch.softmax(self.router(x), dim=-1, dtype=torch.float32).to(x.dtype)
         for i, (a, b) in enumerate(zip(self.A, self.B, strict=True)):
-            result = result + weights[..., i : i + 1] * b(a(self.dropout(x))) * self.scaling
+            expert = weights[..., i : i + 1] * b(a(self.dropout(x))) * self.scaling
+            result = result + expert.to(result.dtype)
         return result
 
 
@@ -66,7 +70,8 @@ class SingleLoRA(nn.Module):
         self.scaling = alpha / rank
 
     def forward(self, x):
-        return self.base(x) + self.B(self.A(self.dropout(x))) * self.scaling
+        lora = self.B(self.A(self.dropout(x.to(self.A.weight.dtype)))) * self.scaling
+        return self.base(x) + lora.to(x.dtype)
 
 
 def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
@@ -107,10 +112,13 @@ def main() -> None:
     parser.add_argument("--d-out", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dropout", type=float, default=0.05, help="paper: 0.05")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="the frozen weight's and the input's (adapters stay fp32)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
     config = LoRAMoEConfig(dropout=args.dropout)  # paper: N=6, r=4, alpha=32, dropout=0.05
-    base = nn.Linear(args.d_in, args.d_out, bias=False)
+    base = nn.Linear(args.d_in, args.d_out, bias=False).to(dtype)
     formula = LoRAMoELinear(base, config)
     with torch.no_grad():
         formula.lora_B.normal_(std=0.02)
@@ -125,13 +133,13 @@ def main() -> None:
     }
     for module in variants.values():
         module.train()
-    x = torch.randn(args.tokens, args.d_in, requires_grad=True)
-    grad = torch.randn(args.tokens, args.d_out)
+    x = torch.randn(args.tokens, args.d_in, dtype=dtype, requires_grad=True)
+    grad = torch.randn(args.tokens, args.d_out, dtype=dtype)
     ms, faults = measure(variants, x, grad, args.repeats)
 
     print(f"Layer fwd+bwd, N={config.num_experts}, r={config.rank}, {args.d_in}->{args.d_out}, "
-          f"{args.tokens} tokens, dropout {args.dropout}, fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"{args.tokens} tokens, dropout {args.dropout}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name, value in ms.items():
         print(f"  {name:<18} {value:8.2f} ms   {faults[name]:8.0f} page faults/step")
     for name in ("LoRAMoE formula", "LoRAMoE fused"):
