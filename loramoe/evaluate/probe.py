@@ -71,7 +71,7 @@ def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[l
 class PackedOptions:
     """One row per fact: its context, then its longer options' tokens but the last."""
     rows: list[list[int]] = field(default_factory=list)
-    segments: list[list[int]] = field(default_factory=list)  # 0: context, s: s-th option
+    segments: list[list[int]] = field(default_factory=list)  # 0: context, j + 1: choice j
     positions: list[list[int]] = field(default_factory=list)  # options restart after context
     states: list[tuple[int, int]] = field(default_factory=list)  # (row, index) to project
     targets: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -79,6 +79,7 @@ class PackedOptions:
 
 
 def pack_options(contexts: list[list[int]], options: list[list[list[int]]]) -> PackedOptions:
+    """Each fact's row, and which state predicts which of its choices' tokens."""
     packed = PackedOptions()
     for f, (context, choices) in enumerate(zip(contexts, options, strict=True)):
         row, segment = list(context), [0] * len(context)
@@ -87,7 +88,7 @@ def pack_options(contexts: list[list[int]], options: list[list[list[int]]]) -> P
         packed.states.append((f, len(context) - 1))  # predicts every first token
         for j, choice in enumerate(choices):
             packed.targets.append((last, choice[0], f, j))
-            start, rest = len(row), choice[:-1] if len(choice) > 1 else []
+            start, rest = len(row), choice[:-1]  # a choice's last token predicts nothing
             row += rest
             segment += [j + 1] * len(rest)
             positions += range(len(context), len(context) + len(rest))
