@@ -15,6 +15,7 @@ Prints seconds a step and the ratios. Needs a CPU with native bf16 (avx512_bf16 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -26,12 +27,12 @@ import torch
 from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
 from loramoe.pipeline import PipelineConfig
-from loramoe.train.builders import build_model
+from loramoe.train.builders import build_model, precision_plan
 from loramoe.train.objective import ResponseLM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
-VARIANTS = {"fp32": (torch.float32, False), "bf16 sdpa": (torch.bfloat16, False),
-            "bf16 fp32-attention": (torch.bfloat16, True)}
+VARIANTS = {"fp32": ("fp32", False), "bf16 sdpa": ("bf16", False),
+            "bf16 fp32-attention": ("bf16", True)}
 
 
 def make_step(model, config, autocast: torch.dtype | None):
@@ -57,11 +58,13 @@ def main() -> None:
     for method in args.methods.split(","):
         config = pipeline.train_config({"method": method}, Path("unused"), Path("unused"))
         steps, batches = {}, None
-        for name, (dtype, fp32_attention) in VARIANTS.items():
+        for name, (dtype_name, fp32_attention) in VARIANTS.items():
+            # the trainer's precision plan: frozen weights in dtype, full SFT under autocast
+            dtype, autocast, _ = precision_plan(dataclasses.replace(config, dtype=dtype_name),
+                                                torch.device("cpu"))
             model, tokenizer = build_model(config, dtype)
             if fp32_attention:
                 assert use_training_attention(model, dtype, torch.device("cpu"))
-            autocast = dtype if method == "sft" and dtype != torch.float32 else None
             steps[name] = make_step(ResponseLM(model).train(), config, autocast)
             batches = batches or bench_length_pieces.first_batches(config, tokenizer, frame,
                                                                    args.batches)
