@@ -10,6 +10,8 @@ to the branch's MLflow run, as the one-process branch does.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,13 +34,26 @@ def main(argv: list[str] | None = None) -> None:
         use_store(args.tracking_uri)
         sink = MlflowSink(args.mlflow_run_id)
     train(TrainConfig.from_file(args.config), sink=sink, progress=False)
-    # Leave the process group before the interpreter exits, as torch asks: a gloo/DeepSpeed
-    # rank torn down with its group alive can abort ("terminate called without an active
-    # exception", SIGABRT after a finished training: seen once in CI under load).
+    # Leave the process group before the interpreter exits, as torch asks.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
+def exit_without_teardown() -> None:
+    """Flush the output and end the process with status 0, skipping the interpreter's
+    teardown. Called once everything is trained, written and every rank has passed the final
+    barrier. Why: a gloo rank can still abort in that teardown ("terminate called without an
+    active exception", SIGABRT), when C++ worker threads release tensors while the
+    interpreter is being finalized (pytorch/pytorch PR #179291 describes it); the launcher
+    then reports a finished training as failed. Seen twice under ZeRO-3 on CPU (CI, session
+    18's clean-clone suite), although destroy_process_group had run. Nothing the worker
+    needs runs at exit: its MLflow logging is synchronous and its files are closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_without_teardown()
