@@ -1,6 +1,7 @@
-"""The train step every benchmark times: forward on `ids` (labels = ids), plus β·LBC for
-LoRAMoE, backward, AdamW. Shared by the bench_*.py scripts (run from the repository root,
-`python benchmarks/NAME.py`, so this folder is on sys.path)."""
+"""The train step every benchmark times: the trainer's loss (ResponseLM: every token a
+response token) on `ids`, plus β·LBC for LoRAMoE, backward, AdamW. Shared by the bench_*.py
+scripts (run from the repository root, `python benchmarks/NAME.py`, so this folder is on
+sys.path)."""
 
 from __future__ import annotations
 
@@ -11,26 +12,29 @@ from collections.abc import Callable
 import torch
 
 from loramoe import LoRAMoEConfig, collect_router_probs, localized_balancing_loss
+from loramoe.train.objective import ResponseLM
 
 
 def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool, lr: float = 1e-4,
-              autocast: torch.dtype | None = None, fused: bool | None = None
-              ) -> Callable[[], None]:
+              autocast: torch.dtype | None = None, fused: bool | None = None,
+              cross_entropy: Callable | None = None) -> Callable[[], None]:
     """A closure running one step. A model without trainable parameters (the frozen-base
     floor) gets no optimizer; `autocast` runs the forward under that dtype's autocast;
-    `fused` picks torch's fused AdamW (None: torch's default)."""
+    `fused` picks torch's fused AdamW (None: torch's default); `cross_entropy` replaces the
+    trainer's (loramoe/backends/cross_entropy.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if params else None
     config = LoRAMoEConfig()
     sample_types = torch.arange(len(ids), device=ids.device) % len(config.expert_types)  # (B,)
     mask = torch.ones_like(ids)  # (B, T): no padding
+    objective = ResponseLM(model) if cross_entropy is None else ResponseLM(model, cross_entropy)
     model.train()
 
     def step() -> None:
         context = (torch.autocast(ids.device.type, dtype=autocast) if autocast is not None
                    else contextlib.nullcontext())
         with context:
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # as the trainer
+            loss = objective(ids, mask, ids)  # (B, T) labels = ids: all response tokens
             if with_lbc:
                 loss = loss + config.lbc_beta * localized_balancing_loss(
                     collect_router_probs(model), mask, sample_types, config.expert_type_ids(),
