@@ -16,18 +16,17 @@ from loramoe.train.objective import ResponseLM
 
 
 def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool, lr: float = 1e-4,
-              autocast: torch.dtype | None = None, fused: bool | None = None,
-              cross_entropy: Callable | None = None) -> Callable[[], None]:
+              autocast: torch.dtype | None = None, fused: bool | None = None
+              ) -> Callable[[], None]:
     """A closure running one step. A model without trainable parameters (the frozen-base
     floor) gets no optimizer; `autocast` runs the forward under that dtype's autocast;
-    `fused` picks torch's fused AdamW (None: torch's default); `cross_entropy` replaces the
-    trainer's (loramoe/backends/cross_entropy.py)."""
+    `fused` picks torch's fused AdamW (None: torch's default)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, fused=fused) if params else None
     config = LoRAMoEConfig()
     sample_types = torch.arange(len(ids), device=ids.device) % len(config.expert_types)  # (B,)
     mask = torch.ones_like(ids)  # (B, T): no padding
-    objective = ResponseLM(model) if cross_entropy is None else ResponseLM(model, cross_entropy)
+    objective = ResponseLM(model)
     model.train()
 
     def step() -> None:

@@ -4,11 +4,9 @@ the LBC's Z gathered over processes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+import torch.nn.functional as F
 
-from loramoe.backends.cross_entropy import cross_entropy_sum
 from loramoe.data.collate import IGNORE_INDEX
 from loramoe.model import backbone_and_head
 
@@ -21,17 +19,11 @@ class ResponseLM(torch.nn.Module):
     A module rather than a function around the backbone so that DDP/FSDP wrap *this*
     forward: a forward that bypasses the wrapper leaves DDP's reducer unprepared, and its
     gradients would silently not be averaged.
-
-    `cross_entropy(logits (K, V), targets (K,))` sums the tokens' losses in fp32;
-    loramoe/backends/cross_entropy.py's by default (benchmarks pass F.cross_entropy's).
     """
 
-    def __init__(self, lm: torch.nn.Module,
-                 cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                 = cross_entropy_sum) -> None:
+    def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
         self.lm = lm
-        self.cross_entropy = cross_entropy
 
     @property
     def _no_split_modules(self) -> list[str] | None:
@@ -49,7 +41,7 @@ class ResponseLM(torch.nn.Module):
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX  # (B, T-1)
         logits = head(hidden[:, :-1][keep])  # (K, V)
-        total = self.cross_entropy(logits, targets[keep])  # fp32 sum over the K tokens
+        total = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return total / (keep.sum() if token_count is None else token_count)
 
 
