@@ -84,3 +84,38 @@ def test_the_fused_backend_draws_only_in_training_and_scales_by_one_over_keep(mo
     assert eval_dropped is None and eval_scale == layer.scaling
     assert train_dropped.dtype == torch.int64
     assert train_scale == pytest.approx(layer.scaling / 0.9)
+
+
+def test_positions_dropout_is_dropout_scaled_by_one_over_keep_with_its_gradient():
+    from loramoe.backends.dropout import PositionsDropout
+
+    torch.manual_seed(0)
+    p, dropout = 0.05, PositionsDropout(0.05)
+    x = (torch.rand(400, 500) + 0.5).requires_grad_(True)  # no zeros of its own
+    out = dropout(x)
+    dropped = out == 0
+    sd = math.sqrt(p * (1 - p) / x.numel())
+    assert abs(dropped.double().mean().item() - p) < 5 * sd
+    torch.testing.assert_close(out[~dropped], x[~dropped] / (1 - p))
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, (~dropped).float() / (1 - p))
+    assert dropout.eval()(x) is x or torch.equal(dropout(x), x)  # eval: the identity
+    assert torch.equal(PositionsDropout(0.0).train()(x), x)
+
+
+def test_the_lora_baseline_gets_positions_dropout_and_still_trains(tiny_llama):
+    """The trainer's LoRA (PEFT) has its lora_dropout swapped, one per adapted layer, and the
+    adapters still get gradients through it."""
+    from loramoe.backends.dropout import PositionsDropout
+    from loramoe.train import TrainConfig
+    from loramoe.train.builders import add_adapters
+
+    model = add_adapters(tiny_llama, TrainConfig(method="lora", lora_dropout=0.3))
+    dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n]
+    adapted = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+    assert len(dropouts) == len(adapted) > 0
+    assert all(type(d) is PositionsDropout and d.p == 0.3 for d in dropouts)
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 7))
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]  # B = 0: A gets none
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

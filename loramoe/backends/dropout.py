@@ -7,6 +7,10 @@ Geometric(p), so drawing only those gaps (about p·numel draws) and summing them
 same distribution (to float32 resolution, see bernoulli_positions) at a twentieth of the
 draws. On the default model this saves 13-15 % of a whole train step (docs/benchmarks.md).
 A GPU draws a dense mask instead: its generator is fast, and host-drawn positions are not.
+
+PositionsDropout is the same draw as an nn.Dropout drop-in, for the LoRA baseline: PEFT's
+`lora_dropout` is an nn.Dropout on the fp32 copy of every adapted layer's input
+(`use_positions_dropout` swaps it in; docs/benchmarks.md §9 for what it saves).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def bernoulli_positions(numel: int, p: float, chunk: int | None = None) -> torch.Tensor:
@@ -66,3 +72,30 @@ def dropped_copy(x2d: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tenso
     if dropped is None:
         return x2d
     return zero_dropped_(x2d.clone(memory_format=torch.contiguous_format), dropped)
+
+
+class PositionsDropout(nn.Dropout):
+    """nn.Dropout whose zeroed elements are drawn as positions (bernoulli_positions) on a
+    CPU: the same law (each element zeroed independently with probability p, the rest scaled
+    by 1/(1-p)), at a twentieth of the random draws for p = 0.05. Other devices, eval mode
+    and p = 0 run F.dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return F.dropout(x, self.p, self.training, self.inplace)
+        out = (x * (1.0 / (1.0 - self.p))).contiguous()  # a fresh tensor, zeroed in place
+        return zero_dropped_(out, bernoulli_positions(x.numel(), self.p))
+
+
+def use_positions_dropout(model: nn.Module) -> int:
+    """Swap every plain nn.Dropout inside PEFT LoRA's `lora_dropout` containers for a
+    PositionsDropout with the same p; returns how many were swapped."""
+    swapped = 0
+    for name, module in model.named_modules():
+        if not name.endswith("lora_dropout") or not isinstance(module, nn.ModuleDict):
+            continue
+        for key, dropout in module.items():
+            if type(dropout) is nn.Dropout:
+                module[key] = PositionsDropout(dropout.p)
+                swapped += 1
+    return swapped

@@ -51,10 +51,13 @@ def add_adapters(model, config: TrainConfig):
     elif config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        from loramoe.backends.dropout import use_positions_dropout
+
         targets = resolve_targets(model, config.loramoe)
         model = get_peft_model(model, LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets, task_type="CAUSAL_LM"))
+        use_positions_dropout(model)  # same law, a twentieth of the draws on a CPU
     return model
 
 
