@@ -5,9 +5,10 @@
 Each method is built twice, once with its frozen weights stored in fp32 and once in bf16
 (`load_base_model(dtype=...)`; adapters and routers stay fp32), and the steps run
 interleaved, round after round. Full SFT in bf16 follows the trainer's recipe: fp32 master
-weights, bf16 compute under autocast. In bf16 on a CPU the attention product runs in fp32,
-as the trainer runs it (loramoe/backends/attention.py; --attention sdpa: torch's bf16
-kernel). Prints ms/step, tokens/s, bf16 speed-up per method and
+weights, bf16 compute under autocast. PEFT LoRA's dropout is the trainer's
+(PositionsDropout, loramoe/backends/dropout.py). In bf16 on a CPU the attention product runs
+in fp32, as the trainer runs it (loramoe/backends/attention.py; --attention sdpa: torch's
+bf16 kernel). Prints ms/step, tokens/s, bf16 speed-up per method and
 LoRAMoE / frozen base in each dtype.
 """
 
@@ -23,6 +24,7 @@ from train_step import make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 from loramoe.backends.attention import use_training_attention
+from loramoe.backends.dropout import use_positions_dropout
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -40,6 +42,7 @@ def build(method: str, dtype: str, attention: str = "trainer"):
     elif method == "PEFT LoRA":
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.05,
                                                  target_modules=FFN, task_type="CAUSAL_LM"))
+        use_positions_dropout(model)  # as the trainer builds its LoRA
     elif method == "LoRAMoE":
         apply_loramoe(model, LoRAMoEConfig())
     autocast = DTYPES[dtype] if method == "sft" and dtype != "fp32" else None
