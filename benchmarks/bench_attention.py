@@ -15,22 +15,15 @@ Prints seconds a step and the ratios. Needs a CPU with native bf16 (avx512_bf16 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
-from pathlib import Path
 
 import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
-import tomllib
 import torch
 
-from loramoe.backends.attention import use_training_attention
-from loramoe.data import build_mixture
-from loramoe.pipeline import PipelineConfig
-from loramoe.train.builders import build_model, precision_plan
+from loramoe.backends.attention import NAME as ATTENTION
 from loramoe.train.objective import ResponseLM
 
-CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
 VARIANTS = {"fp32": ("fp32", False), "bf16 sdpa": ("bf16", False),
             "bf16 fp32-attention": ("bf16", True)}
 
@@ -48,23 +41,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
-                                        base_dir=CONFIGS)
-    frame = build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
+    pipeline, frame = bench_length_pieces.default_train_frame()
     print(f"trainer step, default model, {args.threads} thread(s), {args.batches} batches, "
           f"{args.rounds} interleaved rounds, torch {torch.__version__}")
     print(f"  {'method':8} {'fp32 s':>7} {'bf16 sdpa s':>11} {'bf16 fp32-attn s':>16} "
           f"{'fp32-attn/sdpa':>14} {'bf16 speed-up (sdpa, fp32-attn)':>32}")
     for method in args.methods.split(","):
-        config = pipeline.train_config({"method": method}, Path("unused"), Path("unused"))
         steps, batches = {}, None
         for name, (dtype_name, fp32_attention) in VARIANTS.items():
-            # the trainer's precision plan: frozen weights in dtype, full SFT under autocast
-            dtype, autocast, _ = precision_plan(dataclasses.replace(config, dtype=dtype_name),
-                                                torch.device("cpu"))
-            model, tokenizer = build_model(config, dtype)
+            model, tokenizer, config, autocast = bench_length_pieces.trainer_model(
+                pipeline, method, dtype_name, fp32_attention)
             if fp32_attention:
-                assert use_training_attention(model, dtype, torch.device("cpu"))
+                assert model.config._attn_implementation == ATTENTION
             steps[name] = make_step(ResponseLM(model).train(), config, autocast)
             batches = batches or bench_length_pieces.first_batches(config, tokenizer, frame,
                                                                    args.batches)

@@ -36,6 +36,29 @@ from loramoe.train.pieces import length_pieces
 CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
 
 
+def default_train_frame():
+    """The default config and its mixture's largest train scale (what the trainer's step
+    benchmarks train on)."""
+    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
+                                        base_dir=CONFIGS)
+    return pipeline, build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
+
+
+def trainer_model(pipeline: PipelineConfig, method: str, dtype: str,
+                  fp32_attention: bool = True):
+    """(model, tokenizer, config, autocast) for `method` as the trainer builds them on the
+    CPU in `dtype`: frozen weights stored in it, full SFT under autocast (precision_plan),
+    and in bf16 the attention product in fp32 (loramoe/backends/attention.py) unless
+    `fp32_attention` is False."""
+    config = dataclasses.replace(pipeline.train_config({"method": method}, Path("unused"),
+                                                       Path("unused")), dtype=dtype)
+    storage, autocast, _ = precision_plan(config, torch.device("cpu"))
+    model, tokenizer = build_model(config, storage)
+    if fp32_attention:
+        use_training_attention(model, storage, torch.device("cpu"))
+    return model, tokenizer, config, autocast
+
+
 def padded_tokens(batches: list[dict], split: bool) -> int:
     pieces = [p for b in batches for p in (length_pieces(b) if split else [b])]
     return sum(p["attention_mask"].numel() for p in pieces)
@@ -77,20 +100,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
-                                        base_dir=CONFIGS)
-    frame = build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
-    dtype = resolve_dtype(args.dtype)
-    print(f"dtype {dtype}, {args.threads} thread(s), {args.batches} batches, "
-          f"{args.rounds} interleaved rounds")
+    pipeline, frame = default_train_frame()
+    print(f"dtype {resolve_dtype(args.dtype)}, {args.threads} thread(s), {args.batches} "
+          f"batches, {args.rounds} interleaved rounds")
     for method in args.methods.split(","):
-        config = dataclasses.replace(pipeline.train_config({"method": method}, Path("unused"),
-                                                           Path("unused")), dtype=args.dtype)
-        # the trainer's precision: frozen weights in dtype, SFT under autocast, and in bf16
-        # the attention product in fp32 (loramoe/backends/attention.py)
-        _, autocast, _ = precision_plan(config, torch.device("cpu"))
-        model, tokenizer = build_model(config, dtype)
-        use_training_attention(model, dtype, torch.device("cpu"))
+        model, tokenizer, config, autocast = trainer_model(pipeline, method, args.dtype)
         batches = first_batches(config, tokenizer, frame, args.batches)
         real = sum(int(b["attention_mask"].sum()) for b in batches)
         model = ResponseLM(model).train()

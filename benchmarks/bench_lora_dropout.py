@@ -20,26 +20,18 @@ The rule (docs/benchmarks.md): it stays only if it saves at least 5 % of a whole
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
-from pathlib import Path
 
 import bench_length_pieces  # sibling scripts: benchmarks/ is on sys.path
-import tomllib
 import torch
 from bench_precision import build
 from torch import nn
 from train_step import make_step
 
-from loramoe.backends.attention import use_training_attention
 from loramoe.backends.dropout import PositionsDropout
-from loramoe.data import build_mixture
-from loramoe.pipeline import PipelineConfig
-from loramoe.train.builders import build_model, precision_plan
 from loramoe.train.objective import ResponseLM
 
-CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
 VARIANTS = {"nn.Dropout": nn.Dropout, "positions": PositionsDropout}
 
 
@@ -84,17 +76,11 @@ def random_batch_steps(args) -> dict:
 
 def trainer_steps(args) -> dict:
     torch.set_num_threads(args.threads)
-    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
-                                        base_dir=CONFIGS)
-    frame = build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
+    pipeline, frame = bench_length_pieces.default_train_frame()
     steps = {}
     for dtype_name in args.dtypes.split(","):
-        config = dataclasses.replace(
-            pipeline.train_config({"method": "lora"}, Path("unused"), Path("unused")),
-            dtype=dtype_name)
-        dtype, autocast, _ = precision_plan(config, torch.device("cpu"))
-        model, tokenizer = build_model(config, dtype)
-        use_training_attention(model, dtype, torch.device("cpu"))
+        model, tokenizer, config, autocast = bench_length_pieces.trainer_model(
+            pipeline, "lora", dtype_name)
         batches = bench_length_pieces.first_batches(config, tokenizer, frame, args.batches)
         objective = ResponseLM(model).train()
 
