@@ -11,6 +11,8 @@ from loramoe.evaluate.probe import (
     choice_logprobs,
     context_ids,
     continuation_ids,
+    pack_options,
+    packed_length,
     probe_facts,
     probe_retention,
     probe_summary,
@@ -107,3 +109,14 @@ def test_an_eval_file_without_choices_is_not_probed(tiny_model_dir):
     assert probe_facts(model, tokenizer, plain).empty
     assert probe_facts(model, tokenizer, FACTS.drop(columns=["answer_prefix"]))["id"].tolist() \
         == ["a", "b", "c", "d"]
+
+
+def test_packed_rows_have_the_length_the_probe_sorts_by():
+    contexts = [[1, 2, 3], [4], [5, 6]]
+    options = [[[7], [8, 9, 10]], [[11, 12], [13, 14], [15]], [[16, 17, 18, 19]]]
+    packed = pack_options(contexts, options)
+    # context, then each option's tokens but its last: 3 + 0 + 2, 1 + 1 + 1 + 0, 2 + 3
+    assert [len(row) for row in packed.rows] == [5, 3, 5]
+    assert [packed_length(c, o) for c, o in zip(contexts, options, strict=True)] == [5, 3, 5]
+    assert [len(s) for s in packed.segments] == [5, 3, 5]
+    assert packed.rows[0] == [1, 2, 3, 8, 9]

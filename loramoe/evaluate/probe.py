@@ -78,6 +78,11 @@ class PackedOptions:
     # (state, token it predicts, fact, choice)
 
 
+def packed_length(context: list[int], choices: list[list[int]]) -> int:
+    """Tokens in a fact's packed row: its context, then every option but its last token."""
+    return len(context) + sum(len(choice) - 1 for choice in choices)
+
+
 def pack_options(contexts: list[list[int]], options: list[list[list[int]]]) -> PackedOptions:
     """Each fact's row, and which state predicts which of its choices' tokens."""
     packed = PackedOptions()
@@ -123,9 +128,8 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> 
         prefix = prefix if isinstance(prefix, str) else ""
         contexts.append(context_ids(tokenizer, prompt, prefix))
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
-    # by row length (context + longer options' tokens): least padding
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + sum(
-        len(c) - 1 for c in options[i]))
+    # by packed row length: batches of similar rows pad least
+    order = sorted(range(len(contexts)), key=lambda i: packed_length(contexts[i], options[i]))
     scores: dict[int, torch.Tensor] = {}
     model.eval()
     for at in range(0, len(order), batch_size):
