@@ -25,6 +25,7 @@ import torch
 from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
 from loramoe.data.collate import Collator, encode_records
+from loramoe.model import load_base_model
 from loramoe.pipeline import PipelineConfig
 from loramoe.precision import resolve_dtype
 from loramoe.train import TrainConfig
@@ -49,11 +50,22 @@ def trainer_model(pipeline: PipelineConfig, method: str, dtype: str,
     """(model, tokenizer, config, autocast) for `method` as the trainer builds them on the
     CPU in `dtype`: frozen weights stored in it, full SFT under autocast (precision_plan),
     and in bf16 the attention product in fp32 (loramoe/backends/attention.py) unless
-    `fp32_attention` is False."""
-    config = dataclasses.replace(pipeline.train_config({"method": method}, Path("unused"),
-                                                       Path("unused")), dtype=dtype)
+    `fp32_attention` is False. `method` "frozen" is the floor the adapters are measured
+    against: the base alone, stored as the adapter methods store it, every weight frozen and
+    the input embeddings requiring grad (so backward runs through every block), trained on
+    the plain LM loss (an "sft" config)."""
+    frozen = method == "frozen"
+    config = dataclasses.replace(
+        pipeline.train_config({"method": "lora" if frozen else method}, Path("unused"),
+                              Path("unused")), dtype=dtype)
     storage, autocast, _ = precision_plan(config, torch.device("cpu"))
-    model, tokenizer = build_model(config, storage)
+    if frozen:
+        model, tokenizer = load_base_model(config.model, dtype=storage)
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        config = dataclasses.replace(config, method="sft")
+    else:
+        model, tokenizer = build_model(config, storage)
     if fp32_attention:
         use_training_attention(model, storage, torch.device("cpu"))
     return model, tokenizer, config, autocast
@@ -78,9 +90,9 @@ def first_batches(config: TrainConfig, tokenizer, frame, count: int) -> list[dic
 
 
 def step(model, batch, config: TrainConfig, split: bool,
-         autocast: torch.dtype | None = None) -> None:
+         autocast: torch.dtype | None = None, optimizer=None) -> None:
     """The trainer's step: forward (under `autocast` if given, as full SFT in bf16), LBC,
-    backward; gradients dropped."""
+    backward, then `optimizer`'s step if one is given; gradients dropped."""
     context = (torch.autocast("cpu", dtype=autocast) if autocast is not None
                else contextlib.nullcontext())
     with context:
@@ -88,6 +100,8 @@ def step(model, batch, config: TrainConfig, split: bool,
         lbc, _ = lbc_term(routed, config)
         loss = lm_loss if lbc is None else lm_loss + config.loramoe.lbc_beta * lbc
     loss.backward()
+    if optimizer is not None:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
 
 

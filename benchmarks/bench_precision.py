@@ -1,15 +1,21 @@
 """bf16 vs fp32: the whole train step of every method on the default model, one run.
 
     python benchmarks/bench_precision.py [--batch 16] [--seq 64] [--repeats 6]
+    python benchmarks/bench_precision.py --workload trainer [--batches 4] [--repeats 6]
 
 Each method is built twice, once with its frozen weights stored in fp32 and once in bf16
-(`load_base_model(dtype=...)`; adapters and routers stay fp32), and the steps run
-interleaved, round after round. Full SFT in bf16 follows the trainer's recipe: fp32 master
-weights, bf16 compute under autocast. PEFT LoRA's dropout is the trainer's
-(PositionsDropout, loramoe/backends/dropout.py). In bf16 on a CPU the attention product runs
-in fp32, as the trainer runs it (loramoe/backends/attention.py; --attention sdpa: torch's
-bf16 kernel). Prints ms/step, tokens/s, bf16 speed-up per method and
-LoRAMoE / frozen base in each dtype.
+(adapters and routers stay fp32), and the steps run interleaved, round after round. Full
+SFT in bf16 follows the trainer's recipe: fp32 master weights, bf16 compute under autocast.
+In bf16 on a CPU the attention product runs in fp32, as the trainer runs it
+(loramoe/backends/attention.py; --attention sdpa: torch's bf16 kernel).
+
+Two workloads. `random` (default): a random batch × seq of token ids, every token a
+response token, torch's default thread count; PEFT LoRA's dropout is the trainer's
+(PositionsDropout, loramoe/backends/dropout.py). `trainer`: each method as the trainer
+builds it (bench_length_pieces.trainer_model) on the default mixture's first batches, the
+trainer's step (length pieces, response tokens only, LBC, backward, fused AdamW), one thread
+as a pipeline branch trains (--threads). Prints ms/step, tokens/s, the bf16 speed-up per
+method and each adapter method / frozen base in each dtype.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import statistics
 import time
 
+import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
 import torch
 from peft import LoraConfig, get_peft_model
 from train_step import make_step
@@ -25,9 +32,12 @@ from train_step import make_step
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 from loramoe.backends.attention import use_training_attention
 from loramoe.backends.dropout import use_positions_dropout
+from loramoe.train.objective import ResponseLM
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRAINER_METHODS = {"frozen base": "frozen", "PEFT LoRA": "lora", "LoRAMoE": "loramoe",
+                   "sft": "sft"}  # this script's names -> the trainer's
 
 
 def build(method: str, dtype: str, attention: str = "trainer"):
@@ -49,22 +59,64 @@ def build(method: str, dtype: str, attention: str = "trainer"):
     return model.train(), autocast
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--methods", default="frozen base,PEFT LoRA,LoRAMoE,sft")
-    parser.add_argument("--attention", choices=["trainer", "sdpa"], default="trainer")
-    args = parser.parse_args()
+def random_steps(methods: list[str], args) -> tuple[dict, int]:
+    """A step closure per (method, dtype) on one random batch, and its tokens a step."""
     torch.manual_seed(0)
     ids = torch.randint(100, 49_152, (args.batch, args.seq))
     steps = {}
-    for method in args.methods.split(","):
+    for method in methods:
         for dtype in DTYPES:
             model, autocast = build(method, dtype, args.attention)
             steps[(method, dtype)] = make_step(model, ids, method == "LoRAMoE", lr=1e-5,
                                                autocast=autocast)
+    return steps, args.batch * args.seq
+
+
+def trainer_steps(methods: list[str], args) -> tuple[dict, int]:
+    """A step closure per (method, dtype): the trainer's step over the default mixture's
+    first `args.batches` batches (the same batches for all), and its real tokens a step."""
+    pipeline, frame = bench_length_pieces.default_train_frame()
+    steps, batches = {}, None
+    for method in methods:
+        for dtype in DTYPES:
+            model, tokenizer, config, autocast = bench_length_pieces.trainer_model(
+                pipeline, TRAINER_METHODS[method], dtype, args.attention == "trainer")
+            batches = batches or bench_length_pieces.first_batches(config, tokenizer, frame,
+                                                                   args.batches)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
+            steps[(method, dtype)] = _trainer_step(ResponseLM(model).train(), batches, config,
+                                                   autocast, optimizer)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    return steps, round(tokens)
+
+
+def _trainer_step(model, batches, config, autocast, optimizer):
+    def run() -> None:  # one step per batch; the time is divided by len(batches)
+        for batch in batches:
+            bench_length_pieces.step(model, batch, config, True, autocast, optimizer)
+    run.batches = len(batches)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workload", choices=["random", "trainer"], default="random")
+    parser.add_argument("--batch", type=int, default=16, help="random workload")
+    parser.add_argument("--seq", type=int, default=64, help="random workload")
+    parser.add_argument("--batches", type=int, default=4, help="trainer workload")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="default: torch's (random), 1 (trainer)")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--methods", default="frozen base,PEFT LoRA,LoRAMoE,sft")
+    parser.add_argument("--attention", choices=["trainer", "sdpa"], default="trainer")
+    args = parser.parse_args()
+    threads = args.threads or (1 if args.workload == "trainer" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    methods = args.methods.split(",")
+    make = trainer_steps if args.workload == "trainer" else random_steps
+    steps, tokens = make(methods, args)
     for step in steps.values():  # warm-up
         step()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
@@ -72,29 +124,40 @@ def main() -> None:
         for key, step in steps.items():
             start = time.perf_counter()
             step()
-            times[key].append(time.perf_counter() - start)
-    report(times, args)
+            times[key].append((time.perf_counter() - start) / getattr(step, "batches", 1))
+    report(times, tokens, args)
 
 
-def report(times, args) -> None:
+def report(times, tokens: int, args) -> None:
     ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
-    tokens = args.batch * args.seq
-    print(f"Train step, SmolLM2-135M-Instruct, batch {args.batch} x {args.seq}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} rounds, "
-          f"attention in bf16: {args.attention}")
+    shape = (f"batch {args.batch} x {args.seq}" if args.workload == "random" else
+             f"the trainer's step on the default mixture's first {args.batches} batches "
+             f"({tokens} real tokens a step)")
+    print(f"Train step, SmolLM2-135M-Instruct, {shape}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {args.repeats} rounds, attention in bf16: "
+          f"{args.attention}")
     print(f"  {'method':<12} {'fp32 ms':>9} {'bf16 ms':>9} {'bf16 tok/s':>11} {'speed-up':>9}"
           f"  (per round: median, range)")
-    for method in dict.fromkeys(m for m, _ in times):
-        paired = [a / b for a, b in zip(times[(method, "fp32")], times[(method, "bf16")],
-                                        strict=True)]
+    methods = list(dict.fromkeys(m for m, _ in times))
+    for method in methods:
         print(f"  {method:<12} {ms[(method, 'fp32')]:9.1f} {ms[(method, 'bf16')]:9.1f} "
               f"{tokens / ms[(method, 'bf16')] * 1000:11.0f} "
               f"{ms[(method, 'fp32')] / ms[(method, 'bf16')]:8.2f}x  "
-              f"({statistics.median(paired):.2f}, {min(paired):.2f}-{max(paired):.2f})")
-    if ("LoRAMoE", "fp32") in ms and ("frozen base", "fp32") in ms:
+              f"({paired(times[(method, 'fp32')], times[(method, 'bf16')])})")
+    if "frozen base" not in methods:
+        return
+    for method in (m for m in methods if m in ("PEFT LoRA", "LoRAMoE")):
         for dtype in DTYPES:
-            print(f"  LoRAMoE / frozen base in {dtype}: "
-                  f"{ms[('LoRAMoE', dtype)] / ms[('frozen base', dtype)]:.3f}x")
+            print(f"  {method} / frozen base in {dtype}: "
+                  f"{ms[(method, dtype)] / ms[('frozen base', dtype)]:.3f}x  (per round: "
+                  f"{paired(times[(method, dtype)], times[('frozen base', dtype)])})")
+
+
+def paired(numerator: list[float], denominator: list[float]) -> str:
+    """'median, min-max' of the per-round ratios (a round's steps run seconds apart, so the
+    slow drift of a noisy machine cancels in them)."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    return f"{statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f}"
 
 
 if __name__ == "__main__":
