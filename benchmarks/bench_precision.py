@@ -59,8 +59,9 @@ def build(method: str, dtype: str, attention: str = "trainer"):
     return model.train(), autocast
 
 
-def random_steps(methods: list[str], args) -> tuple[dict, int]:
-    """A step closure per (method, dtype) on one random batch, and its tokens a step."""
+def random_steps(methods: list[str], args) -> tuple[dict, int, int]:
+    """A closure per (method, dtype) running one step on one random batch; its tokens a
+    step; steps a call (1)."""
     torch.manual_seed(0)
     ids = torch.randint(100, 49_152, (args.batch, args.seq))
     steps = {}
@@ -69,12 +70,13 @@ def random_steps(methods: list[str], args) -> tuple[dict, int]:
             model, autocast = build(method, dtype, args.attention)
             steps[(method, dtype)] = make_step(model, ids, method == "LoRAMoE", lr=1e-5,
                                                autocast=autocast)
-    return steps, args.batch * args.seq
+    return steps, args.batch * args.seq, 1
 
 
-def trainer_steps(methods: list[str], args) -> tuple[dict, int]:
-    """A step closure per (method, dtype): the trainer's step over the default mixture's
-    first `args.batches` batches (the same batches for all), and its real tokens a step."""
+def trainer_steps(methods: list[str], args) -> tuple[dict, int, int]:
+    """A closure per (method, dtype) running the trainer's step on each of the default
+    mixture's first `args.batches` batches (the same batches for all); real tokens a step;
+    steps a call."""
     pipeline, frame = bench_length_pieces.default_train_frame()
     steps, batches = {}, None
     for method in methods:
@@ -88,14 +90,13 @@ def trainer_steps(methods: list[str], args) -> tuple[dict, int]:
             steps[(method, dtype)] = _trainer_step(ResponseLM(model).train(), batches, config,
                                                    autocast, optimizer)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
-    return steps, round(tokens)
+    return steps, round(tokens), len(batches)
 
 
 def _trainer_step(model, batches, config, autocast, optimizer):
-    def run() -> None:  # one step per batch; the time is divided by len(batches)
+    def run() -> None:
         for batch in batches:
             bench_length_pieces.step(model, batch, config, True, autocast, optimizer)
-    run.batches = len(batches)
     return run
 
 
@@ -116,7 +117,7 @@ def main() -> None:
         torch.set_num_threads(threads)
     methods = args.methods.split(",")
     make = trainer_steps if args.workload == "trainer" else random_steps
-    steps, tokens = make(methods, args)
+    steps, tokens, per_call = make(methods, args)
     for step in steps.values():  # warm-up
         step()
     times: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
@@ -124,7 +125,7 @@ def main() -> None:
         for key, step in steps.items():
             start = time.perf_counter()
             step()
-            times[key].append((time.perf_counter() - start) / getattr(step, "batches", 1))
+            times[key].append((time.perf_counter() - start) / per_call)
     report(times, tokens, args)
 
 
