@@ -41,8 +41,9 @@ class TrainConfig:
     max_length: int = 256
     gradient_checkpointing: bool = False
     # on one process, run each batch in two pieces of similar length (train/pieces.py): the
-    # same samples and gradient with less padding (a default-model train step 17-24 % shorter
-    # in benchmarks/bench_length_pieces.py, fp32 CPU)
+    # same samples and gradient with less padding (a default-model train step 15-26 % shorter
+    # in fp32 on a CPU; in bf16 on an AMX CPU 5 % for LoRAMoE, 18 % for LoRA, none for full
+    # SFT: benchmarks/bench_length_pieces.py, docs/benchmarks.md §6)
     split_by_length: bool = True
     # frozen weights stored in this dtype (adapters and routers stay fp32); "auto": bf16
     # where the hardware multiplies it natively, else fp32 (loramoe/precision.py)
