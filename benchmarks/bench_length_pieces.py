@@ -17,6 +17,7 @@ import dataclasses
 import random
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
@@ -103,6 +104,15 @@ def step(model, batch, config: TrainConfig, split: bool,
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)
+
+
+def steps_on(model, batches: list[dict], config: TrainConfig,
+             autocast: torch.dtype | None = None, optimizer=None) -> Callable[[], None]:
+    """A closure running the trainer's step (in length pieces) on each of `batches`."""
+    def run() -> None:
+        for batch in batches:
+            step(model, batch, config, True, autocast, optimizer)
+    return run
 
 
 def main() -> None:

@@ -82,12 +82,8 @@ def trainer_steps(args) -> dict:
         model, tokenizer, config, autocast = bench_length_pieces.trainer_model(
             pipeline, "lora", dtype_name)
         batches = bench_length_pieces.first_batches(config, tokenizer, frame, args.batches)
-        objective = ResponseLM(model).train()
-
-        def run(o=objective, c=config, a=autocast, bs=batches):
-            for b in bs:
-                bench_length_pieces.step(o, b, c, split=True, autocast=a)
-
+        run = bench_length_pieces.steps_on(ResponseLM(model).train(), batches, config,
+                                           autocast)
         for variant in VARIANTS:
             steps[(dtype_name, variant)] = (model, run)
     seconds = timed(steps, args.trainer_rounds)

@@ -87,17 +87,10 @@ def trainer_steps(methods: list[str], args) -> tuple[dict, int, int]:
                                                                    args.batches)
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True) if params else None
-            steps[(method, dtype)] = _trainer_step(ResponseLM(model).train(), batches, config,
-                                                   autocast, optimizer)
+            steps[(method, dtype)] = bench_length_pieces.steps_on(
+                ResponseLM(model).train(), batches, config, autocast, optimizer)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     return steps, round(tokens), len(batches)
-
-
-def _trainer_step(model, batches, config, autocast, optimizer):
-    def run() -> None:
-        for batch in batches:
-            bench_length_pieces.step(model, batch, config, True, autocast, optimizer)
-    return run
 
 
 def main() -> None:
