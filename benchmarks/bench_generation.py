@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import tomllib
 import torch
+from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.data import build_mixture
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.run import generation_subset
 from loramoe.model import load_base_model
-from loramoe.pipeline import PipelineConfig
 from loramoe.precision import resolve_dtype
 from loramoe.train.builders import add_adapters
 from loramoe.train.config import TrainConfig
-
-CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
 
 
 def with_adapters(model, base_model: str, method: str):
@@ -54,8 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
-                                      base_dir=CONFIGS)
+    config = default_pipeline()
     frame = generation_subset(build_mixture(config.mixture).eval, config.eval_generate_per_task)
     knowledge = frame[frame["task_type"] == "knowledge"].reset_index(drop=True)
     dtype = resolve_dtype(args.dtype)

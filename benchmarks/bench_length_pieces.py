@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import tomllib
 import torch
+from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
@@ -35,14 +35,11 @@ from loramoe.train.loop import forward_batch, lbc_term
 from loramoe.train.objective import ResponseLM
 from loramoe.train.pieces import length_pieces
 
-CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
-
 
 def default_train_frame():
     """The default config and its mixture's largest train scale (what the trainer's step
     benchmarks train on)."""
-    pipeline = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
-                                        base_dir=CONFIGS)
+    pipeline = default_pipeline()
     return pipeline, build_mixture(pipeline.mixture).train[max(pipeline.mixture.scales)]
 
 

@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-import tomllib
 import torch
 from bench_generation import with_adapters  # a sibling script: benchmarks/ is on sys.path
+from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.data import build_mixture
 from loramoe.evaluate.probe import context_ids, probe_facts
 from loramoe.evaluate.stats import paired_binary, wilson_interval
 from loramoe.model import load_base_model
-from loramoe.pipeline import PipelineConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "flows" / "configs"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -46,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = PipelineConfig.from_dict(tomllib.loads((CONFIGS / "default.toml").read_text()),
-                                      base_dir=CONFIGS)
+    config = default_pipeline()
     facts = build_mixture(config.mixture).eval
     facts = facts.head(args.facts) if args.facts else facts
     results = {}
