@@ -3,7 +3,12 @@ and kept retention above the threshold by its lower bound; no promotion is an ou
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
+
 from loramoe.pipeline import choose_candidate
+from loramoe.pipeline.registry import challenge, current_champion
 
 
 def branch(name: str, downstream: float, vs_base: dict, retention: float, ci: list[float],
@@ -93,3 +98,117 @@ def test_a_marginal_gain_among_several_candidates_is_not_enough():
     assert reason.count("Holm p 0.090") == 3 and "not a significant gain" in reason
     alone, why = choose_candidate(three[:1], threshold=0.9)
     assert alone is three[0] and "Holm p 0.030" in why and "1 candidate;" in why
+
+
+# The challenge: a new adapter takes the alias only if it beats the current champion on the
+# same eval records (paired bootstrap, Holm over every candidate that earned promotion).
+
+def champion_items(n: int = 60) -> pd.DataFrame:
+    """The champion's per-item downstream scores: 20 of 60 items correct, two tasks."""
+    return pd.DataFrame({"id": [f"d{i}" for i in range(n)],
+                         "task": ["t1" if i % 2 else "t2" for i in range(n)],
+                         "task_type": "downstream", "score": [float(i % 3 == 0) for i in range(n)]})
+
+
+def challenger(name: str, fixed: int, start: int = 0) -> dict:
+    """A candidate that gets `fixed` more of the champion's wrong items right."""
+    items = champion_items()
+    wrong = items.index[items["score"] == 0][start:start + fixed]
+    items.loc[wrong, "score"] = 1.0
+    b = branch(name, float(items["score"].mean()), gain(0.2, [0.1, 0.3]), 0.99, [0.97, 1.0])
+    b["metrics"]["item_scores"] = items.to_dict(orient="list")
+    return b
+
+
+def holder(items: pd.DataFrame | None, why_not: str = "") -> dict:
+    return {"version": 3, "score": 1 / 3, "items": items, "why_not": why_not}
+
+
+def test_a_clear_gain_over_the_champion_on_the_same_items_takes_the_alias():
+    best = challenger("loramoe-256", fixed=10)  # +0.167, p 0.0002
+    promoted, why = challenge(best, [best], holder(champion_items()), "significant")
+    assert promoted
+    assert "beats current champion: downstream 0.167 vs current champion (version 3; " \
+           "95% CI [0.0833, 0.2667], Holm p 0.000 over 1 tested)" in why
+
+
+def test_a_gain_inside_the_noise_keeps_the_champion():
+    # The old rule moved the alias on any higher point score (+0.033 here, CI reaching 0).
+    best = challenger("loramoe-256", fixed=2)
+    promoted, why = challenge(best, [best], holder(champion_items()), "significant")
+    assert not promoted
+    assert "does not beat current champion significantly: downstream 0.033" in why
+    assert "Holm p 0.272" in why
+    same = challenger("loramoe-64", 0)
+    tie, _ = challenge(same, [same], holder(champion_items()), "significant")
+    assert not tie  # the same adapter again (a resumed run) does not move the alias
+
+
+def test_every_candidate_that_earned_it_is_one_family_against_the_champion():
+    # Alone, 4 items more is p = 0.030; the best of two such candidates is Holm p 0.060.
+    first, second = challenger("loramoe-64", 4), challenger("loramoe-256", 4, start=4)
+    alone, why = challenge(first, [first], holder(champion_items()), "significant")
+    assert alone and "Holm p 0.030 over 1 tested" in why
+    promoted, why = challenge(first, [first, second], holder(champion_items()), "significant")
+    assert not promoted and "Holm p 0.060 over 2 tested" in why
+
+
+def test_scores_on_other_eval_records_are_not_compared():
+    best = challenger("loramoe-256", fixed=10)
+    for rule in ("significant", "best"):
+        promoted, why = challenge(best, [best], holder(None, "it was evaluated on other eval "
+                                                             "records"), rule)
+        assert not promoted
+        assert "not compared with the current champion (version 3): it was evaluated on " \
+               "other eval records; it keeps the alias" in why
+
+
+def test_the_best_rule_compares_point_scores():
+    assert challenge(challenger("a", 1), [], holder(champion_items()), "best")[0]
+    kept, why = challenge(challenger("a", 0), [], holder(champion_items()), "best")
+    assert not kept and "does not beat current champion (version 3, 0.3333)" in why
+
+
+def test_the_reported_gain_of_the_best_of_several_is_called_optimistic():
+    two = [branch(f"loramoe-{s}", 0.3 + s / 1000, gain(0.2, [0.1, 0.3]), 0.99, [0.97, 1.0])
+           for s in (64, 256)]
+    best, reason = choose_candidate(two, threshold=0.9)
+    assert best is two[1]
+    assert "the highest of the 2 that earned it, so its gain is an optimistic estimate" in reason
+    assert "optimistic" not in choose_candidate(two[:1], threshold=0.9)[1]
+
+
+def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
+    """Its per-item scores come from its run's eval/metrics.json in MLflow, only when its
+    version records the same eval digest."""
+    import mlflow
+
+    from loramoe.tracking import store_folder
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
+    assert current_champion("m", "abc", tmp_path) is None  # no registered model yet
+    run_id = client.create_run(experiment).info.run_id
+    metrics = tmp_path / "eval" / "metrics.json"
+    metrics.parent.mkdir()
+    metrics.write_text(json.dumps({"item_scores": champion_items().to_dict(orient="list")}))
+    store_folder(run_id, [metrics], "eval")
+    client.create_registered_model("m")
+    version = client.create_model_version("m", f"runs:/{run_id}/model", run_id=run_id,
+                                          tags={"downstream_score": "0.333",
+                                                "eval_digest": "abc"})
+    assert current_champion("m", "abc", tmp_path) is None  # registered, but no alias yet
+    client.set_registered_model_alias("m", "champion", version.version)
+
+    found = current_champion("m", "abc", tmp_path / "w")
+    assert found["version"] == 1 and found["score"] == 0.333 and not found["why_not"]
+    pd.testing.assert_frame_equal(found["items"], champion_items())
+    other = current_champion("m", "def", tmp_path / "w2")
+    assert other["items"] is None and other["why_not"] == "it was evaluated on other eval records"
+    unknown = current_champion("m", None, tmp_path / "w3")
+    assert unknown["why_not"] == "this run does not record its eval records"
+    client.delete_run(run_id)
+    (tmp_path / "a").rename(tmp_path / "gone")  # its artifacts lost: not comparable
+    lost = current_champion("m", "abc", tmp_path / "w4")
+    assert lost["items"] is None and lost["why_not"].startswith("its scores could not be read")

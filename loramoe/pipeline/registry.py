@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from loramoe.pipeline.config import PipelineConfig
 from loramoe.pipeline.steps import restore_run_dir
@@ -66,30 +69,104 @@ def earned(branch: dict[str, Any], threshold: float, rule: str,
                   f"{_fmt_opt(retention)} (lower bound {_fmt_opt(low)} >= {threshold})")
 
 
-def choose_candidate(branches: list[dict[str, Any]], threshold: float,
-                     rule: str = "significant") -> tuple[dict | None, str]:
-    """Best LoRAMoE by downstream score among the branches that earned it (see `earned`);
-    none is a valid outcome, and the reason lists every branch's verdict. Every candidate's
-    gain over the base is tested, so their p-values are one Holm family: picking the best of
-    six is not six chances at a lucky "significant"."""
+def verdicts(branches: list[dict[str, Any]], threshold: float, rule: str
+             ) -> list[tuple[dict, bool, str]]:
+    """(branch, earned, why) for every successful LoRAMoE branch (see `earned`). Every
+    candidate's gain over the base is tested, so their p-values are one Holm family: picking
+    the best of six is not six chances at a lucky "significant"."""
     from loramoe.evaluate.stats import holm_adjust
 
     candidates = [b for b in branches if not b.get("error") and b["method"] == "loramoe"]
-    if not candidates:
-        return None, "no successful LoRAMoE branch"
     adjusted = holm_adjust([(b["metrics"].get("vs_base", {}).get("downstream") or {}).get("p")
                             for b in candidates])
-    verdicts = [(b, *earned(b, threshold, rule, p_holm))
-                for b, p_holm in zip(candidates, adjusted, strict=True)]
-    keeping = [b for b, ok, _ in verdicts if ok]
+    return [(b, *earned(b, threshold, rule, p_holm))
+            for b, p_holm in zip(candidates, adjusted, strict=True)]
+
+
+def choose_candidate(branches: list[dict[str, Any]], threshold: float,
+                     rule: str = "significant") -> tuple[dict | None, str]:
+    """Best LoRAMoE by downstream score among the branches that earned it (`verdicts`);
+    none is a valid outcome, and the reason lists every branch's verdict."""
+    judged = verdicts(branches, threshold, rule)
+    if not judged:
+        return None, "no successful LoRAMoE branch"
+    keeping = [b for b, ok, _ in judged if ok]
     if not keeping:
         return None, f"no LoRAMoE branch earned promotion (rule {rule}): " + "; ".join(
-            why for _, _, why in verdicts)
+            why for _, _, why in judged)
     best = max(keeping, key=lambda b: b["metrics"]["downstream_score"])
-    why = next(why for b, _, why in verdicts if b is best)
-    tested = f"{len(candidates)} candidate{'s' if len(candidates) != 1 else ''}"
+    why = next(why for b, _, why in judged if b is best)
+    tested = f"{len(judged)} candidate{'s' if len(judged) != 1 else ''}"
+    # The highest of several measured gains is biased upwards (the winner's curse).
+    optimistic = (f"; the highest of the {len(keeping)} that earned it, so its gain is an "
+                  f"optimistic estimate" if len(keeping) > 1 else "")
     return best, (f"{why} (rule {rule}, {tested}; best downstream "
-                  f"{best['metrics']['downstream_score']:.4f})")
+                  f"{best['metrics']['downstream_score']:.4f}{optimistic})")
+
+
+def current_champion(name: str, eval_digest: str | None, workdir: Path
+                     ) -> dict[str, Any] | None:
+    """The version the alias `champion` of `name` points to: {"version", "score", "items",
+    "why_not"}, where items are its per-item scores (id, task, task_type, score) read from
+    its run's eval/metrics.json when it was evaluated on these same eval records
+    (`eval_digest`), else None and why_not says why. None when there is no champion yet."""
+    from loramoe.tracking import alias_version, fetch_folder
+
+    found = alias_version(name, "champion")
+    if found is None:
+        return None
+    tags = found["tags"]
+    champion = {"version": found["version"], "items": None, "why_not": "",
+                "score": float(tags["downstream_score"]) if "downstream_score" in tags else None}
+    if eval_digest is None or tags.get("eval_digest") != eval_digest:
+        champion["why_not"] = (
+            "this run does not record its eval records" if eval_digest is None else
+            "it was evaluated on other eval records" if "eval_digest" in tags else
+            "its version does not record which eval records scored it")
+        return champion
+    try:
+        path = fetch_folder(found["run_id"], "eval/metrics.json", workdir / "champion")
+        champion["items"] = pd.DataFrame(json.loads(Path(path).read_text())["item_scores"])
+    except Exception as error:  # a deleted run, another store, no file: not comparable
+        champion["why_not"] = (f"its scores could not be read from run {found['run_id']} "
+                               f"({type(error).__name__}: {error})")
+    return champion
+
+
+def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion: dict[str, Any],
+              rule: str) -> tuple[bool, str]:
+    """Whether `best` (chosen among `earned_ones`) takes the alias from the current
+    `champion` (see `current_champion`), and why.
+
+    significant: its downstream score beats the champion's on the same items — the paired
+    bootstrap's p, Holm-adjusted over every candidate that earned promotion (each is tested
+    against the champion), is below 0.05 and the difference positive. best: the point score
+    is higher. Scores measured on other eval records are not compared: the alias stays.
+    """
+    from loramoe.evaluate.scoring import compare_with_base
+    from loramoe.evaluate.stats import ALPHA, holm_adjust
+
+    version, items = champion["version"], champion["items"]
+    if items is None:
+        return False, (f" — not compared with the current champion (version {version}): "
+                       f"{champion['why_not']}; it keeps the alias (move it by hand if this "
+                       f"adapter should serve)")
+    if rule == "best":
+        score, current = best["metrics"]["downstream_score"], champion["score"]
+        if current is None or score > current:
+            return True, f" — beats current champion (version {version}, {_fmt_opt(current)})"
+        return False, f" — does not beat current champion (version {version}, {current:.4f})"
+    tests = [compare_with_base(items, pd.DataFrame(b["metrics"]["item_scores"]))
+             .get("downstream") or {} for b in earned_ones]
+    adjusted = holm_adjust([t.get("p") for t in tests])
+    index = next(i for i, b in enumerate(earned_ones) if b is best)
+    test, p_holm = tests[index], adjusted[index]
+    text = (f"downstream {_fmt_opt(test.get('diff'))} vs current champion (version {version}; "
+            f"95% CI {_fmt_ci(test.get('ci'))}, Holm p {_fmt_opt(p_holm)} over "
+            f"{len(earned_ones)} tested)")
+    if p_holm is not None and p_holm < ALPHA and (test.get("diff") or 0) > 0:
+        return True, f" — beats current champion: {text}"
+    return False, f" — does not beat current champion significantly: {text}"
 
 
 def _fmt_ci(ci) -> str:
@@ -101,11 +178,16 @@ def _fmt_opt(value: float | None) -> str:
 
 
 def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
-                      parent_run_id: str, workdir: Path) -> dict[str, Any]:
-    """Log every adapter as a pyfunc model; register the best LoRAMoE and give it the alias
-    `champion` only if it beats the current champion's downstream score."""
+                      parent_run_id: str, workdir: Path, eval_frame: pd.DataFrame | None
+                      ) -> dict[str, Any]:
+    """Log every adapter as a pyfunc model; register the best LoRAMoE that earned it
+    (`choose_candidate`) and give it the alias `champion` if there is none yet, or if it
+    beats the current champion on the same eval records (`challenge`; `eval_frame` None:
+    they are unknown, so no champion is challenged)."""
+    from loramoe.data.records import write_records
+    from loramoe.evaluate.cache import file_digest
     from loramoe.serving.pyfunc import log_answer_model
-    from loramoe.tracking import alias_tags, log_metrics, register_version, set_alias, set_tag
+    from loramoe.tracking import log_metrics, register_version, set_alias, set_tag
 
     logged = {}
     for b in branches:
@@ -115,24 +197,27 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
         logged[b["name"]] = log_answer_model(b["mlflow_run_id"], run_dir,
                                              workdir / b["name"] / "staged",
                                              batch_size=config.eval_batch_size)
-    best, reason = choose_candidate(branches, config.retention_threshold, config.champion_rule)
+    rule = config.champion_rule
+    best, reason = choose_candidate(branches, config.retention_threshold, rule)
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}
     if best is not None:
-        score = best["metrics"]["downstream_score"]
-        champion = alias_tags(config.registered_model, "champion")
-        current = float(champion["downstream_score"]) if champion and \
-            "downstream_score" in champion else None
-        version = register_version(logged[best["name"]], config.registered_model,
-                                   {"downstream_score": str(score)})
+        digest = (file_digest(write_records(eval_frame, workdir / "eval.jsonl"))
+                  if eval_frame is not None else None)
+        champion = current_champion(config.registered_model, digest, workdir)
+        tags = {"downstream_score": str(best["metrics"]["downstream_score"]),
+                **({"eval_digest": digest} if digest else {})}
+        version = register_version(logged[best["name"]], config.registered_model, tags)
         decision["version"] = version
-        if current is None or score > current:
-            set_alias(config.registered_model, "champion", version)
-            decision["promoted"] = True
-            decision["reason"] += (" — first champion" if current is None else
-                                   f" — beats current champion ({current:.4f})")
+        if champion is None:
+            promoted, why = True, " — first champion"
         else:
-            decision["reason"] += f" — does not beat current champion ({current:.4f})"
+            earned_ones = [b for b, ok, _ in verdicts(branches, config.retention_threshold,
+                                                      rule) if ok]
+            promoted, why = challenge(best, earned_ones, champion, rule)
+        if promoted:
+            set_alias(config.registered_model, "champion", version)
+        decision["promoted"], decision["reason"] = promoted, decision["reason"] + why
     set_tag(parent_run_id, "champion_decision", decision["reason"])
     log_metrics(parent_run_id, {"champion_promoted": float(decision["promoted"])})
     return decision

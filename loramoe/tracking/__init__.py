@@ -1,6 +1,6 @@
 """MLflow tracking: the only part of loramoe that calls MLflow (runs, models, registry)."""
 
-from loramoe.tracking.models import alias_tags, log_code_model, register_version, set_alias
+from loramoe.tracking.models import alias_version, log_code_model, register_version, set_alias
 from loramoe.tracking.runs import (
     DEFAULT_DB,
     MlflowSink,
@@ -23,7 +23,7 @@ from loramoe.tracking.runs import (
 )
 
 __all__ = [
-    "DEFAULT_DB", "MlflowSink", "TrackingError", "alias_tags", "check_store", "current_store",
+    "DEFAULT_DB", "MlflowSink", "TrackingError", "alias_version", "check_store", "current_store",
     "end_run",
     "fetch_folder", "flatten", "log_code_model", "log_metrics", "log_params",
     "register_version", "set_alias", "set_tag", "setup", "start_child_run",

@@ -29,15 +29,17 @@ def register_version(model_uri: str, name: str, tags: dict[str, str]) -> int:
     return int(version.version)
 
 
-def alias_tags(name: str, alias: str) -> dict[str, str] | None:
-    """The tags of the version `alias` points to; None if there is no such model or alias."""
+def alias_version(name: str, alias: str) -> dict[str, Any] | None:
+    """The version `alias` points to, as {"version", "run_id", "tags"}; None if there is no
+    such model or alias."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(mlflow.MlflowClient().get_model_version_by_alias(name, alias).tags)
+        found = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:  # no registered model, or no alias yet
         return None
+    return {"version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags)}
 
 
 def set_alias(name: str, alias: str, version: int) -> None:

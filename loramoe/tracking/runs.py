@@ -142,7 +142,7 @@ def store_folder(run_id: str, paths: list[Path], artifact_path: str) -> str:
 
 
 def fetch_folder(run_id: str, artifact_path: str, destination: Path) -> Path:
-    """Download a folder logged with store_folder; returns its local copy."""
+    """Download a folder (or one file in it) logged with store_folder; returns its local copy."""
     import mlflow
 
     destination.mkdir(parents=True, exist_ok=True)
