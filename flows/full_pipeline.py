@@ -213,7 +213,7 @@ class LoRAMoEPipeline(FlowSpec):
 
         self.merge_artifacts(inputs, include=["pipeline_config", "resolved", "workdir",
                                               "tracking_uri", "experiment_id", "parent_run_id",
-                                              "base_metrics", "started", "shortfall", "eval_set"])
+                                              "base_metrics", "started", "shortfall"])
         self.outcomes = [branch_outcome(branch) for branch in inputs]
         # the run's wall time up to here, fixed now: a resume from compare clones this step,
         # so its report states the original run's time, not hours since its start
@@ -248,11 +248,9 @@ class LoRAMoEPipeline(FlowSpec):
         from loramoe.tracking import use_store
 
         use_store(self.tracking_uri)
-        # None for a run joined before the join step kept it: then no champion is challenged
-        eval_set = getattr(self, "eval_set", None)
         with scratch("register") as workdir:
             self.decision = register_champion(self.pipeline_config, self.outcomes,
-                                              self.parent_run_id, workdir, eval_set)
+                                              self.parent_run_id, workdir)
         print(f"champion decision: {self.decision['reason']}")
         self.next(self.end)
 

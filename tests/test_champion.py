@@ -8,7 +8,12 @@ import json
 import pandas as pd
 
 from loramoe.pipeline import choose_candidate
-from loramoe.pipeline.registry import challenge, current_champion
+from loramoe.pipeline.registry import (
+    challenge,
+    current_champion,
+    not_comparable,
+    scored_by_tags,
+)
 
 
 def branch(name: str, downstream: float, vs_base: dict, retention: float, ci: list[float],
@@ -178,9 +183,27 @@ def test_the_reported_gain_of_the_best_of_several_is_called_optimistic():
     assert "optimistic" not in choose_candidate(two[:1], threshold=0.9)[1]
 
 
+SCORED = {"eval_records": "abc", "eval_code": "c1"}
+
+
+def test_scores_are_paired_only_when_the_same_records_and_code_scored_them():
+    assert not_comparable(SCORED, SCORED) == ""
+    assert not_comparable(SCORED, {**SCORED, "eval_records": "def"}) == \
+        "it was evaluated on other eval records"
+    assert not_comparable(SCORED, {**SCORED, "eval_code": "c2"}).startswith(
+        "it was scored by other evaluation code")
+    assert not_comparable({"downstream_score": "0.3"}, SCORED) == \
+        "its version does not record what scored it"  # registered before versions did
+    assert not_comparable(SCORED, {}) == "this run does not record what scored it"
+    b = branch("loramoe-256", 0.3, gain(0.2, [0.1, 0.3]), 0.99, [0.97, 1.0])
+    assert scored_by_tags(b) == {}
+    b["metrics"]["scored_by"] = {"records": "abc", "code": "c1"}  # as evaluate() writes it
+    assert scored_by_tags(b) == SCORED
+
+
 def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
     """Its per-item scores come from its run's eval/metrics.json in MLflow, only when its
-    version records the same eval digest."""
+    version records the same eval records and evaluation code."""
     import mlflow
 
     from loramoe.tracking import store_folder
@@ -188,7 +211,7 @@ def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
-    assert current_champion("m", "abc", tmp_path) is None  # no registered model yet
+    assert current_champion("m", SCORED, tmp_path) is None  # no registered model yet
     run_id = client.create_run(experiment).info.run_id
     metrics = tmp_path / "eval" / "metrics.json"
     metrics.parent.mkdir()
@@ -196,19 +219,16 @@ def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
     store_folder(run_id, [metrics], "eval")
     client.create_registered_model("m")
     version = client.create_model_version("m", f"runs:/{run_id}/model", run_id=run_id,
-                                          tags={"downstream_score": "0.333",
-                                                "eval_digest": "abc"})
-    assert current_champion("m", "abc", tmp_path) is None  # registered, but no alias yet
+                                          tags={"downstream_score": "0.333", **SCORED})
+    assert current_champion("m", SCORED, tmp_path) is None  # registered, but no alias yet
     client.set_registered_model_alias("m", "champion", version.version)
 
-    found = current_champion("m", "abc", tmp_path / "w")
+    found = current_champion("m", SCORED, tmp_path / "w")
     assert found["version"] == 1 and found["score"] == 0.333 and not found["why_not"]
     pd.testing.assert_frame_equal(found["items"], champion_items())
-    other = current_champion("m", "def", tmp_path / "w2")
+    other = current_champion("m", {**SCORED, "eval_records": "def"}, tmp_path / "w2")
     assert other["items"] is None and other["why_not"] == "it was evaluated on other eval records"
-    unknown = current_champion("m", None, tmp_path / "w3")
-    assert unknown["why_not"] == "this run does not record its eval records"
     client.delete_run(run_id)
     (tmp_path / "a").rename(tmp_path / "gone")  # its artifacts lost: not comparable
-    lost = current_champion("m", "abc", tmp_path / "w4")
+    lost = current_champion("m", SCORED, tmp_path / "w4")
     assert lost["items"] is None and lost["why_not"].startswith("its scores could not be read")

@@ -90,6 +90,11 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
     lines = (tmp_path / "tuned" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == len(eval_file.read_text().splitlines())
     assert {"prediction", "score", "answers"} <= set(json.loads(lines[0]))
+    # what scored them, for the registry's champion comparison across runs
+    from loramoe.evaluate.cache import code_digest, file_digest
+
+    assert metrics["scored_by"] == base["scored_by"] == {"records": file_digest(eval_file),
+                                                         "code": code_digest()}
 
 
 def test_style_breakdown_separates_format_losses_from_knowledge_losses():

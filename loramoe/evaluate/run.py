@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from loramoe.evaluate.cache import code_digest, file_digest
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
@@ -114,6 +115,8 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     metrics["generated_items"] = int(len(frame))
     # per item, so the comparison step can pair two branches' downstream scores
     metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
+    # what scored them, so scores from another run are paired only when they are comparable
+    metrics["scored_by"] = {"records": file_digest(Path(eval_file)), "code": code_digest()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

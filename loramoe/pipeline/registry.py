@@ -104,25 +104,48 @@ def choose_candidate(branches: list[dict[str, Any]], threshold: float,
                   f"{best['metrics']['downstream_score']:.4f}{optimistic})")
 
 
-def current_champion(name: str, eval_digest: str | None, workdir: Path
+SCORED_BY_TAGS = {"records": "eval_records", "code": "eval_code"}  # version tags
+
+
+def scored_by_tags(branch: dict[str, Any]) -> dict[str, str]:
+    """The version tags that say what scored this branch: the eval records' sha256 and the
+    evaluation code's (loramoe/evaluate/run.py, `scored_by`); {} for an older branch."""
+    found = branch["metrics"].get("scored_by") or {}
+    return {tag: found[key] for key, tag in SCORED_BY_TAGS.items() if key in found}
+
+
+def not_comparable(champion_tags: dict[str, str], scored_by: dict[str, str]) -> str:
+    """Why scores of the champion's version and of a branch scored as `scored_by` (tags,
+    `scored_by_tags`) cannot be paired, or ''."""
+    if len(scored_by) < len(SCORED_BY_TAGS):
+        return "this run does not record what scored it"
+    if any(tag not in champion_tags for tag in SCORED_BY_TAGS.values()):
+        return "its version does not record what scored it"
+    if champion_tags["eval_records"] != scored_by["eval_records"]:
+        return "it was evaluated on other eval records"
+    if champion_tags["eval_code"] != scored_by["eval_code"]:
+        return ("it was scored by other evaluation code (loramoe/evaluate, the prompt "
+                "formatting, or the torch/transformers versions)")
+    return ""
+
+
+def current_champion(name: str, scored_by: dict[str, str], workdir: Path
                      ) -> dict[str, Any] | None:
     """The version the alias `champion` of `name` points to: {"version", "score", "items",
     "why_not"}, where items are its per-item scores (id, task, task_type, score) read from
-    its run's eval/metrics.json when it was evaluated on these same eval records
-    (`eval_digest`), else None and why_not says why. None when there is no champion yet."""
+    its run's eval/metrics.json when it was scored as `scored_by` says (the same eval records
+    and evaluation code, `scored_by_tags`), else None and why_not says why. None when there
+    is no champion yet."""
     from loramoe.tracking import alias_version, fetch_folder
 
     found = alias_version(name, "champion")
     if found is None:
         return None
     tags = found["tags"]
-    champion = {"version": found["version"], "items": None, "why_not": "",
+    champion = {"version": found["version"], "items": None,
+                "why_not": not_comparable(tags, scored_by),
                 "score": float(tags["downstream_score"]) if "downstream_score" in tags else None}
-    if eval_digest is None or tags.get("eval_digest") != eval_digest:
-        champion["why_not"] = (
-            "this run does not record its eval records" if eval_digest is None else
-            "it was evaluated on other eval records" if "eval_digest" in tags else
-            "its version does not record which eval records scored it")
+    if champion["why_not"]:
         return champion
     try:
         path = fetch_folder(found["run_id"], "eval/metrics.json", workdir / "champion")
@@ -141,7 +164,8 @@ def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion:
     significant: its downstream score beats the champion's on the same items — the paired
     bootstrap's p, Holm-adjusted over every candidate that earned promotion (each is tested
     against the champion), is below 0.05 and the difference positive. best: the point score
-    is higher. Scores measured on other eval records are not compared: the alias stays.
+    is higher. Scores measured on other eval records or by other evaluation code are not
+    compared: the alias stays.
     """
     from loramoe.evaluate.scoring import compare_with_base
     from loramoe.evaluate.stats import ALPHA, holm_adjust
@@ -178,14 +202,11 @@ def _fmt_opt(value: float | None) -> str:
 
 
 def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
-                      parent_run_id: str, workdir: Path, eval_frame: pd.DataFrame | None
-                      ) -> dict[str, Any]:
+                      parent_run_id: str, workdir: Path) -> dict[str, Any]:
     """Log every adapter as a pyfunc model; register the best LoRAMoE that earned it
     (`choose_candidate`) and give it the alias `champion` if there is none yet, or if it
-    beats the current champion on the same eval records (`challenge`; `eval_frame` None:
-    they are unknown, so no champion is challenged)."""
-    from loramoe.data.records import write_records
-    from loramoe.evaluate.cache import file_digest
+    beats the current champion on the same eval records, scored by the same code
+    (`challenge`)."""
     from loramoe.serving.pyfunc import log_answer_model
     from loramoe.tracking import log_metrics, register_version, set_alias, set_tag
 
@@ -202,11 +223,9 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}
     if best is not None:
-        digest = (file_digest(write_records(eval_frame, workdir / "eval.jsonl"))
-                  if eval_frame is not None else None)
-        champion = current_champion(config.registered_model, digest, workdir)
-        tags = {"downstream_score": str(best["metrics"]["downstream_score"]),
-                **({"eval_digest": digest} if digest else {})}
+        scored_by = scored_by_tags(best)
+        champion = current_champion(config.registered_model, scored_by, workdir)
+        tags = {"downstream_score": str(best["metrics"]["downstream_score"]), **scored_by}
         version = register_version(logged[best["name"]], config.registered_model, tags)
         decision["version"] = version
         if champion is None:
