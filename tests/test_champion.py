@@ -183,7 +183,8 @@ def test_the_reported_gain_of_the_best_of_several_is_called_optimistic():
     assert "optimistic" not in choose_candidate(two[:1], threshold=0.9)[1]
 
 
-SCORED = {"eval_records": "abc", "eval_code": "c1"}
+SETTINGS = '{"batch_size": 16, "device": "cpu", "dtype": "bfloat16", "generate_per_task": 12}'
+SCORED = {"eval_records": "abc", "eval_code": "c1", "eval_settings": SETTINGS}
 
 
 def test_scores_are_paired_only_when_the_same_records_and_code_scored_them():
@@ -192,18 +193,22 @@ def test_scores_are_paired_only_when_the_same_records_and_code_scored_them():
         "it was evaluated on other eval records"
     assert not_comparable(SCORED, {**SCORED, "eval_code": "c2"}).startswith(
         "it was scored by other evaluation code")
+    fp32 = SETTINGS.replace("bfloat16", "float32")
+    assert not_comparable(SCORED, {**SCORED, "eval_settings": fp32}) == \
+        f"it was scored with other evaluation settings ({SETTINGS} vs {fp32})"
     assert not_comparable({"downstream_score": "0.3"}, SCORED) == \
         "its version does not record what scored it"  # registered before versions did
     assert not_comparable(SCORED, {}) == "this run does not record what scored it"
     b = branch("loramoe-256", 0.3, gain(0.2, [0.1, 0.3]), 0.99, [0.97, 1.0])
     assert scored_by_tags(b) == {}
-    b["metrics"]["scored_by"] = {"records": "abc", "code": "c1"}  # as evaluate() writes it
+    b["metrics"]["scored_by"] = {"records": "abc", "code": "c1",  # as evaluate() writes it
+                                 "settings": SETTINGS}
     assert scored_by_tags(b) == SCORED
 
 
 def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
     """Its per-item scores come from its run's eval/metrics.json in MLflow, only when its
-    version records the same eval records and evaluation code."""
+    version records the same eval records, evaluation code and settings."""
     import mlflow
 
     from loramoe.tracking import store_folder

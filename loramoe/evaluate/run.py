@@ -115,10 +115,21 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     metrics["generated_items"] = int(len(frame))
     # per item, so the comparison step can pair two branches' downstream scores
     metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
-    # what scored them, so scores from another run are paired only when they are comparable
-    metrics["scored_by"] = {"records": file_digest(Path(eval_file)), "code": code_digest()}
+    # so scores from another run are paired with these only when they are comparable
+    metrics["scored_by"] = scored_by(Path(eval_file), hf_model, batch_size, generate_per_task)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
+              ) -> dict[str, str]:
+    """What produced a run's scores, as the base-evaluation cache keys it: the eval records'
+    sha256, the evaluation code's digest (cache.code_digest) and the settings that can move a
+    score (the weights' dtype, the device type, the batch size, generate_per_task)."""
+    settings = {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
+                "batch_size": batch_size, "generate_per_task": generate_per_task}
+    return {"records": file_digest(eval_file), "code": code_digest(),
+            "settings": json.dumps(settings, sort_keys=True)}
 
 
 def probe_metrics(model, tokenizer, full: pd.DataFrame, out: Path, base_dir, batch_size: int,

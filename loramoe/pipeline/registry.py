@@ -104,12 +104,17 @@ def choose_candidate(branches: list[dict[str, Any]], threshold: float,
                   f"{best['metrics']['downstream_score']:.4f}{optimistic})")
 
 
-SCORED_BY_TAGS = {"records": "eval_records", "code": "eval_code"}  # version tags
+SCORED_BY_TAGS = {"records": "eval_records", "code": "eval_code", "settings": "eval_settings"}
+# why a champion's scores cannot be paired with a branch's, by the version tag that differs
+DIFFERS = {"eval_records": "it was evaluated on other eval records",
+           "eval_code": "it was scored by other evaluation code (loramoe/evaluate, the prompt "
+                        "formatting, or the torch/transformers versions)",
+           "eval_settings": "it was scored with other evaluation settings"}
 
 
 def scored_by_tags(branch: dict[str, Any]) -> dict[str, str]:
-    """The version tags that say what scored this branch: the eval records' sha256 and the
-    evaluation code's (loramoe/evaluate/run.py, `scored_by`); {} for an older branch."""
+    """The version tags that say what scored this branch: its eval records, evaluation code
+    and settings (loramoe/evaluate/run.py, `scored_by`); {} for an older branch."""
     found = branch["metrics"].get("scored_by") or {}
     return {tag: found[key] for key, tag in SCORED_BY_TAGS.items() if key in found}
 
@@ -121,11 +126,10 @@ def not_comparable(champion_tags: dict[str, str], scored_by: dict[str, str]) -> 
         return "this run does not record what scored it"
     if any(tag not in champion_tags for tag in SCORED_BY_TAGS.values()):
         return "its version does not record what scored it"
-    if champion_tags["eval_records"] != scored_by["eval_records"]:
-        return "it was evaluated on other eval records"
-    if champion_tags["eval_code"] != scored_by["eval_code"]:
-        return ("it was scored by other evaluation code (loramoe/evaluate, the prompt "
-                "formatting, or the torch/transformers versions)")
+    for tag, why in DIFFERS.items():
+        if champion_tags[tag] != scored_by[tag]:
+            return why + (f" ({champion_tags[tag]} vs {scored_by[tag]})"
+                          if tag == "eval_settings" else "")
     return ""
 
 
@@ -133,9 +137,9 @@ def current_champion(name: str, scored_by: dict[str, str], workdir: Path
                      ) -> dict[str, Any] | None:
     """The version the alias `champion` of `name` points to: {"version", "score", "items",
     "why_not"}, where items are its per-item scores (id, task, task_type, score) read from
-    its run's eval/metrics.json when it was scored as `scored_by` says (the same eval records
-    and evaluation code, `scored_by_tags`), else None and why_not says why. None when there
-    is no champion yet."""
+    its run's eval/metrics.json when it was scored as `scored_by` says (the same eval records,
+    evaluation code and settings, `scored_by_tags`), else None and why_not says why. None
+    when there is no champion yet."""
     from loramoe.tracking import alias_version, fetch_folder
 
     found = alias_version(name, "champion")
@@ -164,8 +168,8 @@ def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion:
     significant: its downstream score beats the champion's on the same items — the paired
     bootstrap's p, Holm-adjusted over every candidate that earned promotion (each is tested
     against the champion), is below 0.05 and the difference positive. best: the point score
-    is higher. Scores measured on other eval records or by other evaluation code are not
-    compared: the alias stays.
+    is higher. Scores measured on other eval records, by other evaluation code or with other
+    settings are not compared: the alias stays.
     """
     from loramoe.evaluate.scoring import compare_with_base
     from loramoe.evaluate.stats import ALPHA, holm_adjust
@@ -205,8 +209,8 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
                       parent_run_id: str, workdir: Path) -> dict[str, Any]:
     """Log every adapter as a pyfunc model; register the best LoRAMoE that earned it
     (`choose_candidate`) and give it the alias `champion` if there is none yet, or if it
-    beats the current champion on the same eval records, scored by the same code
-    (`challenge`)."""
+    beats the current champion on the same eval records, scored by the same code and
+    settings (`challenge`)."""
     from loramoe.serving.pyfunc import log_answer_model
     from loramoe.tracking import log_metrics, register_version, set_alias, set_tag
 
