@@ -213,7 +213,7 @@ class LoRAMoEPipeline(FlowSpec):
 
         self.merge_artifacts(inputs, include=["pipeline_config", "resolved", "workdir",
                                               "tracking_uri", "experiment_id", "parent_run_id",
-                                              "base_metrics", "started", "shortfall"])
+                                              "base_metrics", "started", "shortfall", "eval_set"])
         self.outcomes = [branch_outcome(branch) for branch in inputs]
         # the run's wall time up to here, fixed now: a resume from compare clones this step,
         # so its report states the original run's time, not hours since its start
@@ -243,14 +243,18 @@ class LoRAMoEPipeline(FlowSpec):
     def register(self):
         """Log every adapter as an MLflow pyfunc model; register the best LoRAMoE that beat the
         base significantly and kept retention, and move the alias `champion` to it if there is
-        none yet or it beats the current champion on the same eval records (paired test)."""
+        none yet or it beats the current champion on the same eval records (paired test; a
+        champion scored on other records, code or settings is evaluated again here)."""
         from loramoe.pipeline import register_champion
         from loramoe.tracking import use_store
 
         use_store(self.tracking_uri)
+        # for a champion scored otherwise, evaluated again on this run's eval set (None: a run
+        # joined before the join step kept it; that champion is then not compared)
+        eval_set = getattr(self, "eval_set", None)
         with scratch("register") as workdir:
             self.decision = register_champion(self.pipeline_config, self.outcomes,
-                                              self.parent_run_id, workdir)
+                                              self.parent_run_id, workdir, eval_set)
         print(f"champion decision: {self.decision['reason']}")
         self.next(self.end)
 

@@ -12,6 +12,7 @@ from loramoe.pipeline.registry import (
     challenge,
     current_champion,
     not_comparable,
+    reevaluate_champion,
     scored_by_tags,
 )
 
@@ -126,7 +127,8 @@ def challenger(name: str, fixed: int, start: int = 0) -> dict:
 
 
 def holder(items: pd.DataFrame | None, why_not: str = "") -> dict:
-    return {"version": 3, "score": 1 / 3, "items": items, "why_not": why_not}
+    return {"version": 3, "run_id": "r", "score": 1 / 3, "items": items, "why_not": why_not,
+            "note": ""}
 
 
 def test_a_clear_gain_over_the_champion_on_the_same_items_takes_the_alias():
@@ -237,3 +239,25 @@ def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
     (tmp_path / "a").rename(tmp_path / "gone")  # its artifacts lost: not comparable
     lost = current_champion("m", SCORED, tmp_path / "w4")
     assert lost["items"] is None and lost["why_not"].startswith("its scores could not be read")
+
+
+def test_a_champion_that_cannot_be_evaluated_again_is_not_compared(tmp_path):
+    """Its run's trained folder is gone (another store, a deleted run): the reason says so."""
+    from pathlib import Path
+
+    import mlflow
+    import tomllib
+
+    from loramoe.pipeline.config import PipelineConfig
+
+    smoke = Path(__file__).parents[1] / "flows" / "configs" / "smoke.toml"
+    config = PipelineConfig.from_dict(tomllib.loads(smoke.read_text()))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    champion = {"version": 2, "run_id": "0" * 32, "items": None, "note": "", "score": 0.3,
+                "why_not": "it was evaluated on other eval records"}
+    found = reevaluate_champion(config, champion, champion_items(), SCORED, tmp_path)
+    assert found["items"] is None
+    assert found["why_not"].startswith("it was evaluated on other eval records, and "
+                                       "evaluating it again here failed (")
+    promoted, why = challenge(challenger("a", 10), [], found, "significant")
+    assert not promoted and "not compared with the current champion (version 2)" in why

@@ -222,6 +222,37 @@ def test_champion_alias_and_decision(smoke_run):
     assert len(decision["logged_models"]) == 4  # every successful branch's adapter
 
 
+def test_a_champion_scored_otherwise_is_evaluated_again(smoke_run, tmp_path):
+    """A champion whose version says it was scored with other settings (as after a change of
+    eval batch size, dtype, evaluation code or records) cannot be paired with this run's
+    scores: the registry evaluates it again on this run's eval set and compares that."""
+    from loramoe.pipeline import register_champion
+
+    workdir, run, _, _ = smoke_run
+    client = mlflow_client(workdir)
+    champion = client.get_model_version_by_alias("loramoe-smoke", "champion")
+    settings = champion.tags["eval_settings"]
+    other = settings.replace('"batch_size": ', '"batch_size": 1')  # e.g. 16 -> 116
+    client.set_model_version_tag("loramoe-smoke", champion.version, "eval_settings", other)
+    try:
+        decision = register_champion(run["start"].task.data.pipeline_config,
+                                     run["join"].task.data.outcomes,
+                                     run["start"].task.data.parent_run_id, tmp_path,
+                                     run["ingest"].task.data.eval_set)
+    finally:
+        client.set_model_version_tag("loramoe-smoke", champion.version, "eval_settings",
+                                     settings)
+    # the same adapter evaluated again under the same settings: a tie, the alias stays
+    assert not decision["promoted"]
+    assert (f"does not beat current champion (version {champion.version}, evaluated again "
+            f"here: it was scored with other evaluation settings ({other} vs {settings})"
+            in decision["reason"])
+    assert client.get_model_version_by_alias("loramoe-smoke", "champion").version == \
+        champion.version
+    assert client.get_model_version("loramoe-smoke", decision["version"]).tags[
+        "eval_settings"] == settings
+
+
 def test_resume_reruns_from_compare(smoke_run):
     from metaflow import Runner
 

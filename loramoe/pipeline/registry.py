@@ -135,19 +135,19 @@ def not_comparable(champion_tags: dict[str, str], scored_by: dict[str, str]) -> 
 
 def current_champion(name: str, scored_by: dict[str, str], workdir: Path
                      ) -> dict[str, Any] | None:
-    """The version the alias `champion` of `name` points to: {"version", "score", "items",
-    "why_not"}, where items are its per-item scores (id, task, task_type, score) read from
-    its run's eval/metrics.json when it was scored as `scored_by` says (the same eval records,
-    evaluation code and settings, `scored_by_tags`), else None and why_not says why. None
-    when there is no champion yet."""
+    """The version the alias `champion` of `name` points to: {"version", "run_id", "score",
+    "items", "why_not", "note"}. items: its per-item scores (id, task, task_type, score),
+    read from its run's eval/metrics.json when it was scored as `scored_by` says (the same
+    eval records, evaluation code and settings, `scored_by_tags`), else None and why_not
+    says why; note: what `reevaluate_champion` did. None when there is no champion yet."""
     from loramoe.tracking import alias_version, fetch_folder
 
     found = alias_version(name, "champion")
     if found is None:
         return None
     tags = found["tags"]
-    champion = {"version": found["version"], "items": None,
-                "why_not": not_comparable(tags, scored_by),
+    champion = {"version": found["version"], "run_id": found["run_id"], "items": None,
+                "why_not": not_comparable(tags, scored_by), "note": "",
                 "score": float(tags["downstream_score"]) if "downstream_score" in tags else None}
     if champion["why_not"]:
         return champion
@@ -158,6 +158,36 @@ def current_champion(name: str, scored_by: dict[str, str], workdir: Path
         champion["why_not"] = (f"its scores could not be read from run {found['run_id']} "
                                f"({type(error).__name__}: {error})")
     return champion
+
+
+def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
+                        eval_frame: pd.DataFrame, scored_by: dict[str, str], workdir: Path
+                        ) -> dict[str, Any]:
+    """A champion whose scores cannot be paired with this run's (`current_champion`'s
+    why_not), evaluated again here: its trained folder from its run, this run's eval records,
+    code and settings. Its items and score replace the old ones when the new evaluation is
+    comparable; otherwise, or when it fails (its run's files or its base model gone), the
+    champion is returned as it was, why_not saying what happened."""
+    from loramoe.data.records import write_records
+    from loramoe.evaluate import evaluate
+    from loramoe.pipeline.steps import TRAINED
+
+    here = workdir / "champion_again"
+    try:
+        run_dir = restore_run_dir({"store": {"mlflow_run_id": champion["run_id"],
+                                             "artifact_path": TRAINED}}, here / "run")
+        metrics = evaluate(write_records(eval_frame, here / "eval.jsonl"), here / "eval",
+                           run=run_dir, batch_size=config.eval_batch_size, progress=False,
+                           generate_per_task=config.eval_generate_per_task)
+    except Exception as error:  # its run's files gone, its base model not found
+        return {**champion, "why_not": f"{champion['why_not']}, and evaluating it again here "
+                                       f"failed ({type(error).__name__}: {error})"}
+    again = not_comparable(scored_by_tags({"metrics": metrics}), scored_by)
+    if again:
+        return {**champion, "why_not": f"{champion['why_not']}; evaluated again here, {again}"}
+    return {**champion, "items": pd.DataFrame(metrics["item_scores"]), "why_not": "",
+            "score": metrics["downstream_score"],
+            "note": f", evaluated again here: {champion['why_not']}"}
 
 
 def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion: dict[str, Any],
@@ -182,14 +212,17 @@ def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion:
     if rule == "best":
         score, current = best["metrics"]["downstream_score"], champion["score"]
         if current is None or score > current:
-            return True, f" — beats current champion (version {version}, {_fmt_opt(current)})"
-        return False, f" — does not beat current champion (version {version}, {current:.4f})"
+            return True, (f" — beats current champion (version {version}{champion['note']}, "
+                          f"{_fmt_opt(current)})")
+        return False, (f" — does not beat current champion (version {version}"
+                       f"{champion['note']}, {current:.4f})")
     tests = [compare_with_base(items, pd.DataFrame(b["metrics"]["item_scores"]))
              .get("downstream") or {} for b in earned_ones]
     adjusted = holm_adjust([t.get("p") for t in tests])
     index = next(i for i, b in enumerate(earned_ones) if b is best)
     test, p_holm = tests[index], adjusted[index]
-    text = (f"downstream {_fmt_opt(test.get('diff'))} vs current champion (version {version}; "
+    text = (f"downstream {_fmt_opt(test.get('diff'))} vs current champion (version {version}"
+            f"{champion['note']}; "
             f"95% CI {_fmt_ci(test.get('ci'))}, Holm p {_fmt_opt(p_holm)} over "
             f"{len(earned_ones)} tested)")
     if p_holm is not None and p_holm < ALPHA and (test.get("diff") or 0) > 0:
@@ -206,11 +239,13 @@ def _fmt_opt(value: float | None) -> str:
 
 
 def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
-                      parent_run_id: str, workdir: Path) -> dict[str, Any]:
+                      parent_run_id: str, workdir: Path,
+                      eval_frame: pd.DataFrame | None = None) -> dict[str, Any]:
     """Log every adapter as a pyfunc model; register the best LoRAMoE that earned it
     (`choose_candidate`) and give it the alias `champion` if there is none yet, or if it
     beats the current champion on the same eval records, scored by the same code and
-    settings (`challenge`)."""
+    settings (`challenge`). A champion scored otherwise is evaluated again on `eval_frame`
+    (this run's eval records; None: not) when it can be (`reevaluate_champion`)."""
     from loramoe.serving.pyfunc import log_answer_model
     from loramoe.tracking import log_metrics, register_version, set_alias, set_tag
 
@@ -229,6 +264,9 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
     if best is not None:
         scored_by = scored_by_tags(best)
         champion = current_champion(config.registered_model, scored_by, workdir)
+        if champion is not None and champion["items"] is None and eval_frame is not None \
+                and len(scored_by) == len(SCORED_BY_TAGS):
+            champion = reevaluate_champion(config, champion, eval_frame, scored_by, workdir)
         tags = {"downstream_score": str(best["metrics"]["downstream_score"]), **scored_by}
         version = register_version(logged[best["name"]], config.registered_model, tags)
         decision["version"] = version
