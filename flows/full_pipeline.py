@@ -239,6 +239,8 @@ class LoRAMoEPipeline(FlowSpec):
         comparison_card(current.card["comparison"], self.resolved["name"], summary)
         self.next(self.register)
 
+    @resources(cpu=config.resources.cpu, memory=config.resources.memory,
+               gpu=config.resources.gpu)  # it may evaluate the current champion again
     @step
     def register(self):
         """Log every adapter as an MLflow pyfunc model; register the best LoRAMoE that beat the

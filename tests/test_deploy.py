@@ -94,7 +94,7 @@ def test_argo_workflow_template_and_cron_workflow_compile(cloud, tmp_path):
     assert template["metadata"]["namespace"] == "loramoe"
     gpus = tomllib.loads(PAPER.read_text())["resources"]["gpu"]
     steps = templates_by_step(template)
-    for name in ("train", "evaluate"):
+    for name in ("train", "evaluate", "register"):  # register may evaluate the champion again
         container = steps[name]["container"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
         assert container["image"] == "registry.example/loramoe-worker:1"
@@ -111,7 +111,7 @@ def test_step_functions_state_machine_compiles_with_gpu_batch_jobs(cloud, tmp_pa
     assert machine["StartAt"] == "start"
     gpus = tomllib.loads(PAPER.read_text())["resources"]["gpu"]
     text = json.dumps(machine)
-    assert text.count('"Type": "GPU"') >= 2  # train and evaluate, inside the foreach's map
+    assert text.count('"Type": "GPU"') >= 3  # train and evaluate (the foreach's map), register
     assert f'{{"Type": "GPU", "Value": "{gpus}"}}' in text
 
 
