@@ -87,7 +87,11 @@ def choose_candidate(branches: list[dict[str, Any]], threshold: float,
                      rule: str = "significant") -> tuple[dict | None, str]:
     """Best LoRAMoE by downstream score among the branches that earned it (`verdicts`);
     none is a valid outcome, and the reason lists every branch's verdict."""
-    judged = verdicts(branches, threshold, rule)
+    return choose_among(verdicts(branches, threshold, rule), rule)
+
+
+def choose_among(judged: list[tuple[dict, bool, str]], rule: str) -> tuple[dict | None, str]:
+    """`choose_candidate` given the `verdicts` already."""
     if not judged:
         return None, "no successful LoRAMoE branch"
     keeping = [b for b, ok, _ in judged if ok]
@@ -246,7 +250,7 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
                       parent_run_id: str, workdir: Path,
                       eval_frame: pd.DataFrame | None = None) -> dict[str, Any]:
     """Log every adapter as a pyfunc model; register the best LoRAMoE that earned it
-    (`choose_candidate`) and give it the alias `champion` if there is none yet, or if it
+    (`verdicts`, `choose_among`) and give it the alias `champion` if there is none yet, or if it
     beats the current champion on the same eval records, scored by the same code and
     settings (`challenge`). A champion scored otherwise is evaluated again on `eval_frame`
     (this run's eval records; None: not) when it can be (`reevaluate_champion`)."""
@@ -262,7 +266,8 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
                                              workdir / b["name"] / "staged",
                                              batch_size=config.eval_batch_size)
     rule = config.champion_rule
-    best, reason = choose_candidate(branches, config.retention_threshold, rule)
+    judged = verdicts(branches, config.retention_threshold, rule)
+    best, reason = choose_among(judged, rule)
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}
     if best is not None:
@@ -277,8 +282,7 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
         if champion is None:
             promoted, why = True, " — first champion"
         else:
-            earned_ones = [b for b, ok, _ in verdicts(branches, config.retention_threshold,
-                                                      rule) if ok]
+            earned_ones = [b for b, ok, _ in judged if ok]
             promoted, why = challenge(best, earned_ones, champion, rule)
         if promoted:
             set_alias(config.registered_model, "champion", version)
