@@ -11,8 +11,10 @@ from loramoe.pipeline import choose_candidate
 from loramoe.pipeline.registry import (
     challenge,
     current_champion,
+    keep_rescore,
     not_comparable,
     reevaluate_champion,
+    rescored_tag,
     scored_by_tags,
 )
 
@@ -239,6 +241,64 @@ def test_the_current_champion_is_read_from_a_real_registry(tmp_path):
     (tmp_path / "a").rename(tmp_path / "gone")  # its artifacts lost: not comparable
     lost = current_champion("m", SCORED, tmp_path / "w4")
     assert lost["items"] is None and lost["why_not"].startswith("its scores could not be read")
+
+
+def test_a_champion_evaluated_again_once_is_paired_from_then_on(tmp_path):
+    """A champion scored with other settings, evaluated again by one run's register step: its
+    version points to those scores (keep_rescore), and a later run scored the same way reads
+    them instead of evaluating it again; a run scored otherwise, or a pointer to a lost run,
+    finds nothing and evaluates it again as before."""
+    import mlflow
+
+    from loramoe.tracking import store_folder
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
+    first = client.create_run(experiment).info.run_id  # the champion's own run
+    fp32 = SETTINGS.replace("bfloat16", "float32")
+    client.create_registered_model("m")
+    client.create_model_version("m", f"runs:/{first}/model", run_id=first,
+                                tags={"downstream_score": "0.5", **SCORED,
+                                      "eval_settings": fp32})
+    client.set_registered_model_alias("m", "champion", "1")
+    found = current_champion("m", SCORED, tmp_path / "w1")
+    why = f"it was scored with other evaluation settings ({fp32} vs {SETTINGS})"
+    assert found["items"] is None and found["why_not"] == why  # nothing stored yet
+
+    # what reevaluate_champion hands over: evaluate()'s metrics.json under this run's settings
+    again = tmp_path / "again" / "metrics.json"
+    again.parent.mkdir()
+    again.write_text(json.dumps({"downstream_score": 1 / 3, "item_scores":
+                                 champion_items().to_dict(orient="list"),
+                                 "scored_by": {"records": "abc", "code": "c1",
+                                               "settings": SETTINGS}}))
+    register_run = client.create_run(experiment).info.run_id
+    keep_rescore("m", {**found, "rescored": again}, SCORED, register_run)
+    tags = client.get_model_version("m", "1").tags
+    assert tags["eval_settings"] == fp32  # what first scored it stays recorded
+    assert json.loads(tags[rescored_tag(SCORED)]) == {
+        "run_id": register_run, "path": "champion_again/v1/metrics.json"}
+
+    later = current_champion("m", SCORED, tmp_path / "w2")
+    assert not later["why_not"] and later["score"] == 1 / 3
+    assert later["note"] == f", evaluated again in run {register_run}: {why}"
+    pd.testing.assert_frame_equal(later["items"], champion_items())
+    best = challenger("a", 10)
+    promoted, reason = challenge(best, [best], later, "significant")
+    assert promoted and f"(version 1, evaluated again in run {register_run}: " in reason
+
+    batch32 = {**SCORED, "eval_settings": SETTINGS.replace("16", "32")}
+    assert rescored_tag(batch32) != rescored_tag(SCORED)
+    assert current_champion("m", batch32, tmp_path / "w3")["items"] is None
+    # a pointer whose file says it was scored otherwise is not believed
+    client.set_model_version_tag("m", "1", rescored_tag(batch32), tags[rescored_tag(SCORED)])
+    assert current_champion("m", batch32, tmp_path / "w4")["items"] is None
+    client.delete_run(register_run)
+    store_folder(first, [again], "unrelated")  # the champion's own run still has files
+    (tmp_path / "a" / register_run).rename(tmp_path / "gone")  # the stored scores are lost
+    lost = current_champion("m", SCORED, tmp_path / "w5")
+    assert lost["items"] is None and lost["why_not"] == why
 
 
 def test_a_champion_that_cannot_be_evaluated_again_is_not_compared(tmp_path):

@@ -225,32 +225,45 @@ def test_champion_alias_and_decision(smoke_run):
 def test_a_champion_scored_otherwise_is_evaluated_again(smoke_run, tmp_path):
     """A champion whose version says it was scored with other settings (as after a change of
     eval batch size, dtype, evaluation code or records) cannot be paired with this run's
-    scores: the registry evaluates it again on this run's eval set and compares that."""
+    scores: the registry evaluates it again on this run's eval set and compares that, and
+    keeps those scores, so the next run scored the same way does not evaluate it again."""
     from loramoe.pipeline import register_champion
+    from loramoe.pipeline.registry import rescored_tag, scored_by_tags
 
     workdir, run, _, _ = smoke_run
     client = mlflow_client(workdir)
     champion = client.get_model_version_by_alias("loramoe-smoke", "champion")
     settings = champion.tags["eval_settings"]
     other = settings.replace('"batch_size": ', '"batch_size": 1')  # e.g. 16 -> 116
+    outcomes, parent = run["join"].task.data.outcomes, run["start"].task.data.parent_run_id
+    tag = rescored_tag(scored_by_tags(next(o for o in outcomes if o["name"] == run[
+        "register"].task.data.decision["candidate"])))
+
+    def register(folder):
+        return register_champion(run["start"].task.data.pipeline_config, outcomes, parent,
+                                 tmp_path / folder, run["ingest"].task.data.eval_set)
+
     client.set_model_version_tag("loramoe-smoke", champion.version, "eval_settings", other)
     try:
-        decision = register_champion(run["start"].task.data.pipeline_config,
-                                     run["join"].task.data.outcomes,
-                                     run["start"].task.data.parent_run_id, tmp_path,
-                                     run["ingest"].task.data.eval_set)
+        decision = register("first")
+        later = register("later")
     finally:
         client.set_model_version_tag("loramoe-smoke", champion.version, "eval_settings",
                                      settings)
+        client.delete_model_version_tag("loramoe-smoke", champion.version, tag)
     # the same adapter evaluated again under the same settings: a tie, the alias stays
+    why = f"it was scored with other evaluation settings ({other} vs {settings})"
     assert not decision["promoted"]
     assert (f"does not beat current champion (version {champion.version}, evaluated again "
-            f"here: it was scored with other evaluation settings ({other} vs {settings})"
-            in decision["reason"])
+            f"here: {why}" in decision["reason"])
     assert client.get_model_version_by_alias("loramoe-smoke", "champion").version == \
         champion.version
     assert client.get_model_version("loramoe-smoke", decision["version"]).tags[
         "eval_settings"] == settings
+    # the next run reads the scores the first one stored in its run instead
+    assert not later["promoted"] and not (tmp_path / "later" / "champion_again").exists()
+    assert (f"does not beat current champion (version {champion.version}, evaluated again in "
+            f"run {parent}: {why}, " in later["reason"])  # the smoke's rule "best": a tie
 
 
 def test_resume_reruns_from_compare(smoke_run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,10 @@ def current_champion(name: str, scored_by: dict[str, str], workdir: Path
     """The version the alias `champion` of `name` points to: {"version", "run_id", "score",
     "items", "why_not", "note"}. items: its per-item scores (id, task, task_type, score),
     read from its run's eval/metrics.json when it was scored as `scored_by` says (the same
-    eval records, evaluation code and settings, `scored_by_tags`), else None and why_not
-    says why; note: what `reevaluate_champion` did. None when there is no champion yet."""
-    from loramoe.tracking import alias_version, fetch_folder
+    eval records, evaluation code and settings, `scored_by_tags`), else from its evaluation
+    again under `scored_by` that an earlier run stored (`stored_rescore`), else None and
+    why_not says why; note: how it was scored again. None when there is no champion yet."""
+    from loramoe.tracking import alias_version
 
     found = alias_version(name, "champion")
     if found is None:
@@ -154,14 +156,60 @@ def current_champion(name: str, scored_by: dict[str, str], workdir: Path
                 "why_not": not_comparable(tags, scored_by), "note": "",
                 "score": float(tags["downstream_score"]) if "downstream_score" in tags else None}
     if champion["why_not"]:
-        return champion
+        return stored_rescore(champion, tags, scored_by, workdir)
     try:
-        path = fetch_folder(found["run_id"], "eval/metrics.json", workdir / "champion")
-        champion["items"] = pd.DataFrame(json.loads(Path(path).read_text())["item_scores"])
+        metrics = read_scores(found["run_id"], "eval/metrics.json", workdir / "champion")
+        champion["items"] = pd.DataFrame(metrics["item_scores"])
     except Exception as error:  # a deleted run, another store, no file: not comparable
         champion["why_not"] = (f"its scores could not be read from run {found['run_id']} "
                                f"({type(error).__name__}: {error})")
     return champion
+
+
+def read_scores(run_id: str, path: str, workdir: Path) -> dict[str, Any]:
+    """A metrics.json that evaluate() wrote, read from an MLflow run's artifacts."""
+    from loramoe.tracking import fetch_folder
+
+    return json.loads(Path(fetch_folder(run_id, path, workdir)).read_text())
+
+
+def rescored_tag(scored_by: dict[str, str]) -> str:
+    """The champion version's tag that points to its scores evaluated again as `scored_by`
+    says (one tag per way of scoring; `keep_rescore` sets it)."""
+    digest = hashlib.sha256(json.dumps(scored_by, sort_keys=True).encode()).hexdigest()
+    return f"rescored_{digest[:16]}"
+
+
+def stored_rescore(champion: dict[str, Any], tags: dict[str, str], scored_by: dict[str, str],
+                   workdir: Path) -> dict[str, Any]:
+    """The champion with the scores an earlier run's register step got by evaluating it
+    again as `scored_by` says (its version's `rescored_tag`): a champion scored otherwise is
+    evaluated again once per way of scoring, not in every later run (on a GPU schedule,
+    a 7B evaluation each time). As it was when there are none or they cannot be read."""
+    pointer = tags.get(rescored_tag(scored_by))
+    if not pointer:
+        return champion
+    try:
+        where = json.loads(pointer)
+        metrics = read_scores(where["run_id"], where["path"], workdir / "champion_rescored")
+    except Exception:  # that run deleted, another store: it is evaluated again instead
+        return champion
+    if not_comparable(scored_by_tags({"metrics": metrics}), scored_by):
+        return champion
+    return {**champion, "items": pd.DataFrame(metrics["item_scores"]), "why_not": "",
+            "score": metrics["downstream_score"],
+            "note": f", evaluated again in run {where['run_id']}: {champion['why_not']}"}
+
+
+def keep_rescore(name: str, champion: dict[str, Any], scored_by: dict[str, str],
+                 run_id: str) -> None:
+    """Store the champion's scores from `reevaluate_champion` in run `run_id` and point its
+    version's `rescored_tag` to them, for later runs scored the same way."""
+    from loramoe.tracking import set_version_tag, store_folder
+
+    folder = store_folder(run_id, [champion["rescored"]], f"champion_again/v{champion['version']}")
+    set_version_tag(name, champion["version"], rescored_tag(scored_by),
+                    json.dumps({"run_id": run_id, "path": f"{folder}/metrics.json"}))
 
 
 def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
@@ -170,8 +218,9 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     """A champion whose scores cannot be paired with this run's (`current_champion`'s
     why_not), evaluated again here: its trained folder from its run, this run's eval records,
     code and settings. Its items and score replace the old ones when the new evaluation is
-    comparable; otherwise, or when it fails (its run's files or its base model gone), the
-    champion is returned as it was, why_not saying what happened."""
+    comparable ("rescored": the new metrics.json, for `keep_rescore`); otherwise, or when it
+    fails (its run's files or its base model gone), the champion is returned as it was,
+    why_not saying what happened."""
     from loramoe.data.records import write_records
     from loramoe.evaluate import evaluate
     from loramoe.pipeline.steps import TRAINED
@@ -194,7 +243,7 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     if again:
         return {**champion, "why_not": f"{champion['why_not']}; evaluated again here, {again}"}
     return {**champion, "items": pd.DataFrame(metrics["item_scores"]), "why_not": "",
-            "score": metrics["downstream_score"],
+            "score": metrics["downstream_score"], "rescored": here / "eval" / "metrics.json",
             "note": f", evaluated again here: {champion['why_not']}"}
 
 
@@ -253,7 +302,8 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
     (`verdicts`, `choose_among`) and give it the alias `champion` if there is none yet, or if it
     beats the current champion on the same eval records, scored by the same code and
     settings (`challenge`). A champion scored otherwise is evaluated again on `eval_frame`
-    (this run's eval records; None: not) when it can be (`reevaluate_champion`)."""
+    (this run's eval records; None: not) when it can be (`reevaluate_champion`), and those
+    scores are kept for later runs (`keep_rescore`)."""
     from loramoe.serving.pyfunc import log_answer_model
     from loramoe.tracking import log_metrics, register_version, set_alias, set_tag
 
@@ -276,6 +326,8 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
         if champion is not None and champion["items"] is None and eval_frame is not None \
                 and len(scored_by) == len(SCORED_BY_TAGS):
             champion = reevaluate_champion(config, champion, eval_frame, scored_by, workdir)
+            if champion.get("rescored"):
+                keep_rescore(config.registered_model, champion, scored_by, parent_run_id)
         tags = {"downstream_score": str(best["metrics"]["downstream_score"]), **scored_by}
         version = register_version(logged[best["name"]], config.registered_model, tags)
         decision["version"] = version

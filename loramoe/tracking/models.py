@@ -42,6 +42,12 @@ def alias_version(name: str, alias: str) -> dict[str, Any] | None:
     return {"version": int(found.version), "run_id": found.run_id, "tags": dict(found.tags)}
 
 
+def set_version_tag(name: str, version: int, key: str, value: str) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_model_version_tag(name, str(version), key, value)
+
+
 def set_alias(name: str, alias: str, version: int) -> None:
     import mlflow
 
