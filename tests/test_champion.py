@@ -8,7 +8,7 @@ import json
 import pandas as pd
 
 from loramoe.pipeline import choose_candidate
-from loramoe.pipeline.registry import (
+from loramoe.pipeline.champion import (
     challenge,
     current_champion,
     keep_rescore,

@@ -228,7 +228,7 @@ def test_a_champion_scored_otherwise_is_evaluated_again(smoke_run, tmp_path):
     scores: the registry evaluates it again on this run's eval set and compares that, and
     keeps those scores, so the next run scored the same way does not evaluate it again."""
     from loramoe.pipeline import register_champion
-    from loramoe.pipeline.registry import rescored_tag, scored_by_tags
+    from loramoe.pipeline.champion import rescored_tag, scored_by_tags
 
     workdir, run, _, _ = smoke_run
     client = mlflow_client(workdir)
