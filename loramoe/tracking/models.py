@@ -23,10 +23,10 @@ def register_version(model_uri: str, name: str, tags: dict[str, str]) -> int:
     """Register `model_uri` as a new version of registered model `name`; its version."""
     import mlflow
 
-    version = mlflow.register_model(model_uri, name)
+    version = int(mlflow.register_model(model_uri, name).version)
     for key, value in tags.items():
-        mlflow.MlflowClient().set_model_version_tag(name, version.version, key, value)
-    return int(version.version)
+        set_version_tag(name, version, key, value)
+    return version
 
 
 def alias_version(name: str, alias: str) -> dict[str, Any] | None:
