@@ -101,9 +101,16 @@ def stored_rescore(champion: dict[str, Any], tags: dict[str, str], scored_by: di
         return champion
     if not_comparable(scored_by_tags({"metrics": metrics}), scored_by):
         return champion
+    return scored_again(champion, metrics, f"in run {where['run_id']}")
+
+
+def scored_again(champion: dict[str, Any], metrics: dict[str, Any], where: str
+                 ) -> dict[str, Any]:
+    """The champion with the scores of its evaluation again (evaluate()'s `metrics`, already
+    found comparable), the note saying `where` it was evaluated and why."""
     return {**champion, "items": pd.DataFrame(metrics["item_scores"]), "why_not": "",
             "score": metrics["downstream_score"],
-            "note": f", evaluated again in run {where['run_id']}: {champion['why_not']}"}
+            "note": f", evaluated again {where}: {champion['why_not']}"}
 
 
 def keep_rescore(name: str, champion: dict[str, Any], scored_by: dict[str, str],
@@ -147,9 +154,8 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     again = not_comparable(scored_by_tags({"metrics": metrics}), scored_by)
     if again:
         return {**champion, "why_not": f"{champion['why_not']}; evaluated again here, {again}"}
-    return {**champion, "items": pd.DataFrame(metrics["item_scores"]), "why_not": "",
-            "score": metrics["downstream_score"], "rescored": here / "eval" / "metrics.json",
-            "note": f", evaluated again here: {champion['why_not']}"}
+    return {**scored_again(champion, metrics, "here"),
+            "rescored": here / "eval" / "metrics.json"}
 
 
 def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion: dict[str, Any],
