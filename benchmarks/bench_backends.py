@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from train_step import make_step
+from train_step import frozen_floor, make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 from loramoe.backends import attach_backend
@@ -59,8 +59,7 @@ def main() -> None:
     torch.manual_seed(0)
     base, _ = load_base_model()
     ids = torch.randint(100, base.config.vocab_size, (args.batch, args.seq))
-    frozen = copy.deepcopy(base).requires_grad_(False)
-    frozen.enable_input_require_grads()
+    frozen = frozen_floor(copy.deepcopy(base))
     frozen_step = make_step(frozen, ids, with_lbc=False)
     model = apply_loramoe(base, LoRAMoEConfig())
     moe_step = make_step(model, ids, with_lbc=True)

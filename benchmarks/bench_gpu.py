@@ -23,7 +23,7 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from train_step import make_step
+from train_step import frozen_floor, make_step
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loramoe import LoRAMoEConfig, apply_loramoe
@@ -50,8 +50,7 @@ def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype):
     with torch.device(device):  # random init on the device: seconds, not a minute, for 1B
         model = LlamaForCausalLM(config).to(dtype)
     if variant == "frozen base":
-        model.requires_grad_(False)
-        model.enable_input_require_grads()
+        frozen_floor(model)
     elif variant.startswith("PEFT"):
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.05,
                                                  target_modules=FFN, task_type="CAUSAL_LM"))

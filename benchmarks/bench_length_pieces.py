@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
+from train_step import frozen_floor
 
 from loramoe.backends.attention import use_training_attention
 from loramoe.data import build_mixture
@@ -59,8 +60,7 @@ def trainer_model(pipeline: PipelineConfig, method: str, dtype: str,
     storage, autocast, _ = precision_plan(config, torch.device("cpu"))
     if frozen:
         model, tokenizer = load_base_model(config.model, dtype=storage)
-        model.requires_grad_(False)
-        model.enable_input_require_grads()
+        frozen_floor(model)
         config = dataclasses.replace(config, method="sft")
     else:
         model, tokenizer = build_model(config, storage)

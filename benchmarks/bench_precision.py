@@ -27,7 +27,7 @@ import time
 import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
 import torch
 from peft import LoraConfig, get_peft_model
-from train_step import make_step
+from train_step import frozen_floor, make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
 from loramoe.backends.attention import use_training_attention
@@ -47,8 +47,7 @@ def build(method: str, dtype: str, attention: str = "trainer"):
     if attention == "trainer":
         use_training_attention(model, DTYPES[dtype], torch.device("cpu"))
     if method == "frozen base":
-        model.requires_grad_(False)
-        model.enable_input_require_grads()
+        frozen_floor(model)
     elif method == "PEFT LoRA":
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.05,
                                                  target_modules=FFN, task_type="CAUSAL_LM"))

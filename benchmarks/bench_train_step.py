@@ -17,7 +17,7 @@ import statistics
 
 import torch
 from peft import LoraConfig, get_peft_model
-from train_step import interleaved, make_step
+from train_step import frozen_floor, interleaved, make_step
 
 from loramoe import (
     LoRAMoEConfig,
@@ -29,8 +29,7 @@ FFN = ["gate_proj", "up_proj", "down_proj"]
 
 
 def make_variants(base) -> dict[str, torch.nn.Module]:
-    frozen = copy.deepcopy(base).requires_grad_(False)
-    frozen.enable_input_require_grads()
+    frozen = frozen_floor(copy.deepcopy(base))
     lora = get_peft_model(copy.deepcopy(base), LoraConfig(
         r=4, lora_alpha=32, lora_dropout=0.05, target_modules=FFN, task_type="CAUSAL_LM"))
     loramoe = apply_loramoe(copy.deepcopy(base), LoRAMoEConfig())

@@ -15,6 +15,14 @@ from loramoe import LoRAMoEConfig, collect_router_probs, localized_balancing_los
 from loramoe.train.objective import ResponseLM
 
 
+def frozen_floor(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` as the floor every adapter is measured against: every weight frozen, the
+    input embeddings requiring grad, so backward still runs through every block."""
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
 def make_step(model: torch.nn.Module, ids: torch.Tensor, with_lbc: bool, lr: float = 1e-4,
               autocast: torch.dtype | None = None, fused: bool | None = None
               ) -> Callable[[], None]:
