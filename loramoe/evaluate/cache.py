@@ -69,6 +69,15 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
+def eval_settings(dtype, device: str, batch_size: int, generate_per_task: int
+                  ) -> dict[str, Any]:
+    """The settings that can move an evaluation's scores besides the model, the eval records
+    and the code: the weights' dtype, the device type, the batch size and generate_per_task.
+    The base-evaluation cache keys on them, and a run's `scored_by` records them."""
+    return {"dtype": dtype, "device": device, "batch_size": batch_size,
+            "generate_per_task": generate_per_task}
+
+
 def base_eval_key(model: str, eval_file: Path, settings: dict[str, Any]) -> str:
     parts = {"model": model_digest(model), "eval": file_digest(eval_file),
              "code": code_digest(), **{k: str(v) for k, v in sorted(settings.items())}}

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from loramoe.evaluate.cache import code_digest, file_digest
+from loramoe.evaluate.cache import code_digest, eval_settings, file_digest
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
@@ -126,8 +126,8 @@ def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
     """What produced a run's scores, as the base-evaluation cache keys it: the eval records'
     sha256, the evaluation code's digest (cache.code_digest) and the settings that can move a
     score (the weights' dtype, the device type, the batch size, generate_per_task)."""
-    settings = {"dtype": str(model.dtype).removeprefix("torch."), "device": model.device.type,
-                "batch_size": batch_size, "generate_per_task": generate_per_task}
+    settings = eval_settings(str(model.dtype).removeprefix("torch."), model.device.type,
+                             batch_size, generate_per_task)
     return {"records": file_digest(eval_file), "code": code_digest(),
             "settings": json.dumps(settings, sort_keys=True)}
 

@@ -124,13 +124,13 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     """The base model's generation metrics and probe on the eval set; reused from the cache
     when this model, eval set, dtype, settings and evaluation code were evaluated before."""
     from loramoe.evaluate import evaluate
-    from loramoe.evaluate.cache import cached_base_evaluation
+    from loramoe.evaluate.cache import cached_base_evaluation, eval_settings
     from loramoe.precision import default_device, resolve_dtype
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
-    settings = {"dtype": resolve_dtype(config.dtype, field="train.dtype"),
-                "device": default_device().type, "batch_size": config.eval_batch_size,
-                "generate_per_task": config.eval_generate_per_task}
+    settings = eval_settings(resolve_dtype(config.dtype, field="train.dtype"),
+                             default_device().type, config.eval_batch_size,
+                             config.eval_generate_per_task)
 
     def compute(out: Path) -> dict[str, Any]:
         return evaluate(eval_file, out, model=config.base_model,
