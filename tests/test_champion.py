@@ -204,10 +204,10 @@ def test_scores_are_paired_only_when_the_same_records_and_code_scored_them():
         "its version does not record what scored it"  # registered before versions did
     assert not_comparable(SCORED, {}) == "this run does not record what scored it"
     b = branch("loramoe-256", 0.3, gain(0.2, [0.1, 0.3]), 0.99, [0.97, 1.0])
-    assert scored_by_tags(b) == {}
+    assert scored_by_tags(b["metrics"]) == {}
     b["metrics"]["scored_by"] = {"records": "abc", "code": "c1",  # as evaluate() writes it
                                  "settings": SETTINGS}
-    assert scored_by_tags(b) == SCORED
+    assert scored_by_tags(b["metrics"]) == SCORED
 
 
 def test_the_current_champion_is_read_from_a_real_registry(tmp_path):

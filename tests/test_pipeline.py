@@ -237,7 +237,7 @@ def test_a_champion_scored_otherwise_is_evaluated_again(smoke_run, tmp_path):
     other = settings.replace('"batch_size": ', '"batch_size": 1')  # e.g. 16 -> 116
     outcomes, parent = run["join"].task.data.outcomes, run["start"].task.data.parent_run_id
     tag = rescored_tag(scored_by_tags(next(o for o in outcomes if o["name"] == run[
-        "register"].task.data.decision["candidate"])))
+        "register"].task.data.decision["candidate"])["metrics"]))
 
     def register(folder):
         return register_champion(run["start"].task.data.pipeline_config, outcomes, parent,

@@ -22,10 +22,11 @@ DIFFERS = {"eval_records": "it was evaluated on other eval records",
            "eval_settings": "it was scored with other evaluation settings"}
 
 
-def scored_by_tags(branch: dict[str, Any]) -> dict[str, str]:
-    """The version tags that say what scored this branch: its eval records, evaluation code
-    and settings (loramoe/evaluate/run.py, `scored_by`); {} for an older branch."""
-    found = branch["metrics"].get("scored_by") or {}
+def scored_by_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """The version tags that say what scored an evaluation (evaluate()'s `metrics`): its eval
+    records, evaluation code and settings (loramoe/evaluate/run.py, `scored_by`); {} for one
+    from before evaluations recorded them."""
+    found = metrics.get("scored_by") or {}
     return {tag: found[key] for key, tag in SCORED_BY_TAGS.items() if key in found}
 
 
@@ -99,7 +100,7 @@ def stored_rescore(champion: dict[str, Any], tags: dict[str, str], scored_by: di
         metrics = read_scores(where["run_id"], where["path"], workdir / "champion_rescored")
     except Exception:  # that run deleted, another store: it is evaluated again instead
         return champion
-    if not_comparable(scored_by_tags({"metrics": metrics}), scored_by):
+    if not_comparable(scored_by_tags(metrics), scored_by):
         return champion
     return scored_again(champion, metrics, f"in run {where['run_id']}")
 
@@ -151,7 +152,7 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     except Exception as error:  # its run's files gone, its base model not found
         return {**champion, "why_not": f"{champion['why_not']}, and evaluating it again here "
                                        f"failed ({type(error).__name__}: {error})"}
-    again = not_comparable(scored_by_tags({"metrics": metrics}), scored_by)
+    again = not_comparable(scored_by_tags(metrics), scored_by)
     if again:
         return {**champion, "why_not": f"{champion['why_not']}; evaluated again here, {again}"}
     return {**scored_again(champion, metrics, "here"),

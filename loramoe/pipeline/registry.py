@@ -143,7 +143,7 @@ def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],
     decision: dict[str, Any] = {"candidate": best["name"] if best else None, "reason": reason,
                                 "promoted": False, "logged_models": logged}
     if best is not None:
-        scored_by = scored_by_tags(best)
+        scored_by = scored_by_tags(best["metrics"])
         champion = current_champion(config.registered_model, scored_by, workdir)
         if champion is not None and champion["items"] is None and eval_frame is not None \
                 and len(scored_by) == len(SCORED_BY_TAGS):
