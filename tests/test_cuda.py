@@ -136,6 +136,8 @@ def test_one_train_step_of_each_method_runs_on_the_gpu(method, tiny_model_dir, g
     result = train(config, progress=False)
     assert result.steps == 2 and result.artifact.is_dir()
     assert torch.isfinite(torch.tensor(result.final_metrics["lm_loss"]))
+    final = json.loads((result.output_dir / "final_metrics.json").read_text())
+    assert final["device"] == "cuda"  # trained there, not only evaluated there
     model, _, saved = load_for_eval(run=result.output_dir)
     assert model.device.type == "cuda" and saved["dtype"] == "auto"
 

@@ -240,7 +240,7 @@ def test_two_process_ddp_run_completes(tiny_model_dir, tiny_train_file, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "adapter" / WEIGHTS_NAME).is_file()
     final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
-    assert final["steps"] == 3 and final["processes"] == 2
+    assert final["steps"] == 3 and final["processes"] == 2 and final["device"] == "cpu"
 
 
 @pytest.mark.parametrize("method", ["lora", "loramoe"])

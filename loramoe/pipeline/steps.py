@@ -65,9 +65,11 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
             set_tag(mlflow_run_id, key, str(params[key]))
     with system_metrics(mlflow_run_id):
         final = train_branch(config, train_config, processes, threads, mlflow_run_id)
+    device = final.pop("device")  # where it trained: "cuda" on a GPU worker
     run_dir = Path(train_config.output_dir)
     part = "model" if train_config.method == "sft" else "adapter"
     if mlflow_run_id:
+        set_tag(mlflow_run_id, "train_device", device)
         files = [run_dir / "train_config.json", run_dir / "metrics.jsonl", run_dir / part]
         store = {"mlflow_run_id": mlflow_run_id,
                  "artifact_path": store_folder(mlflow_run_id, files, TRAINED)}

@@ -212,7 +212,8 @@ def finish(run: Training, last: dict[str, float]) -> TrainResult:
     artifact = write_artifact(run, output_dir)
     if acc.is_main_process:
         (output_dir / "final_metrics.json").write_text(
-            json.dumps({"steps": run.progress.step, "processes": acc.num_processes, **last}))
+            json.dumps({"steps": run.progress.step, "processes": acc.num_processes,
+                        "device": acc.device.type, **last}))
     acc.wait_for_everyone()
     return TrainResult(output_dir, run.progress.step, last, artifact,
                        last.get("tokens_per_s", 0.0))
