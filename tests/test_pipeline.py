@@ -115,12 +115,34 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
         assert {"knowledge_score", "downstream_score", "train/lm_loss"} <= set(child.data.metrics)
         history = client.get_metric_history(child.info.run_id, "train/lm_loss")
         assert [m.step for m in history] == [1, 2, 3]
+        assert child.data.tags["train_device"] == "cpu"  # where it trained ("cuda" on a GPU)
     assert "loramoe-32/downstream_score" in parent.data.metrics
     assert any(k.startswith("system/") for c in ok for k in c.data.metrics)  # psutil present
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
     assert "compare/retention_downstream_vs_scale.png" in artifacts
     assert "compare/router_type_weights.png" in artifacts and "compare/router_cv.png" in artifacts
     assert any(a.path == "data_docs" for a in client.list_artifacts(parent.info.run_id))
+
+
+def test_the_gpu_checks_summary_reads_where_branches_trained_and_were_scored(smoke_run):
+    """benchmarks/gpu_flow_summary.py, which gpu_check.sh runs after the smoke flow on a GPU:
+    passes when every step ran on the device asked for, fails naming what did not."""
+    workdir, run, _, _ = smoke_run
+    assert run.successful
+
+    def summary(device: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "gpu_flow_summary.py"),
+             "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--experiment",
+             "loramoe-smoke", "--model", "loramoe-smoke", "--device", device],
+            capture_output=True, text=True, timeout=120)
+
+    on_cpu, on_gpu = summary("cpu"), summary("cuda")
+    assert on_cpu.returncode == 0 and "every step ran on cpu" in on_cpu.stdout, on_cpu.stderr
+    assert re.search(r"loramoe-16 +FINISHED +cpu", on_cpu.stdout)
+    assert re.search(r"lora-16 +FAILED +- ", on_cpu.stdout)  # the branch that fails on purpose
+    assert on_gpu.returncode == 1 and "sft-32 trained on cpu" in on_gpu.stdout
+    assert "the champion was scored on cpu" in on_gpu.stdout
 
 
 def test_steps_leave_no_scratch_folders(smoke_run):
