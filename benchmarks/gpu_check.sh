@@ -51,7 +51,7 @@ elif ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; t
     echo "skipped: no CUDA GPU"
 else
     started=$SECONDS
-    METAFLOW_USER=${METAFLOW_USER:-${USER:-gpu-check}} timeout 300 python flows/full_pipeline.py \
+    METAFLOW_USER=${METAFLOW_USER:-${USER:-gpu-check}} timeout 240 python flows/full_pipeline.py \
         --config config benchmarks/configs/gpu_smoke.toml run > "$LOG/flow.log" 2>&1
     flow=$?
     echo "flow exit $flow in $((SECONDS - started)) s (log: flow.log)"
