@@ -43,8 +43,7 @@ echo "== launched branches: FSDP / DDP configs vs one plain process"
 timeout 150 python benchmarks/gpu_launch_check.py 2>&1 | tee "$LOG/launch_check.log" \
     | grep -v "it/s" || status=1
 echo "== the smoke flow with resources.gpu = 1"
-missing=$(python -c "import importlib.util as u; print(*[m for m in ('mlflow', 'metaflow', \
-'great_expectations', 'scipy', 'matplotlib', 'periodictable') if not u.find_spec(m)])")
+missing=$(python benchmarks/gpu_flow_summary.py --missing)
 if [ -n "$missing" ]; then
     echo "skipped: $missing missing (carry benchmarks/wheels/1 and 2: see the top of this file)"
 elif ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then

