@@ -33,7 +33,8 @@ download wheels/flow $(pins gpu_requirements_flow.txt)
 python - <<'PY'
 from pathlib import Path
 
-parts = {p: sum(w.stat().st_size for w in p.iterdir()) for p in (Path("wheels/1"), Path("wheels/2"))}
+parts = {part: sum(w.stat().st_size for w in part.iterdir())
+         for part in (Path("wheels/1"), Path("wheels/2"))}
 for wheel in sorted(Path("wheels/flow").iterdir(), key=lambda w: -w.stat().st_size):
     if (Path("wheels/2") / wheel.name).exists():  # pydantic's: DeepSpeed's too
         wheel.unlink()
