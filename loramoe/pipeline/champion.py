@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from loramoe.pipeline.config import PipelineConfig
-from loramoe.pipeline.steps import restore_run_dir
+from loramoe.pipeline.steps import TRAINED, restore_run_dir
 
 SCORED_BY_TAGS = {"records": "eval_records", "code": "eval_code", "settings": "eval_settings"}
 # why a champion's scores cannot be paired with a branch's, by the version tag that differs
@@ -136,7 +136,6 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     why_not saying what happened."""
     from loramoe.data.records import write_records
     from loramoe.evaluate import evaluate
-    from loramoe.pipeline.steps import TRAINED
     from loramoe.pipeline.threads import use_branch_threads
 
     here = workdir / "champion_again"
