@@ -91,15 +91,19 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
     assert len(lines) == len(eval_file.read_text().splitlines())
     assert {"prediction", "score", "answers"} <= set(json.loads(lines[0]))
     # what scored them, for the registry's champion comparison across runs
-    from loramoe.evaluate.cache import code_digest, file_digest
+    import torch
+
+    from loramoe.evaluate.cache import code_digest, file_digest, rounding
     from loramoe.precision import default_device, resolve_dtype
 
     device = default_device()
     dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")  # this machine's auto
+    hardware = ({"threads": torch.get_num_threads(), "cpu": rounding("cpu")["cpu"]}
+                if device.type == "cpu" else {"gpu": torch.cuda.get_device_name()})
     assert metrics["scored_by"] == base["scored_by"] == {
         "records": file_digest(eval_file), "code": code_digest(),
         "settings": json.dumps({"batch_size": 16, "device": device.type, "dtype": dtype,
-                                "generate_per_task": 0}, sort_keys=True)}
+                                "generate_per_task": 0, **hardware}, sort_keys=True)}
 
 
 def test_style_breakdown_separates_format_losses_from_knowledge_losses():

@@ -196,6 +196,19 @@ def test_parallel_branches_overlap_up_to_the_configured_limit(smoke_run):
     assert {r.data.params["torch_threads"] for r in children} == {str(max(1, cores // 2))}
 
 
+def test_the_base_is_scored_as_the_branches_are(smoke_run):
+    """The base's scores are paired with every branch's: same records, code and settings,
+    the thread count included (it used to evaluate on every core while the branches took
+    their share; in bf16 that moves scores: evaluate/cache.py's `rounding`)."""
+    _, run, _, _ = smoke_run
+    base = run["validate"].task.data.base_metrics["scored_by"]
+    scored = [o["metrics"]["scored_by"] for o in run["join"].task.data.outcomes
+              if not o["error"]]
+    assert len(scored) == 4 and all(s == base for s in scored)
+    cores = len(os.sched_getaffinity(0))
+    assert json.loads(base["settings"])["threads"] == max(1, cores // 2)
+
+
 def test_largest_scale_trains_first_and_reports_sort_by_scale(smoke_run):
     """The longest trainings start first so short tasks fill the slots behind them; the
     results table still reads smallest scale first, methods in config order."""

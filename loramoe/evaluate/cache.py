@@ -2,10 +2,11 @@
 
 The key is a content hash: the bytes of every file of the model folder (weights, config,
 tokenizer), the eval file's bytes, the resolved dtype and device type, the evaluation's
-settings, the source of the evaluation code and of the prompt formatting, and the torch and
-transformers versions (so a change to scoring, the probe or the chat formatting recomputes
-instead of reusing stale numbers). A hit copies predictions.jsonl,
-probe.jsonl and metrics.json into the output folder without loading the model.
+settings (the thread count and the CPU or GPU among them: `rounding`), the source of the
+evaluation code and of the prompt formatting, and the torch and transformers versions (so a
+change to scoring, the probe or the chat formatting recomputes instead of reusing stale
+numbers). A hit copies predictions.jsonl, probe.jsonl and metrics.json into the output
+folder without loading the model.
 
 Hashing reads the model's files once per process (the default model's ~540 MB folder in
 ~1 s; a 7B model's ~13 GB in tens of seconds, still far less than evaluating it).
@@ -72,10 +73,30 @@ def code_digest() -> str:
 def eval_settings(dtype, device: str, batch_size: int, generate_per_task: int
                   ) -> dict[str, Any]:
     """The settings that can move an evaluation's scores besides the model, the eval records
-    and the code: the weights' dtype, the device type, the batch size and generate_per_task.
-    The base-evaluation cache keys on them, and a run's `scored_by` records them."""
+    and the code: the weights' dtype, the device type, the batch size, generate_per_task and
+    the hardware's rounding (`rounding`). The base-evaluation cache keys on them, and a run's
+    `scored_by` records them."""
     return {"dtype": dtype, "device": device, "batch_size": batch_size,
-            "generate_per_task": generate_per_task}
+            "generate_per_task": generate_per_task, **rounding(device)}
+
+
+def rounding(device: str) -> dict[str, Any]:
+    """What decides the order in which the hardware sums a product, hence its rounding: on a
+    CPU torch's thread count and the CPU (its kernels are picked per instruction set), on a
+    GPU its name. In bf16 the default model scored 68 of the default mixture's 2,274 eval
+    items differently at 1 thread than at 2 (34 each way, knowledge score 0.276 vs 0.286;
+    each thread count repeats itself exactly; docs/benchmarks.md §3)."""
+    import torch
+
+    if device == "cuda":
+        return {"gpu": torch.cuda.get_device_name()}
+    if device != "cpu":
+        return {}
+    from loramoe.precision import BF16_CPU_FLAGS, cpu_flags, cpu_model_name
+
+    bf16 = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
+    return {"threads": torch.get_num_threads(),
+            "cpu": f"{cpu_model_name()} ({' '.join(bf16) or 'no bf16 instructions'})"}
 
 
 def base_eval_key(model: str, eval_file: Path, settings: dict[str, Any]) -> str:

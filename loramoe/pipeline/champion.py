@@ -139,8 +139,7 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     from loramoe.pipeline.threads import use_branch_threads
 
     here = workdir / "champion_again"
-    # a branch's thread count: in bf16 another one rounds differently (one item of 72 moved
-    # at 2 threads against the branches' 1 on the default run)
+    # a branch's thread count, as this run's branches were scored (cache.rounding)
     use_branch_threads(config)
     try:
         run_dir = restore_run_dir({"store": {"mlflow_run_id": champion["run_id"],

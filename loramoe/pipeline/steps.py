@@ -130,13 +130,16 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     from loramoe.precision import default_device, resolve_dtype
 
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
+    # a branch's thread count, as the branches and the champion are evaluated: in bf16
+    # another count rounds differently and its scores are not like for like (cache.rounding)
+    use_branch_threads(config)
     settings = eval_settings(resolve_dtype(config.dtype, field="train.dtype"),
                              default_device().type, config.eval_batch_size,
                              config.eval_generate_per_task)
 
     def compute(out: Path) -> dict[str, Any]:
         return evaluate(eval_file, out, model=config.base_model,
-                        batch_size=config.eval_batch_size, dtype=config.dtype,  # every core
+                        batch_size=config.eval_batch_size, dtype=config.dtype,
                         generate_per_task=config.eval_generate_per_task)
 
     base_dir = workdir / "base"
