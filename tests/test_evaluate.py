@@ -80,6 +80,7 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
                        progress=False)
     assert {"knowledge_score", "downstream_score", "per_task"} <= set(base)
     assert "retention" in metrics and "router_type_weights" in metrics
+    assert "base_scored_otherwise" not in metrics  # same process, same settings
     for weights in metrics["router_type_weights"].values():
         assert sum(weights.values()) == pytest.approx(1.0, abs=1e-5)
     router = json.loads((tmp_path / "tuned" / "router.json").read_text())
@@ -104,6 +105,28 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
         "records": file_digest(eval_file), "code": code_digest(),
         "settings": json.dumps({"batch_size": 16, "device": device.type, "dtype": dtype,
                                 "generate_per_task": 0, **hardware}, sort_keys=True)}
+
+
+def test_a_base_scored_otherwise_is_named_beside_retention(tiny_model_dir, tiny_train_file,
+                                                           tmp_path, capsys):
+    """Retention and vs_base pair the base's items with this evaluation's: a base evaluated
+    with another thread count (or dtype, batch size, eval file, code) is named, not silent."""
+    from loramoe.evaluate.__main__ import main
+
+    eval_file = tiny_train_file.parent / "eval.jsonl"
+    evaluate(eval_file, tmp_path / "base", model=str(tiny_model_dir), progress=False)
+    saved = tmp_path / "base" / "metrics.json"
+    base = json.loads(saved.read_text())
+    settings = json.loads(base["scored_by"]["settings"])
+    settings["threads"] = 99
+    base["scored_by"]["settings"] = json.dumps(settings, sort_keys=True)
+    saved.write_text(json.dumps(base))
+    assert main(["--eval-file", str(eval_file), "--out", str(tmp_path / "again"), "--model",
+                 str(tiny_model_dir), "--base", str(tmp_path / "base")]) == 0
+    unlike = json.loads((tmp_path / "again" / "metrics.json").read_text())[
+        "base_scored_otherwise"]
+    assert unlike.startswith("threads 99 vs ") and unlike.count(",") == 0  # nothing else
+    assert f"--base {tmp_path / 'base'} was scored otherwise" in capsys.readouterr().err
 
 
 def test_style_breakdown_separates_format_losses_from_knowledge_losses():

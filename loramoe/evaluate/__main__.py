@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_task"}, indent=2))
+    if "base_scored_otherwise" in metrics:
+        print(f"warning: --base {args.base} was scored otherwise than this evaluation "
+              f"({metrics['base_scored_otherwise']}): its retention and vs_base pair items "
+              "scored under different settings", file=sys.stderr)
     return 0
 
 
