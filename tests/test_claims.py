@@ -201,6 +201,34 @@ def test_results_table_reads_the_gains_over_the_base_as_one_family():
     assert one.loc["base", "downstream_vs_base_significant"] is None  # the base: no test
 
 
+def test_a_branch_scored_otherwise_than_the_base_is_named_in_the_table_and_report():
+    """Workers of another kind (or thread count) round bf16 otherwise: a branch scored so is
+    named beside its numbers instead of being compared with the base silently."""
+    import json
+
+    from loramoe.pipeline.markdown import results_section
+    from loramoe.pipeline.report import results_table
+
+    def scored(threads, cpu="X"):
+        return {"records": "r", "code": "c", "settings": json.dumps(
+            {"dtype": "bfloat16", "threads": threads, "cpu": cpu}, sort_keys=True)}
+
+    def branch(name, scored_by):
+        return {"name": name, "method_name": name.rsplit("-", 1)[0], "scale": 10,
+                "metrics": {"scored_by": scored_by}}
+
+    table = results_table([branch("alike-10", scored(1)), branch("other-10", scored(2, "Y")),
+                           branch("unsaid-10", None)], {"scored_by": scored(1)})
+    unlike = table.set_index("branch")["scored_otherwise"]
+    assert unlike["alike-10"] == "" and unlike["unsaid-10"] == ""
+    assert unlike["other-10"] == "cpu X vs Y, threads 1 vs 2"
+    text = results_section(table.assign(probe_base_known=None))
+    assert "**Scored otherwise than the base**: `other-10` (cpu X vs Y, threads 1 vs 2)." \
+        in text and "alike-10`" not in text.split("Scored otherwise")[1]
+    same = results_table([branch("alike-10", scored(1))], {"scored_by": scored(1)})
+    assert "Scored otherwise" not in results_section(same.assign(probe_base_known=None))
+
+
 def test_the_router_figure_draws_every_loramoe_branch_at_the_largest_scale(tmp_path):
     """A run comparing LBC variants drew only the first branch's routers (β = 0 in the
     study and lbc_beta runs); now a panel per branch at the largest scale."""

@@ -207,6 +207,8 @@ def test_the_base_is_scored_as_the_branches_are(smoke_run):
     assert len(scored) == 4 and all(s == base for s in scored)
     cores = len(os.sched_getaffinity(0))
     assert json.loads(base["settings"])["threads"] == max(1, cores // 2)
+    rows = [r for r in run["compare"].task.data.results if r["status"] == "ok"]
+    assert [r["scored_otherwise"] for r in rows if r["branch"] != "base"] == [""] * 4
 
 
 def test_largest_scale_trains_first_and_reports_sort_by_scale(smoke_run):

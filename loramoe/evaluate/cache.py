@@ -99,6 +99,20 @@ def rounding(device: str) -> dict[str, Any]:
             "cpu": f"{cpu_model_name()} ({' '.join(bf16) or 'no bf16 instructions'})"}
 
 
+def scored_otherwise(theirs: dict[str, str] | None, ours: dict[str, str] | None) -> str:
+    """What differs between two evaluations' `scored_by`, e.g. "threads 2 vs 1"; '' when
+    nothing does or either does not say."""
+    if not theirs or not ours:
+        return ""
+    unlike = [f"{what} differ" for key, what in (("records", "eval records"),
+                                                  ("code", "evaluation code"))
+              if theirs.get(key) != ours.get(key)]
+    base, this = (json.loads(s.get("settings", "{}")) for s in (theirs, ours))
+    unlike += [f"{key} {base.get(key)} vs {this.get(key)}" for key in sorted({*base, *this})
+               if base.get(key) != this.get(key)]
+    return ", ".join(unlike)
+
+
 def base_eval_key(model: str, eval_file: Path, settings: dict[str, Any]) -> str:
     parts = {"model": model_digest(model), "eval": file_digest(eval_file),
              "code": code_digest(), **{k: str(v) for k, v in sorted(settings.items())}}

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from loramoe.evaluate.cache import code_digest, eval_settings, file_digest
+from loramoe.evaluate.cache import code_digest, eval_settings, file_digest, scored_otherwise
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
@@ -117,27 +117,17 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
     # so scores from another run are paired with these only when they are comparable
     metrics["scored_by"] = scored_by(Path(eval_file), hf_model, batch_size, generate_per_task)
-    if base_dir is not None and (unlike := scored_otherwise(Path(base_dir), metrics["scored_by"])):
+    if base_dir is not None and (unlike := scored_otherwise(base_scored_by(Path(base_dir)),
+                                                            metrics["scored_by"])):
         metrics["base_scored_otherwise"] = unlike  # part of every retention and vs_base number
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def scored_otherwise(base_dir: Path, ours: dict[str, str]) -> str:
-    """What differs between how the base evaluation in base_dir was scored (its
-    metrics.json's `scored_by`) and `ours`, e.g. "threads 2 vs 1"; '' when nothing does or
-    base_dir does not say."""
+def base_scored_by(base_dir: Path) -> dict[str, str] | None:
+    """The `scored_by` of the base evaluation in base_dir (its metrics.json), if it says."""
     path = base_dir / "metrics.json"
-    theirs = json.loads(path.read_text()).get("scored_by") if path.is_file() else None
-    if not theirs:
-        return ""
-    unlike = [f"{what} differ" for key, what in (("records", "eval records"),
-                                                  ("code", "evaluation code"))
-              if theirs.get(key) != ours[key]]
-    base, this = json.loads(theirs.get("settings", "{}")), json.loads(ours["settings"])
-    unlike += [f"{key} {base.get(key)} vs {this.get(key)}" for key in sorted({*base, *this})
-               if base.get(key) != this.get(key)]
-    return ", ".join(unlike)
+    return json.loads(path.read_text()).get("scored_by") if path.is_file() else None
 
 
 def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int

@@ -79,7 +79,23 @@ def results_section(results: pd.DataFrame) -> str:
             "the tuned model no longer does, the share the tuned model still picks by the "
             "probe — answer style, not lost knowledge. Router "
             "separation: weight on the knowledge experts on knowledge tasks minus on downstream "
-            "tasks (> 0: the router routes by type).\n\n" + table(headers, rows))
+            "tasks (> 0: the router routes by type).\n\n" + table(headers, rows)
+            + scored_otherwise_note(results))
+
+
+def scored_otherwise_note(results: pd.DataFrame) -> str:
+    """Branches evaluated with other settings than the base (another thread count or machine,
+    e.g. workers of other kinds), named: their numbers vs the base carry that rounding."""
+    if "scored_otherwise" not in results:
+        return ""
+    unlike = [f"`{r['branch']}` ({r['scored_otherwise']})" for _, r in results.iterrows()
+              if isinstance(r["scored_otherwise"], str) and r["scored_otherwise"]]
+    if not unlike:
+        return ""
+    return ("\n\n**Scored otherwise than the base**: " + ", ".join(unlike) + ". Their retention "
+            "and differences from the base (and from branches scored as the base was) carry "
+            "that rounding besides the training's effect: in bf16 a thread count of 1 vs 2 "
+            "alone moved 3 % of the default eval's item scores (docs/benchmarks.md §3).")
 
 
 def paired_section(paired: pd.DataFrame) -> str:

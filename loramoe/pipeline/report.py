@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from loramoe.evaluate.cache import scored_otherwise
+
 
 def _bounds(name: str, ci: list[float] | tuple[float, float] | None) -> dict[str, Any]:
     lo, hi = ci if ci else (None, None)
@@ -53,8 +55,12 @@ def results_table(branches: list[dict[str, Any]], base_metrics: dict[str, Any]) 
             rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
                          "status": f"failed: {b['error']}"})
             continue
+        # scored on another machine or thread count than the base (a worker of another
+        # kind): its numbers vs the base carry that rounding too (evaluate.cache.rounding)
+        unlike = scored_otherwise(base_metrics.get("scored_by"), b["metrics"].get("scored_by"))
         rows.append({"branch": b["name"], "method": b["method_name"], "scale": b["scale"],
-                     "seed": b.get("seed"), "status": "ok", **score_columns(b["metrics"])})
+                     "seed": b.get("seed"), "status": "ok", **score_columns(b["metrics"]),
+                     "scored_otherwise": unlike})
     return with_holm_vs_base(pd.DataFrame(rows))
 
 
