@@ -134,7 +134,8 @@ def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
               ) -> dict[str, str]:
     """What produced a run's scores, as the base-evaluation cache keys it: the eval records'
     sha256, the evaluation code's digest (cache.code_digest) and the settings that can move a
-    score (the weights' dtype, the device type, the batch size, generate_per_task)."""
+    score (cache.eval_settings: the weights' dtype, the device type, the batch size,
+    generate_per_task, and the thread count and CPU or the GPU)."""
     settings = eval_settings(str(model.dtype).removeprefix("torch."), model.device.type,
                              batch_size, generate_per_task)
     return {"records": file_digest(eval_file), "code": code_digest(),
