@@ -7,8 +7,9 @@ supports it, or an x86 CPU with AVX512-BF16 or AMX-BF16 (read from the CPU flags
 measured bf16 matmul beats fp32 by BF16_MIN_SPEEDUP — and fp32 elsewhere. The flag alone is
 not enough: on a 2-core Xeon VM that reports avx512_bf16 but hides AMX, a bf16 matmul ran at
 134 vs 240 GFLOP/s for fp32 (0.56x), while a 2-core AMD EPYC with the same flag ran the
-default pipeline 1.48x faster in bf16. The measurement (~0.2 s) is cached per CPU model,
-torch version and thread count in the loramoe cache folder. fp16 is for GPUs only.
+default pipeline 1.48x faster in bf16. The measurement (~0.2 s) is cached per CPU
+(`cpu_kernels`: its model, flags and instruction-set caps), torch version and thread count
+in the loramoe cache folder. fp16 is for GPUs only.
 Asking for bf16/fp16 on hardware that lacks it is an error that says
 what the machine does support, raised before any model is loaded.
 """
@@ -25,6 +26,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+ONEDNN_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's own, and its old name
 BF16_MIN_SPEEDUP = 1.2  # margin: a noisy measurement near 1x should not flip the choice
 
 
@@ -55,6 +57,20 @@ def cpu_model_name() -> str:
     return cpuinfo_field("model name") or "unknown"
 
 
+def cpu_kernels() -> str:
+    """This CPU as torch picks its kernels: the model, its bf16 flags, the instruction set ATen
+    dispatches to and any cap set on oneDNN's (which runs bf16 matmuls), e.g. "Intel(R) Xeon(R)
+    Processor (amx_bf16 avx512_bf16; ATen AVX512)". Where these differ, bf16 speed and
+    rounding may differ: capped with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, an AMX Xeon
+    multiplied bf16 at 0.54x fp32 instead of 7.5x, and rounded otherwise (the default model
+    in bf16 on one thread scored 95 of the default mixture's 2,274 eval items differently;
+    docs/benchmarks.md §3)."""
+    bf16 = " ".join(sorted(set(BF16_CPU_FLAGS) & cpu_flags())) or "no bf16 instructions"
+    caps = [f"{name}={os.environ[name]}" for name in ONEDNN_ISA_CAPS if os.environ.get(name)]
+    kernels = "; ".join([bf16, f"ATen {torch.backends.cpu.get_cpu_capability()}", *caps])
+    return f"{cpu_model_name()} ({kernels})"
+
+
 def measure_bf16_speedup(rows: int = 1024, repeats: int = 5) -> float:
     """fp32 time / bf16 time of a (rows×576)·(576×1536) matmul, the default model's FFN
     shape, best of `repeats` each after a warm-up."""
@@ -77,7 +93,7 @@ def cpu_bf16_speedup() -> float:
     from loramoe.model_paths import cache_root
 
     path = cache_root() / "cpu_bf16_speedup.json"
-    key = f"{cpu_model_name()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    key = f"{cpu_kernels()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):

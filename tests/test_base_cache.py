@@ -76,6 +76,9 @@ def test_the_thread_count_and_the_cpu_are_settings(monkeypatch):
 
     monkeypatch.setattr(precision, "cpuinfo_field", lambda name: {
         "model name": "Some CPU", "flags": "sse avx512_bf16 amx_tile amx_bf16"}[name])
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    aten = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -86,9 +89,32 @@ def test_the_thread_count_and_the_cpu_are_settings(monkeypatch):
         torch.set_num_threads(threads)
     assert one == {"dtype": "bfloat16", "device": "cpu", "batch_size": 16,
                    "generate_per_task": 0, "threads": 1,
-                   "cpu": "Some CPU (amx_bf16 avx512_bf16)"}
+                   "cpu": f"Some CPU (amx_bf16 avx512_bf16; ATen {aten})"}
     assert two == {**one, "threads": 2}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # rounds otherwise (§3)
+    capped = eval_settings("bfloat16", "cpu", 16, 0)
+    assert capped == {**two, "threads": threads,
+                      "cpu": f"Some CPU (amx_bf16 avx512_bf16; ATen {aten}; "
+                             f"ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"}
     monkeypatch.setattr("loramoe.evaluate.cache.model_digest", lambda model: "m")
     monkeypatch.setattr("loramoe.evaluate.cache.code_digest", lambda: "c")
     monkeypatch.setattr("loramoe.evaluate.cache.file_digest", lambda path: "e")
     assert base_eval_key("x", None, one) != base_eval_key("x", None, two)
+
+
+def test_a_gpu_is_named_by_the_models_own_index(monkeypatch):
+    """On a machine with two kinds of GPU, a model on cuda:1 is scored by GPU 1's rounding,
+    not by the current device's (the name used to be asked without an index)."""
+    import torch
+
+    from loramoe.evaluate.cache import eval_settings
+
+    names = {0: "GPU zero", 1: "GPU one"}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[
+        torch.cuda.current_device() if device is None or torch.device(device).index is None
+        else torch.device(device).index])
+    assert eval_settings("bfloat16", torch.device("cuda", 1), 64, 0) == {
+        "dtype": "bfloat16", "device": "cuda", "batch_size": 64, "generate_per_task": 0,
+        "gpu": "GPU one"}
+    assert eval_settings("bfloat16", "cuda", 64, 0)["gpu"] == "GPU zero"

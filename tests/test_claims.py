@@ -273,6 +273,9 @@ def test_the_report_says_which_tasks_ran_short_of_data():
     config = PipelineConfig.from_dict(tomllib.loads((configs / "lbc_long.toml").read_text()),
                                       base_dir=configs)
     assert "Short of data" not in setup_section(config, None, {})
+    from loramoe.precision import cpu_kernels
+
+    assert f"on {cpu_kernels()})" in setup_section(config, None, {})  # the flags, not a name
     text = setup_section(config, None, {"translation": 42, "nli": 1200})
     assert "**Short of data**" in text and "nli 1,200, translation 42" in text
 

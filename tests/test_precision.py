@@ -76,6 +76,44 @@ def test_the_bf16_speedup_is_measured_once_and_cached_per_cpu(tmp_path, monkeypa
         precision.cpu_bf16_speedup.cache_clear()
 
 
+def test_a_cap_on_onednns_instruction_set_is_measured_again(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 took an AMX Xeon's bf16 matmul from 7.5x fp32 to
+    0.54x: a speed-up measured without the cap must not pick bf16 under it (the cache was
+    keyed on the CPU's name alone)."""
+    monkeypatch.setenv("LORAMOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    speedups = iter([7.5, 0.54])
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: next(speedups))
+    precision.cpu_bf16_speedup.cache_clear()
+    try:
+        assert precision.cpu_bf16_speedup() == 7.5
+        uncapped = precision.cpu_kernels()
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+        precision.cpu_bf16_speedup.cache_clear()  # a new process, started with the cap
+        assert precision.cpu_bf16_speedup() == 0.54
+        assert precision.cpu_kernels() == uncapped[:-1] + "; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"
+    finally:
+        precision.cpu_bf16_speedup.cache_clear()
+
+
+def test_auto_is_fp32_where_onednn_may_not_use_bf16_instructions(tmp_path):
+    """The rule on this machine's real kernels: with oneDNN capped below its bf16
+    instructions, a bf16 matmul is slow (0.19x fp32 on an AMX Xeon) and `auto` stays fp32.
+    A CPU without bf16 flags is fp32 by its flags alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "LORAMOE_CACHE_DIR": str(tmp_path),
+           "CUDA_VISIBLE_DEVICES": ""}
+    code = ("import torch; from loramoe.precision import resolve_dtype; "
+            "print(resolve_dtype('auto', torch.device('cpu')))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "torch.float32"
+
+
 def test_the_bf16_measurement_is_a_positive_ratio():
     assert precision.measure_bf16_speedup(rows=64, repeats=2) > 0
 

@@ -21,7 +21,10 @@ import shutil
 import tempfile
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 OUTPUTS = ("predictions.jsonl", "probe.jsonl", "metrics.json")
 
@@ -70,33 +73,36 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def eval_settings(dtype, device: str, batch_size: int, generate_per_task: int
+def eval_settings(dtype, device: str | torch.device, batch_size: int, generate_per_task: int
                   ) -> dict[str, Any]:
     """The settings that can move an evaluation's scores besides the model, the eval records
     and the code: the weights' dtype, the device type, the batch size, generate_per_task and
     the hardware's rounding (`rounding`). The base-evaluation cache keys on them, and a run's
     `scored_by` records them."""
-    return {"dtype": dtype, "device": device, "batch_size": batch_size,
+    import torch
+
+    device = torch.device(device)
+    return {"dtype": dtype, "device": device.type, "batch_size": batch_size,
             "generate_per_task": generate_per_task, **rounding(device)}
 
 
-def rounding(device: str) -> dict[str, Any]:
+def rounding(device: str | torch.device) -> dict[str, Any]:
     """What decides the order in which the hardware sums a product, hence its rounding: on a
-    CPU torch's thread count and the CPU (its kernels are picked per instruction set), on a
-    GPU its name. In bf16 the default model scored 68 of the default mixture's 2,274 eval
-    items differently at 1 thread than at 2 (34 each way, knowledge score 0.276 vs 0.286;
-    each thread count repeats itself exactly; docs/benchmarks.md §3)."""
+    CPU torch's thread count and the CPU as torch picks its kernels (precision.cpu_kernels),
+    on a GPU its name (of the model's GPU: a machine may mix kinds). In bf16 the default
+    model scored 68 of the default mixture's 2,274 eval items differently at 1 thread than
+    at 2 (34 each way, knowledge score 0.276 vs 0.286; each thread count repeats itself
+    exactly; docs/benchmarks.md §3)."""
     import torch
 
-    if device == "cuda":
-        return {"gpu": torch.cuda.get_device_name()}
-    if device != "cpu":
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"gpu": torch.cuda.get_device_name(device)}
+    if device.type != "cpu":
         return {}
-    from loramoe.precision import BF16_CPU_FLAGS, cpu_flags, cpu_model_name
+    from loramoe.precision import cpu_kernels
 
-    bf16 = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
-    return {"threads": torch.get_num_threads(),
-            "cpu": f"{cpu_model_name()} ({' '.join(bf16) or 'no bf16 instructions'})"}
+    return {"threads": torch.get_num_threads(), "cpu": cpu_kernels()}
 
 
 def scored_otherwise(theirs: dict[str, str] | None, ours: dict[str, str] | None) -> str:

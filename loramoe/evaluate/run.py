@@ -136,7 +136,7 @@ def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
     sha256, the evaluation code's digest (cache.code_digest) and the settings that can move a
     score (cache.eval_settings: the weights' dtype, the device type, the batch size,
     generate_per_task, and the thread count and CPU or the GPU)."""
-    settings = eval_settings(str(model.dtype).removeprefix("torch."), model.device.type,
+    settings = eval_settings(str(model.dtype).removeprefix("torch."), model.device,
                              batch_size, generate_per_task)
     return {"records": file_digest(eval_file), "code": code_digest(),
             "settings": json.dumps(settings, sort_keys=True)}

@@ -178,11 +178,14 @@ def setup_section(config, wall_seconds: float | None,
                         for n, c in config.methods.items())
     trained = [t.name for t in mixture.tasks if t.train]
     untrained = [t.name for t in mixture.tasks if not t.train]
-    from loramoe.precision import cpu_model_name, default_device, resolve_dtype
+    import torch
+
+    from loramoe.precision import cpu_kernels, default_device, resolve_dtype
 
     first = next(iter(config.methods.values()))
     device = default_device()
-    where = cpu_model_name() if device.type == "cpu" else device.type
+    # the CPU as its kernels are picked (flags, ISA caps): bf16 speed and rounding follow it
+    where = cpu_kernels() if device.type == "cpu" else torch.cuda.get_device_name(device)
     dtype = str(resolve_dtype(first.dtype, device)).removeprefix("torch.")
     lines = [f"- Config `{config.name}`: model `{first.model}`, dtype `{first.dtype}` "
              f"(= {dtype} on {where}), "

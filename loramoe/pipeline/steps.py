@@ -134,7 +134,7 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     # another count rounds differently and its scores are not like for like (cache.rounding)
     use_branch_threads(config)
     settings = eval_settings(resolve_dtype(config.dtype, field="train.dtype"),
-                             default_device().type, config.eval_batch_size,
+                             default_device(), config.eval_batch_size,
                              config.eval_generate_per_task)
 
     def compute(out: Path) -> dict[str, Any]:
