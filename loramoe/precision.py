@@ -26,7 +26,9 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-ONEDNN_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's own, and its old name
+# Set, these pick other kernels on the same CPU, hence other speed and rounding: oneDNN's
+# instruction-set cap (it runs bf16 matmuls; DNNL_ is its old name) and MKL's (fp32 matmuls)
+KERNEL_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 BF16_MIN_SPEEDUP = 1.2  # margin: a noisy measurement near 1x should not flip the choice
 
 
@@ -59,14 +61,14 @@ def cpu_model_name() -> str:
 
 def cpu_kernels() -> str:
     """This CPU as torch picks its kernels: the model, its bf16 flags, the instruction set ATen
-    dispatches to and any cap set on oneDNN's (which runs bf16 matmuls), e.g. "Intel(R) Xeon(R)
-    Processor (amx_bf16 avx512_bf16; ATen AVX512)". Where these differ, bf16 speed and
-    rounding may differ: capped with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, an AMX Xeon
-    multiplied bf16 at 0.54x fp32 instead of 7.5x, and rounded otherwise (the default model
-    in bf16 on one thread scored 95 of the default mixture's 2,274 eval items differently;
-    docs/benchmarks.md §3)."""
+    dispatches to and any of KERNEL_CAPS set, e.g. "Intel(R) Xeon(R) Processor (amx_bf16
+    avx512_bf16; ATen AVX512)". Where these differ, speed and rounding may differ: capped
+    with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, an AMX Xeon multiplied bf16 at 0.54x fp32
+    instead of 7.5x, and rounded otherwise (the default model in bf16 on one thread scored 95
+    of the default mixture's 2,274 eval items differently); MKL_ENABLE_INSTRUCTIONS=AVX2
+    changes fp32 products' last bits (docs/benchmarks.md §3)."""
     bf16 = " ".join(sorted(set(BF16_CPU_FLAGS) & cpu_flags())) or "no bf16 instructions"
-    caps = [f"{name}={os.environ[name]}" for name in ONEDNN_ISA_CAPS if os.environ.get(name)]
+    caps = [f"{name}={os.environ[name]}" for name in KERNEL_CAPS if os.environ.get(name)]
     kernels = "; ".join([bf16, f"ATen {torch.backends.cpu.get_cpu_capability()}", *caps])
     return f"{cpu_model_name()} ({kernels})"
 

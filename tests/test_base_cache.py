@@ -76,8 +76,8 @@ def test_the_thread_count_and_the_cpu_are_settings(monkeypatch):
 
     monkeypatch.setattr(precision, "cpuinfo_field", lambda name: {
         "model name": "Some CPU", "flags": "sse avx512_bf16 amx_tile amx_bf16"}[name])
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap in precision.KERNEL_CAPS:
+        monkeypatch.delenv(cap, raising=False)
     aten = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
     try:
@@ -96,6 +96,10 @@ def test_the_thread_count_and_the_cpu_are_settings(monkeypatch):
     assert capped == {**two, "threads": threads,
                       "cpu": f"Some CPU (amx_bf16 avx512_bf16; ATen {aten}; "
                              f"ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)"}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # fp32 products' last bits move
+    assert eval_settings("float32", "cpu", 16, 0)["cpu"].endswith(
+        f"ATen {aten}; MKL_ENABLE_INSTRUCTIONS=AVX2)")
     monkeypatch.setattr("loramoe.evaluate.cache.model_digest", lambda model: "m")
     monkeypatch.setattr("loramoe.evaluate.cache.code_digest", lambda: "c")
     monkeypatch.setattr("loramoe.evaluate.cache.file_digest", lambda path: "e")

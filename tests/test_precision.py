@@ -81,8 +81,8 @@ def test_a_cap_on_onednns_instruction_set_is_measured_again(tmp_path, monkeypatc
     0.54x: a speed-up measured without the cap must not pick bf16 under it (the cache was
     keyed on the CPU's name alone)."""
     monkeypatch.setenv("LORAMOE_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap in precision.KERNEL_CAPS:
+        monkeypatch.delenv(cap, raising=False)
     speedups = iter([7.5, 0.54])
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: next(speedups))
     precision.cpu_bf16_speedup.cache_clear()
