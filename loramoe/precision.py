@@ -73,6 +73,13 @@ def cpu_kernels() -> str:
     return f"{cpu_model_name()} ({kernels})"
 
 
+def hardware_name(device: str | torch.device) -> str:
+    """What computed on `device`, as far as speed and rounding go: the GPU's name (of that
+    index: a machine may mix kinds), or the CPU as `cpu_kernels` names it."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_kernels()
+
+
 def measure_bf16_speedup(rows: int = 1024, repeats: int = 5) -> float:
     """fp32 time / bf16 time of a (rows×576)·(576×1536) matmul, the default model's FFN
     shape, best of `repeats` each after a warm-up."""

@@ -99,6 +99,8 @@ def mlflow_client(workdir: Path):
 
 
 def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
+    from loramoe.precision import cpu_kernels
+
     workdir, run, _, stderr = smoke_run
     assert run.successful, stderr[-3000:]
     client = mlflow_client(workdir)
@@ -116,6 +118,7 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
         history = client.get_metric_history(child.info.run_id, "train/lm_loss")
         assert [m.step for m in history] == [1, 2, 3]
         assert child.data.tags["train_device"] == "cpu"  # where it trained ("cuda" on a GPU)
+        assert child.data.tags["train_hardware"] == cpu_kernels()  # which CPU, flags, caps
     assert "loramoe-32/downstream_score" in parent.data.metrics
     assert any(k.startswith("system/") for c in ok for k in c.data.metrics)  # psutil present
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}

@@ -241,6 +241,9 @@ def test_two_process_ddp_run_completes(tiny_model_dir, tiny_train_file, tmp_path
     assert (tmp_path / "ddp" / "adapter" / WEIGHTS_NAME).is_file()
     final = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
     assert final["steps"] == 3 and final["processes"] == 2 and final["device"] == "cpu"
+    from loramoe.precision import cpu_kernels
+
+    assert final["hardware"] == cpu_kernels()  # which CPU: bf16 rounds per kind (§3)
 
 
 @pytest.mark.parametrize("method", ["lora", "loramoe"])

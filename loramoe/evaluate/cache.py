@@ -95,14 +95,14 @@ def rounding(device: str | torch.device) -> dict[str, Any]:
     exactly; docs/benchmarks.md §3)."""
     import torch
 
+    from loramoe.precision import hardware_name
+
     device = torch.device(device)
     if device.type == "cuda":
-        return {"gpu": torch.cuda.get_device_name(device)}
+        return {"gpu": hardware_name(device)}
     if device.type != "cpu":
         return {}
-    from loramoe.precision import cpu_kernels
-
-    return {"threads": torch.get_num_threads(), "cpu": cpu_kernels()}
+    return {"threads": torch.get_num_threads(), "cpu": hardware_name(device)}
 
 
 def scored_otherwise(theirs: dict[str, str] | None, ours: dict[str, str] | None) -> str:

@@ -178,14 +178,11 @@ def setup_section(config, wall_seconds: float | None,
                         for n, c in config.methods.items())
     trained = [t.name for t in mixture.tasks if t.train]
     untrained = [t.name for t in mixture.tasks if not t.train]
-    import torch
-
-    from loramoe.precision import cpu_kernels, default_device, resolve_dtype
+    from loramoe.precision import default_device, hardware_name, resolve_dtype
 
     first = next(iter(config.methods.values()))
     device = default_device()
-    # the CPU as its kernels are picked (flags, ISA caps): bf16 speed and rounding follow it
-    where = cpu_kernels() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    where = hardware_name(device)  # the CPU with its flags and ISA caps, or the GPU's name
     dtype = str(resolve_dtype(first.dtype, device)).removeprefix("torch.")
     lines = [f"- Config `{config.name}`: model `{first.model}`, dtype `{first.dtype}` "
              f"(= {dtype} on {where}), "

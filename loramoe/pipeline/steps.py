@@ -66,10 +66,13 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     with system_metrics(mlflow_run_id):
         final = train_branch(config, train_config, processes, threads, mlflow_run_id)
     device = final.pop("device")  # where it trained: "cuda" on a GPU worker
+    # which GPU or CPU (flags, ISA caps): bf16 training rounds per kind (docs/benchmarks.md §3)
+    hardware = final.pop("hardware")
     run_dir = Path(train_config.output_dir)
     part = "model" if train_config.method == "sft" else "adapter"
     if mlflow_run_id:
         set_tag(mlflow_run_id, "train_device", device)
+        set_tag(mlflow_run_id, "train_hardware", hardware)
         files = [run_dir / "train_config.json", run_dir / "metrics.jsonl", run_dir / part]
         store = {"mlflow_run_id": mlflow_run_id,
                  "artifact_path": store_folder(mlflow_run_id, files, TRAINED)}

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from accelerate.utils import DistributedType
 
+from loramoe.precision import hardware_name
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
 from loramoe.train.config import TrainConfig, TrainConfigError
@@ -213,7 +214,8 @@ def finish(run: Training, last: dict[str, float]) -> TrainResult:
     if acc.is_main_process:
         (output_dir / "final_metrics.json").write_text(
             json.dumps({"steps": run.progress.step, "processes": acc.num_processes,
-                        "device": acc.device.type, **last}))
+                        "device": acc.device.type, "hardware": hardware_name(acc.device),
+                        **last}))
     acc.wait_for_everyone()
     return TrainResult(output_dir, run.progress.step, last, artifact,
                        last.get("tokens_per_s", 0.0))
