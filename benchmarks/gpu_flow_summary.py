@@ -4,7 +4,8 @@
 
 Run after `python flows/full_pipeline.py --config config benchmarks/configs/gpu_smoke.toml run`
 (benchmarks/gpu_check.sh does both): one line per branch run of the latest parent run (its
-`train_device` tag, the trainer's accelerator device) and the registered champion's
+`train_device` tag, the trainer's accelerator device), the GPUs or CPUs they trained on
+(`train_hardware`) and the registered champion's
 `eval_settings` (the device its scores were computed on). Exits 1 unless every branch that
 trained did so on --device and the champion was scored there.
 
@@ -70,6 +71,9 @@ def main() -> int:
               f"{metrics.get('downstream_score', float('nan')):>10.3f}")
     if not any(c.data.tags.get("train_device") for c in children):
         wrong.append("no branch recorded where it trained")
+    hardware = sorted({c.data.tags["train_hardware"] for c in children
+                       if "train_hardware" in c.data.tags})
+    print(f"  trained on: {'; '.join(hardware) or '-'}")
     champion = client.get_model_version_by_alias(args.model, "champion")
     settings = json.loads(champion.tags["eval_settings"])
     print(f"  champion: {args.model} v{champion.version}, scored with {settings}; decision: "

@@ -144,6 +144,9 @@ def test_the_gpu_checks_summary_reads_where_branches_trained_and_were_scored(smo
     assert on_cpu.returncode == 0 and "every step ran on cpu" in on_cpu.stdout, on_cpu.stderr
     assert re.search(r"loramoe-16 +FINISHED +cpu", on_cpu.stdout)
     assert re.search(r"lora-16 +FAILED +- ", on_cpu.stdout)  # the branch that fails on purpose
+    from loramoe.precision import cpu_kernels
+
+    assert f"trained on: {cpu_kernels()}\n" in on_cpu.stdout  # one kind of CPU
     assert on_gpu.returncode == 1 and "sft-32 trained on cpu" in on_gpu.stdout
     assert "the champion was scored on cpu" in on_gpu.stdout
 
