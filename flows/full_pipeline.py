@@ -5,9 +5,10 @@
     python flows/full_pipeline.py run --methods loramoe,lora --scales 64,256 --max-steps 20
     python flows/full_pipeline.py --with kubernetes run                 # GPU/cloud workers
 
-start -> ingest -> validate -> train (foreach method x scale [x seed]) -> evaluate -> join
--> compare -> register -> end. Every step calls one function of loramoe.pipeline; runs,
-metrics, plots and adapters go to MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db).
+start -> ingest -> validate -> evaluate_base -> train (foreach method x scale [x seed])
+-> evaluate -> join -> compare -> register -> end. Every step calls one function of
+loramoe.pipeline; runs, metrics, plots and adapters go to MLflow (MLFLOW_TRACKING_URI, else
+./mlflow.db).
 """
 
 from __future__ import annotations
@@ -131,9 +132,9 @@ class LoRAMoEPipeline(FlowSpec):
     @step
     def validate(self):
         """great-expectations suites on every scale and the eval set (Data Docs to MLflow);
-        a failure stops the run naming the report and the failed expectations. Then the base
-        model is evaluated once, for every branch's retention."""
-        from loramoe.pipeline import evaluate_base_model, validate_data
+        a failure stops the run naming the report and the failed expectations, before any
+        model is loaded or any GPU worker is asked for."""
+        from loramoe.pipeline import validate_data
         from loramoe.tracking import store_folder, use_store
 
         docs = Path(self.workdir) / "outputs" / "data_docs" / current.run_id
@@ -146,6 +147,19 @@ class LoRAMoEPipeline(FlowSpec):
             finally:
                 if docs.exists():
                     store_folder(self.parent_run_id, sorted(docs.iterdir()), "data_docs")
+        self.next(self.evaluate_base)
+
+    @retry(times=config.retry_times)
+    @timeout(minutes=config.timeout_minutes)
+    @resources(cpu=config.resources.cpu, memory=config.resources.memory,
+               gpu=config.resources.gpu)  # the branches' kind of worker: scores pair alike
+    @step
+    def evaluate_base(self):
+        """Evaluate the base model once, for every branch's retention and "vs base" scores, on
+        the workers the branches are evaluated on (a CPU worker would load a 7B model there,
+        in another dtype, and round otherwise)."""
+        from loramoe.pipeline import evaluate_base_model
+
         config = self.pipeline_config
         with scratch("base") as workdir:
             base = evaluate_base_model(config, self.eval_set, workdir)

@@ -94,11 +94,15 @@ def test_argo_workflow_template_and_cron_workflow_compile(cloud, tmp_path):
     assert template["metadata"]["namespace"] == "loramoe"
     gpus = tomllib.loads(PAPER.read_text())["resources"]["gpu"]
     steps = templates_by_step(template)
-    for name in ("train", "evaluate", "register"):  # register may evaluate the champion again
+    # the base is evaluated on the branches' kind of worker (it ran in validate, on a CPU
+    # worker: a 7B model in another dtype, rounding otherwise); register may evaluate the
+    # champion again
+    for name in ("evaluate-base", "train", "evaluate", "register"):
         container = steps[name]["container"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
         assert container["image"] == "registry.example/loramoe-worker:1"
-    assert "nvidia.com/gpu" not in json.dumps(steps["compare"]["container"]["resources"])
+    for name in ("validate", "compare"):  # no GPU held for data checks and tables
+        assert "nvidia.com/gpu" not in json.dumps(steps[name]["container"]["resources"])
 
 
 def test_step_functions_state_machine_compiles_with_gpu_batch_jobs(cloud, tmp_path):
@@ -111,7 +115,8 @@ def test_step_functions_state_machine_compiles_with_gpu_batch_jobs(cloud, tmp_pa
     assert machine["StartAt"] == "start"
     gpus = tomllib.loads(PAPER.read_text())["resources"]["gpu"]
     text = json.dumps(machine)
-    assert text.count('"Type": "GPU"') >= 3  # train and evaluate (the foreach's map), register
+    # evaluate_base, train and evaluate (the foreach's map), register
+    assert text.count('"Type": "GPU"') >= 4
     assert f'{{"Type": "GPU", "Value": "{gpus}"}}' in text
 
 

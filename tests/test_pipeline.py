@@ -207,7 +207,7 @@ def test_the_base_is_scored_as_the_branches_are(smoke_run):
     the thread count included (it used to evaluate on every core while the branches took
     their share; in bf16 that moves scores: evaluate/cache.py's `rounding`)."""
     _, run, _, _ = smoke_run
-    base = run["validate"].task.data.base_metrics["scored_by"]
+    base = run["evaluate_base"].task.data.base_metrics["scored_by"]
     scored = [o["metrics"]["scored_by"] for o in run["join"].task.data.outcomes
               if not o["error"]]
     assert len(scored) == 4 and all(s == base for s in scored)
@@ -320,7 +320,8 @@ def test_resume_reruns_from_compare(smoke_run):
     assert resumed.successful, running.stderr[-3000:]
     assert resumed.id != run.id
     # Steps before compare were cloned, not re-run: same artifacts as the origin run.
-    assert resumed["validate"].task.data.base_metrics == run["validate"].task.data.base_metrics
+    assert resumed["evaluate_base"].task.data.base_metrics == \
+        run["evaluate_base"].task.data.base_metrics
     # the report states the original run's wall time, not the hours since its start
     def wall(run_id):
         report = (workdir / "outputs" / "reports" / run_id / "report.md").read_text()
