@@ -225,5 +225,13 @@ def test_a_step_given_fewer_gpus_than_asked_for_says_so():
     with pytest.raises(GpuRequestError, match=r"config\.resources\.gpu = \d+, but this step "
                                               r"sees \d+ GPU"):
         check_gpus(config)
+    # the evaluation steps too, before anything is loaded or written: they used to score the
+    # base and the branches on the CPU of a worker scheduled without its GPUs
+    from loramoe.pipeline.steps import evaluate_base_model, evaluate_branch
+
+    with pytest.raises(GpuRequestError):
+        evaluate_base_model(config, None, Path("/nonexistent"))
+    with pytest.raises(GpuRequestError):
+        evaluate_branch(config, {}, None, None, Path("/nonexistent"), None)
     data["resources"]["gpu"] = 0
     check_gpus(PipelineConfig.from_dict(data, base_dir=smoke.parent))
