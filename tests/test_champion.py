@@ -321,3 +321,25 @@ def test_a_champion_that_cannot_be_evaluated_again_is_not_compared(tmp_path):
                                        "evaluating it again here failed (")
     promoted, why = challenge(challenger("a", 10), [], found, "significant")
     assert not promoted and "not compared with the current champion (version 2)" in why
+
+
+def test_a_champion_is_not_evaluated_again_without_the_gpus_asked_for(tmp_path):
+    """A register worker scheduled without its GPUs used to evaluate the champion on its CPU
+    (a 7B model for hours) only to find the scores unpairable; now it says why at once."""
+    from pathlib import Path
+
+    import tomllib
+    import torch
+
+    from loramoe.pipeline.config import PipelineConfig
+
+    smoke = Path(__file__).parents[1] / "flows" / "configs" / "smoke.toml"
+    data = tomllib.loads(smoke.read_text())
+    data["resources"]["gpu"] = torch.cuda.device_count() + 1
+    config = PipelineConfig.from_dict(data, base_dir=smoke.parent)
+    champion = {"version": 2, "run_id": "0" * 32, "items": None, "note": "", "score": 0.3,
+                "why_not": "it was scored with other evaluation settings"}
+    found = reevaluate_champion(config, champion, champion_items(), SCORED, tmp_path)
+    assert found["items"] is None and "GpuRequestError: config.resources.gpu = " in \
+        found["why_not"]
+    assert not (tmp_path / "champion_again" / "run").exists()  # nothing fetched

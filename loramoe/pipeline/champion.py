@@ -136,12 +136,13 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     why_not saying what happened."""
     from loramoe.data.records import write_records
     from loramoe.evaluate import evaluate
-    from loramoe.pipeline.threads import use_branch_threads
+    from loramoe.pipeline.threads import check_gpus, use_branch_threads
 
     here = workdir / "champion_again"
     # a branch's thread count, as this run's branches were scored (cache.rounding)
     use_branch_threads(config)
     try:
+        check_gpus(config)  # not hours on a CPU for scores that could not be paired anyway
         run_dir = restore_run_dir({"store": {"mlflow_run_id": champion["run_id"],
                                              "artifact_path": TRAINED}}, here / "run")
         metrics = evaluate(write_records(eval_frame, here / "eval.jsonl"), here / "eval",
