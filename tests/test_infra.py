@@ -67,6 +67,11 @@ def test_train_and_evaluate_take_gpu_resources_from_config():
         assert int(paper[name]["timeout"]["minutes"]) == wanted["timeout_minutes"]
         assert int(default[name]["resources"]["gpu"]) == 0
     assert "resources" not in paper["join"] and "card" in paper["compare"]
+    # the base is scored on the branches' kind of worker; data checks hold no GPU
+    assert paper["evaluate_base"]["resources"] == paper["evaluate"]["resources"]
+    assert {"retry", "timeout"} <= set(paper["evaluate_base"])
+    assert "catch" not in paper["evaluate_base"]  # no base scores: the run stops there
+    assert "resources" not in paper["validate"]
 
 
 def test_accelerate_configs_parse():
