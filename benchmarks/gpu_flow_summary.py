@@ -5,9 +5,10 @@
 Run after `python flows/full_pipeline.py --config config benchmarks/configs/gpu_smoke.toml run`
 (benchmarks/gpu_check.sh does both): one line per branch run of the latest parent run (its
 `train_device` tag, the trainer's accelerator device), the GPUs or CPUs they trained on
-(`train_hardware`) and the registered champion's
-`eval_settings` (the device its scores were computed on). Exits 1 unless every branch that
-trained did so on --device and the champion was scored there.
+(`train_hardware`), where the base model was scored (the parent run's `base_eval_settings`)
+and the registered champion's `eval_settings` (the device its scores were computed on). Exits
+1 unless every branch that trained did so on --device and the base and the champion were
+scored there.
 
     python benchmarks/gpu_flow_summary.py --missing
 
@@ -74,6 +75,10 @@ def main() -> int:
     hardware = sorted({c.data.tags["train_hardware"] for c in children
                        if "train_hardware" in c.data.tags})
     print(f"  trained on: {'; '.join(hardware) or '-'}")
+    base = json.loads(parent.data.tags.get("base_eval_settings", "{}"))
+    print(f"  base model scored with {base or '-'}")
+    if base.get("device") != args.device:
+        wrong.append(f"the base was scored on {base.get('device', 'an unrecorded device')}")
     champion = client.get_model_version_by_alias(args.model, "champion")
     settings = json.loads(champion.tags["eval_settings"])
     print(f"  champion: {args.model} v{champion.version}, scored with {settings}; decision: "

@@ -159,16 +159,18 @@ class LoRAMoEPipeline(FlowSpec):
         the workers the branches are evaluated on (a CPU worker would load a 7B model there,
         in another dtype, and round otherwise)."""
         from loramoe.pipeline import evaluate_base_model
+        from loramoe.tracking import use_store
 
-        config = self.pipeline_config
+        use_store(self.tracking_uri)
         with scratch("base") as workdir:
-            base = evaluate_base_model(config, self.eval_set, workdir)
+            base = evaluate_base_model(self.pipeline_config, self.eval_set, workdir,
+                                       self.parent_run_id)
         self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
         self.base_probe = base["probe"]  # likelihood probe of every fact, for retention
         cached = self.base_metrics.get("cache", {})
         print(f"base evaluation {'reused from' if cached.get('hit') else 'computed, stored in'}"
               f" the cache (key {cached.get('key', 'none: base_eval_cache = false')})")
-        self.branches = config.branches()
+        self.branches = self.pipeline_config.branches()
         self.next(self.train, foreach="branches")
 
     @catch(var="train_error", print_exception=True)

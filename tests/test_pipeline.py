@@ -149,6 +149,7 @@ def test_the_gpu_checks_summary_reads_where_branches_trained_and_were_scored(smo
     assert f"trained on: {cpu_kernels()}\n" in on_cpu.stdout  # one kind of CPU
     assert on_gpu.returncode == 1 and "sft-32 trained on cpu" in on_gpu.stdout
     assert "the champion was scored on cpu" in on_gpu.stdout
+    assert "the base was scored on cpu" in on_gpu.stdout
 
 
 def test_steps_leave_no_scratch_folders(smoke_run):
@@ -206,11 +207,16 @@ def test_the_base_is_scored_as_the_branches_are(smoke_run):
     """The base's scores are paired with every branch's: same records, code and settings,
     the thread count included (it used to evaluate on every core while the branches took
     their share; in bf16 that moves scores: evaluate/cache.py's `rounding`)."""
-    _, run, _, _ = smoke_run
+    workdir, run, _, _ = smoke_run
     base = run["evaluate_base"].task.data.base_metrics["scored_by"]
     scored = [o["metrics"]["scored_by"] for o in run["join"].task.data.outcomes
               if not o["error"]]
     assert len(scored) == 4 and all(s == base for s in scored)
+    parent = next(r for r in mlflow_client(workdir).search_runs(
+        [mlflow_client(workdir).get_experiment_by_name("loramoe-smoke").experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get(
+            "metaflow.run_id") == run.id)
+    assert parent.data.tags["base_eval_settings"] == base["settings"]  # in MLflow too
     cores = len(os.sched_getaffinity(0))
     assert json.loads(base["settings"])["threads"] == max(1, cores // 2)
     rows = [r for r in run["compare"].task.data.results if r["status"] == "ok"]

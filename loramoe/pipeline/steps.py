@@ -124,10 +124,11 @@ def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:
     return fetch_folder(store["mlflow_run_id"], store["artifact_path"], path)
 
 
-def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path
-                        ) -> dict[str, Any]:
+def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path,
+                        mlflow_run_id: str | None = None) -> dict[str, Any]:
     """The base model's generation metrics and probe on the eval set; reused from the cache
-    when this model, eval set, dtype, settings and evaluation code were evaluated before."""
+    when this model, eval set, dtype, settings and evaluation code were evaluated before.
+    mlflow_run_id (the parent run): tagged `base_eval_settings`, where and how it was scored."""
     from loramoe.evaluate import evaluate
     from loramoe.evaluate.cache import cached_base_evaluation, eval_settings
     from loramoe.precision import default_device, resolve_dtype
@@ -149,6 +150,10 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     base_dir = workdir / "base"
     metrics = (cached_base_evaluation(config.base_model, eval_file, base_dir, settings, compute)
                if config.base_eval_cache else compute(base_dir))
+    if mlflow_run_id:
+        from loramoe.tracking import set_tag
+
+        set_tag(mlflow_run_id, "base_eval_settings", metrics["scored_by"]["settings"])
     return {"metrics": metrics, "predictions": read_records(base_dir / "predictions.jsonl"),
             "probe": read_records(base_dir / "probe.jsonl")}
 
