@@ -275,7 +275,9 @@ def test_the_report_says_which_tasks_ran_short_of_data():
     assert "Short of data" not in setup_section(config, None, {})
     from loramoe.precision import cpu_kernels
 
-    assert f"on {cpu_kernels()})" in setup_section(config, None, {})  # the flags, not a name
+    # unsaid: this machine, with its flags, and saying so
+    assert f"on {cpu_kernels()} (this machine; the base did not say))" in setup_section(
+        config, None, {})
     text = setup_section(config, None, {"translation": 42, "nli": 1200})
     assert "**Short of data**" in text and "nli 1,200, translation 42" in text
 
@@ -354,3 +356,29 @@ def test_claims_pool_seed_replicates():
     row = scales.set_index("claim").loc[forgets]
     assert row["verdict"] == "reproduced" and "100 vs 10 examples" in row["ours"]
     assert "2 seeds, each -0.250 / -0.250" in row["ours"]
+
+
+def test_the_report_says_where_the_branches_ran_not_where_compare_runs():
+    """On GPU workers the compare step runs on a plain one (no [resources]); the report's setup
+    line used to resolve the dtype and name the device there: "bfloat16 on <its CPU>" for a
+    study trained and scored in bf16 on H100s."""
+    import json
+    from pathlib import Path
+
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.markdown import setup_section
+
+    configs = Path(__file__).resolve().parents[1] / "flows" / "configs"
+    config = PipelineConfig.from_dict(tomllib.loads((configs / "paper.toml").read_text()),
+                                      base_dir=configs)
+    gpu = "NVIDIA H100 80GB HBM3"
+    scored_by = {"records": "r", "code": "c", "settings": json.dumps(
+        {"batch_size": 64, "device": "cuda", "dtype": "bfloat16", "generate_per_task": 0,
+         "gpu": gpu})}
+    text = setup_section(config, None, None, scored_by, [gpu])
+    assert f"(= bfloat16 on {gpu})" in text and f"- Trained on: {gpu}" in text
+    cpu = {**scored_by, "settings": json.dumps({"dtype": "float32", "device": "cpu",
+                                                "threads": 1, "cpu": "Some CPU (avx2)"})}
+    assert "(= float32 on Some CPU (avx2))" in setup_section(config, None, None, cpu)

@@ -217,6 +217,12 @@ def test_the_base_is_scored_as_the_branches_are(smoke_run):
         if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get(
             "metaflow.run_id") == run.id)
     assert parent.data.tags["base_eval_settings"] == base["settings"]  # in MLflow too
+    from loramoe.precision import cpu_kernels
+
+    report = (workdir / "outputs" / "reports" / run.id / "report.md").read_text()
+    setting = json.loads(base["settings"])
+    assert f"(= {setting['dtype']} on {cpu_kernels()})" in report  # as the base was scored
+    assert f"- Trained on: {cpu_kernels()}\n" in report
     cores = len(os.sched_getaffinity(0))
     assert json.loads(base["settings"])["threads"] == max(1, cores // 2)
     rows = [r for r in run["compare"].task.data.results if r["status"] == "ok"]

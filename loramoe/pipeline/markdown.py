@@ -4,6 +4,7 @@ comparisons, router type separation, and the paper-claims table."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -169,8 +170,25 @@ def claims_section(claims: pd.DataFrame) -> str:
             table(["claim", "paper", "this run", "verdict"], rows))
 
 
+def scored_where(config, base_scored_by: dict[str, str] | None) -> str:
+    """"bfloat16 on <GPU or CPU>": how the base (and so every branch, like for like) was
+    scored, by its `scored_by`; without it, how this machine would. The compare step may run
+    on a plain worker while the branches ran on GPUs: its own device says nothing of theirs."""
+    if base_scored_by and "settings" in base_scored_by:
+        settings = json.loads(base_scored_by["settings"])
+        where = settings.get("gpu") or settings.get("cpu") or settings.get("device", "?")
+        return f"{settings.get('dtype', '?')} on {where}"
+    from loramoe.precision import default_device, hardware_name, resolve_dtype
+
+    first, device = next(iter(config.methods.values())), default_device()
+    dtype = str(resolve_dtype(first.dtype, device)).removeprefix("torch.")
+    return f"{dtype} on {hardware_name(device)} (this machine; the base did not say)"
+
+
 def setup_section(config, wall_seconds: float | None,
-                  shortfall: dict[str, int] | None = None) -> str:
+                  shortfall: dict[str, int] | None = None,
+                  base_scored_by: dict[str, str] | None = None,
+                  trained_on: list[str] | None = None) -> str:
     mixture = config.mixture
     methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
                                                  f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
@@ -178,20 +196,17 @@ def setup_section(config, wall_seconds: float | None,
                         for n, c in config.methods.items())
     trained = [t.name for t in mixture.tasks if t.train]
     untrained = [t.name for t in mixture.tasks if not t.train]
-    from loramoe.precision import default_device, hardware_name, resolve_dtype
-
     first = next(iter(config.methods.values()))
-    device = default_device()
-    where = hardware_name(device)  # the CPU with its flags and ISA caps, or the GPU's name
-    dtype = str(resolve_dtype(first.dtype, device)).removeprefix("torch.")
     lines = [f"- Config `{config.name}`: model `{first.model}`, dtype `{first.dtype}` "
-             f"(= {dtype} on {where}), "
+             f"(= {scored_where(config, base_scored_by)}), "
              f"batch {first.batch_size}, epochs {first.epochs}, max_length {first.max_length}",
              f"- Methods: {methods}", f"- Scales (nested): {mixture.scales}" + (
                  f", knowledge share {mixture.knowledge_share}" if mixture.knowledge_share
                  is not None else ""),
              f"- Trained tasks: {', '.join(trained)}",
              f"- Eval-only relations: {', '.join(untrained) or 'none'}"]
+    if trained_on:  # GPU names, or CPUs with their flags: bf16 rounds per kind
+        lines.append(f"- Trained on: {'; '.join(trained_on)}")
     if shortfall:  # a scale's label is what was asked; say what the data could not supply
         short = ", ".join(f"{task} {n:,}" for task, n in sorted(shortfall.items()))
         lines.append(f"- **Short of data**: records a task could not supply at the largest "
@@ -204,9 +219,12 @@ def setup_section(config, wall_seconds: float | None,
 def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame,
                  claims: pd.DataFrame, plots: list[Path], title: str,
                  wall_seconds: float | None = None,
-                 shortfall: dict[str, int] | None = None, replicates: str = "") -> Path:
+                 shortfall: dict[str, int] | None = None, replicates: str = "",
+                 base_scored_by: dict[str, str] | None = None,
+                 trained_on: list[str] | None = None) -> Path:
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    parts = [f"# {title}", setup_section(config, wall_seconds, shortfall),
+    parts = [f"# {title}",
+             setup_section(config, wall_seconds, shortfall, base_scored_by, trained_on),
              results_section(results), replicates,
              claims_section(claims), paired_section(paired), "## Figures\n\n" + figures]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")

@@ -106,9 +106,11 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     replicates = write_replicates(outcomes, out)
     files += [out / "replicates.csv", out / "replicate_tests.csv"] if replicates else []
     if config is not None:
+        trained_on = sorted({o["trained"]["hardware"] for o in outcomes
+                             if not o["error"] and "hardware" in o.get("trained", {})})
         files.append(write_report(out / "report.md", config, table, paired, claims, plots,
                                   f"LoRAMoE study: {config.name}", wall_seconds, shortfall,
-                                  replicates))
+                                  replicates, base_metrics.get("scored_by"), trained_on))
     store_folder(parent_run_id, files, "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]

@@ -78,7 +78,8 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
                  "artifact_path": store_folder(mlflow_run_id, files, TRAINED)}
     else:  # no tracking: the folder stays where it is (same machine only)
         store = {"local_dir": str(run_dir)}
-    return {"name": name, "store": store, "train_config": train_config.to_dict(),
+    return {"name": name, "store": store, "hardware": hardware,
+            "train_config": train_config.to_dict(),
             "steps": final.pop("steps"), "processes": final.pop("processes", 1), "final": final,
             "router_cv": _router_cv_series((run_dir / "metrics.jsonl").read_text())}
 
