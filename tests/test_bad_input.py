@@ -500,6 +500,28 @@ def test_unwritable_tracking_uri_is_named(tmp_path):
         del os.environ["MLFLOW_TRACKING_URI"]
 
 
+def test_a_local_tracking_store_is_refused_on_remote_workers(tmp_path, monkeypatch):
+    """With --with kubernetes (or batch, Argo) every step runs on a worker of its own: the
+    default sqlite file that start creates is not there for the next step, and the run used
+    to fail only when a later step (now evaluate_base, before: train) looked for the parent
+    run. start says so at once."""
+    from loramoe.tracking import TrackingError, setup
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("METAFLOW_RUNTIME_ENVIRONMENT", "kubernetes")  # as Metaflow sets it
+    with pytest.raises(TrackingError, match=r"default tracking store 'sqlite:///.*: a file on "
+                                            r"this kubernetes worker.*MLFLOW_TRACKING_URI"):
+        setup("x", tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI='file://"):
+        setup("x", tmp_path)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    monkeypatch.setenv("METAFLOW_RUNTIME_ENVIRONMENT", "local")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert setup("x", tmp_path)  # a local run keeps its default store
+
+
 def test_unwritable_tracking_uri_stops_the_flow_in_start(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

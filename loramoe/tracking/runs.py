@@ -31,7 +31,16 @@ def _origin(uri: str) -> str:
 
 
 def check_store(uri: str) -> None:
-    """A local store's folder must exist (or be creatable) and be writable."""
+    """A local store's folder must exist (or be creatable) and be writable, and a local store
+    is refused on remote workers (Kubernetes, Argo, AWS Batch: Metaflow's
+    METAFLOW_RUNTIME_ENVIRONMENT), where each step runs on a worker of its own that cannot
+    see the file another wrote: the run would fail in a later step, after the work before it."""
+    remote = os.environ.get("METAFLOW_RUNTIME_ENVIRONMENT", "local")
+    if remote != "local" and uri.startswith(("sqlite:", "file:")):
+        raise TrackingError(
+            f"{_origin(uri)}: a file on this {remote} worker; the flow's other steps run on "
+            f"other workers and cannot see it. Set MLFLOW_TRACKING_URI to an MLflow server "
+            f"they all reach (infra/README.md)")
     for scheme in ("sqlite:///", "file://"):
         if uri.startswith(scheme):
             path = Path(uri[len(scheme):])
