@@ -69,6 +69,7 @@ from metaflow import (  # noqa: E402
     Parameter,
     card,
     catch,
+    config_expr,
     current,
     resources,
     retry,
@@ -76,6 +77,10 @@ from metaflow import (  # noqa: E402
     step,
     timeout,
 )
+
+# An evaluation runs on one GPU: the evaluation steps ask for resources.eval_gpu, by default
+# one where the branches train on GPUs (PipelineConfig.eval_gpus says the same)
+EVAL_GPUS = config_expr("config.resources.get('eval_gpu', min(config.resources.gpu, 1))")
 
 
 @schedule(weekly=True)
@@ -152,7 +157,7 @@ class LoRAMoEPipeline(FlowSpec):
     @retry(times=config.retry_times)
     @timeout(minutes=config.timeout_minutes)
     @resources(cpu=config.resources.cpu, memory=config.resources.memory,
-               gpu=config.resources.gpu)  # the branches' kind of worker: scores pair alike
+               gpu=EVAL_GPUS)  # the branches' evaluations' kind of worker: scores pair alike
     @step
     def evaluate_base(self):
         """Evaluate the base model once, for every branch's retention and "vs base" scores, on
@@ -200,8 +205,7 @@ class LoRAMoEPipeline(FlowSpec):
     @catch(var="eval_error", print_exception=True)
     @retry(times=config.retry_times)
     @timeout(minutes=config.timeout_minutes)
-    @resources(cpu=config.resources.cpu, memory=config.resources.memory,
-               gpu=config.resources.gpu)
+    @resources(cpu=config.resources.cpu, memory=config.resources.memory, gpu=EVAL_GPUS)
     @step
     def evaluate(self):
         """Knowledge + downstream metrics, retention vs the base, router analysis."""
@@ -256,7 +260,7 @@ class LoRAMoEPipeline(FlowSpec):
         self.next(self.register)
 
     @resources(cpu=config.resources.cpu, memory=config.resources.memory,
-               gpu=config.resources.gpu)  # it may evaluate the current champion again
+               gpu=EVAL_GPUS)  # it may evaluate the current champion again
     @step
     def register(self):
         """Log every adapter as an MLflow pyfunc model; register the best LoRAMoE that beat the

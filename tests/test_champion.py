@@ -335,11 +335,11 @@ def test_a_champion_is_not_evaluated_again_without_the_gpus_asked_for(tmp_path):
 
     smoke = Path(__file__).parents[1] / "flows" / "configs" / "smoke.toml"
     data = tomllib.loads(smoke.read_text())
-    data["resources"]["gpu"] = torch.cuda.device_count() + 1
+    data["resources"]["eval_gpu"] = torch.cuda.device_count() + 1
     config = PipelineConfig.from_dict(data, base_dir=smoke.parent)
     champion = {"version": 2, "run_id": "0" * 32, "items": None, "note": "", "score": 0.3,
                 "why_not": "it was scored with other evaluation settings"}
     found = reevaluate_champion(config, champion, champion_items(), SCORED, tmp_path)
-    assert found["items"] is None and "GpuRequestError: config.resources.gpu = " in \
+    assert found["items"] is None and "GpuRequestError: config.resources.eval_gpu = " in \
         found["why_not"]
     assert not (tmp_path / "champion_again" / "run").exists()  # nothing fetched

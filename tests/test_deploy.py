@@ -94,12 +94,13 @@ def test_argo_workflow_template_and_cron_workflow_compile(cloud, tmp_path):
     assert template["metadata"]["namespace"] == "loramoe"
     gpus = tomllib.loads(PAPER.read_text())["resources"]["gpu"]
     steps = templates_by_step(template)
-    # the base is evaluated on the branches' kind of worker (it ran in validate, on a CPU
-    # worker: a 7B model in another dtype, rounding otherwise); register may evaluate the
-    # champion again
-    for name in ("evaluate-base", "train", "evaluate", "register"):
+    # the base is evaluated on the branches' evaluations' kind of worker (it ran in validate,
+    # on a CPU worker: a 7B model in another dtype, rounding otherwise); register may evaluate
+    # the champion again; an evaluation holds one GPU, training all of the branch's
+    for name, wanted in (("evaluate-base", 1), ("train", gpus), ("evaluate", 1),
+                         ("register", 1)):
         container = steps[name]["container"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(wanted), name
         assert container["image"] == "registry.example/loramoe-worker:1"
     for name in ("validate", "compare"):  # no GPU held for data checks and tables
         assert "nvidia.com/gpu" not in json.dumps(steps[name]["container"]["resources"])
@@ -117,7 +118,8 @@ def test_step_functions_state_machine_compiles_with_gpu_batch_jobs(cloud, tmp_pa
     text = json.dumps(machine)
     # evaluate_base, train and evaluate (the foreach's map), register
     assert text.count('"Type": "GPU"') >= 4
-    assert f'{{"Type": "GPU", "Value": "{gpus}"}}' in text
+    assert f'{{"Type": "GPU", "Value": "{gpus}"}}' in text  # train
+    assert '{"Type": "GPU", "Value": "1"}' in text  # the evaluations
 
 
 def test_compile_error_keeps_metaflows_message(cloud, tmp_path):

@@ -63,11 +63,16 @@ def test_train_and_evaluate_take_gpu_resources_from_config():
     wanted = tomllib.loads((ROOT / "flows" / "configs" / "paper.toml").read_text())
     for name in ("train", "evaluate"):
         assert {"resources", "retry", "catch", "timeout"} <= set(paper[name]), paper[name]
-        assert int(paper[name]["resources"]["gpu"]) == wanted["resources"]["gpu"] >= 1
         assert int(paper[name]["timeout"]["minutes"]) == wanted["timeout_minutes"]
         assert int(default[name]["resources"]["gpu"]) == 0
+    assert int(paper["train"]["resources"]["gpu"]) == wanted["resources"]["gpu"] > 1
+    # an evaluation runs on one GPU: the evaluation steps hold one (resources.eval_gpu's
+    # default), not the branch's eight
+    for name in ("evaluate_base", "evaluate", "register"):
+        assert int(paper[name]["resources"]["gpu"]) == 1, name
+        assert int(default[name]["resources"]["gpu"]) == 0, name
     assert "resources" not in paper["join"] and "card" in paper["compare"]
-    # the base is scored on the branches' kind of worker; data checks hold no GPU
+    # the base is scored on the branches' evaluations' kind of worker; data checks hold no GPU
     assert paper["evaluate_base"]["resources"] == paper["evaluate"]["resources"]
     assert {"retry", "timeout"} <= set(paper["evaluate_base"])
     assert "catch" not in paper["evaluate_base"]  # no base scores: the run stops there

@@ -229,9 +229,35 @@ def test_a_step_given_fewer_gpus_than_asked_for_says_so():
     # base and the branches on the CPU of a worker scheduled without its GPUs
     from loramoe.pipeline.steps import evaluate_base_model, evaluate_branch
 
-    with pytest.raises(GpuRequestError):
+    data["resources"]["eval_gpu"] = torch.cuda.device_count() + 1
+    config = PipelineConfig.from_dict(data, base_dir=smoke.parent)
+    with pytest.raises(GpuRequestError, match=r"config\.resources\.eval_gpu = \d+, but"):
         evaluate_base_model(config, None, Path("/nonexistent"))
-    with pytest.raises(GpuRequestError):
+    with pytest.raises(GpuRequestError, match=r"config\.resources\.eval_gpu = \d+, but"):
         evaluate_branch(config, {}, None, None, Path("/nonexistent"), None)
+    del data["resources"]["eval_gpu"]
+    data["resources"]["gpu"] = 8
+    implied = PipelineConfig.from_dict(data, base_dir=smoke.parent)
+    assert implied.eval_gpus == 1  # evaluation runs on one GPU of the eight
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(GpuRequestError, match=r"eval_gpu = 1 \(its default with gpu = 8\)"):
+            check_gpus(implied, evaluation=True)
     data["resources"]["gpu"] = 0
     check_gpus(PipelineConfig.from_dict(data, base_dir=smoke.parent))
+
+
+def test_eval_gpu_is_checked_and_may_be_zero():
+    from pathlib import Path
+
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig, PipelineConfigError
+
+    smoke = Path(__file__).resolve().parents[1] / "flows" / "configs" / "smoke.toml"
+    data = tomllib.loads(smoke.read_text())
+    for bad in (-1, 0.5, "one"):
+        data["resources"] = {"cpu": 1, "memory": 2000, "gpu": 2, "eval_gpu": bad}
+        with pytest.raises(PipelineConfigError, match=r"config\.resources.*eval_gpu >= 0"):
+            PipelineConfig.from_dict(data, base_dir=smoke.parent)
+    data["resources"]["eval_gpu"] = 0  # train on GPUs, score on CPUs: allowed, alike
+    assert PipelineConfig.from_dict(data, base_dir=smoke.parent).eval_gpus == 0

@@ -142,7 +142,7 @@ def reevaluate_champion(config: PipelineConfig, champion: dict[str, Any],
     # a branch's thread count, as this run's branches were scored (cache.rounding)
     use_branch_threads(config)
     try:
-        check_gpus(config)  # not hours on a CPU for scores that could not be paired anyway
+        check_gpus(config, evaluation=True)  # not hours on a CPU for unpairable scores
         run_dir = restore_run_dir({"store": {"mlflow_run_id": champion["run_id"],
                                              "artifact_path": TRAINED}}, here / "run")
         metrics = evaluate(write_records(eval_frame, here / "eval.jsonl"), here / "eval",

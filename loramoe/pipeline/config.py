@@ -105,8 +105,8 @@ class PipelineConfig:
             ("local_parallel_branches", lambda v: v >= 1, ">= 1"),
             ("seeds", lambda v: all(matches(s, int) and s >= 0 for s in v)
              and len(set(v)) == len(v), "distinct integers >= 0 (empty: each train.seed)"),
-            ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1 and gpu >= 0, "
-             "each a number (gpu an integer)"),
+            ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1, gpu >= 0 and "
+             "optionally eval_gpu >= 0, each a number (gpu and eval_gpu integers)"),
         ], PipelineConfigError, prefix="config")
         for name, train in self.methods.items():
             if train.method == "loramoe":
@@ -126,6 +126,14 @@ class PipelineConfig:
         """Data-parallel processes per train branch (config.launch.processes, else one per
         GPU the branch asks for, else 1)."""
         return self.launch.processes or max(1, int(self.resources.get("gpu", 0)))
+
+    @property
+    def eval_gpus(self) -> int:
+        """GPUs an evaluation step asks for (the base's, each branch's, register's):
+        resources.eval_gpu, else one where the branches train on GPUs. Evaluation runs on one
+        GPU; 8 held for it, as the paper config's branches hold, would idle 7."""
+        gpus = int(self.resources.get("gpu", 0))
+        return int(self.resources.get("eval_gpu", min(gpus, 1)))
 
     @property
     def base_model(self) -> str:
@@ -226,9 +234,9 @@ def _method_config(name: str, shared: dict[str, Any], overrides: Any) -> TrainCo
 
 
 def _resources_ok(resources: dict[str, Any]) -> bool:
-    wanted = {"cpu": float, "memory": int, "gpu": int}
+    wanted = {"cpu": float, "memory": int, "gpu": int, "eval_gpu": int}
     return set(resources) <= set(wanted) and all(
-        matches(value, wanted[key]) and value >= (0 if key == "gpu" else 1e-9)
+        matches(value, wanted[key]) and value >= (0 if "gpu" in key else 1e-9)
         for key, value in resources.items())
 
 

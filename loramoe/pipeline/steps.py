@@ -134,7 +134,7 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     from loramoe.evaluate.cache import cached_base_evaluation, eval_settings
     from loramoe.precision import default_device, resolve_dtype
 
-    check_gpus(config)  # on a worker without its GPUs the base would be scored on the CPU
+    check_gpus(config, evaluation=True)  # else scored on that worker's CPU
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     # a branch's thread count, as the branches and the champion are evaluated: in bf16
     # another count rounds differently and its scores are not like for like (cache.rounding)
@@ -166,7 +166,7 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
     from loramoe.evaluate import evaluate
     from loramoe.tracking import log_metrics, store_folder
 
-    check_gpus(config)  # else scored on the CPU, unlike the base and the other branches
+    check_gpus(config, evaluation=True)  # else on the CPU, unlike the base and the others
     run_dir = restore_run_dir(trained, workdir / "run")
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     base_dir = workdir / "base"

@@ -29,16 +29,21 @@ class GpuRequestError(RuntimeError):
     """The step was given fewer GPUs than config.resources.gpu asks for."""
 
 
-def check_gpus(config: PipelineConfig) -> None:
+def check_gpus(config: PipelineConfig, evaluation: bool = False) -> None:
     """Fail fast, naming the field, when the step sees fewer GPUs than it asked for (a
     worker scheduled without them, CUDA_VISIBLE_DEVICES too narrow), instead of hanging
-    or silently training on fewer."""
+    or silently training or scoring on fewer (or on the CPU). evaluation: an evaluation
+    step, which asks for resources.eval_gpu (config.eval_gpus)."""
     import torch
 
-    wanted, visible = int(config.resources.get("gpu", 0)), torch.cuda.device_count()
+    field, wanted = (("eval_gpu", config.eval_gpus) if evaluation else
+                     ("gpu", int(config.resources.get("gpu", 0))))
+    visible = torch.cuda.device_count()
     if wanted > visible:
+        implied = (f" (its default with gpu = {config.resources.get('gpu', 0)})"
+                   if evaluation and "eval_gpu" not in config.resources else "")
         raise GpuRequestError(
-            f"config.resources.gpu = {wanted}, but this step sees {visible} GPU(s) "
+            f"config.resources.{field} = {wanted}{implied}, but this step sees {visible} GPU(s) "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
             f"Run on workers that have them (--with kubernetes / --with batch), or set "
-            f"resources.gpu = {visible} for this machine")
+            f"resources.{field} = {visible} for this machine")
