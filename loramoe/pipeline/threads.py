@@ -26,7 +26,7 @@ def use_branch_threads(config: PipelineConfig, processes: int = 1) -> int:
 
 
 class GpuRequestError(RuntimeError):
-    """The step was given fewer GPUs than config.resources.gpu asks for."""
+    """The step was given fewer GPUs than config.resources.gpu (or eval_gpu) asks for."""
 
 
 def check_gpus(config: PipelineConfig, evaluation: bool = False) -> None:
