@@ -78,9 +78,11 @@ from metaflow import (  # noqa: E402
     timeout,
 )
 
+from loramoe.pipeline.config import eval_gpus  # noqa: E402, F401 (named in EVAL_GPUS)
+
 # An evaluation runs on one GPU: the evaluation steps ask for resources.eval_gpu, by default
-# one where the branches train on GPUs (PipelineConfig.eval_gpus says the same)
-EVAL_GPUS = config_expr("config.resources.get('eval_gpu', min(config.resources.gpu, 1))")
+# one where the branches train on GPUs (the expression runs with this module's names)
+EVAL_GPUS = config_expr("eval_gpus(config.resources)")
 
 
 @schedule(weekly=True)

@@ -129,11 +129,8 @@ class PipelineConfig:
 
     @property
     def eval_gpus(self) -> int:
-        """GPUs an evaluation step asks for (the base's, each branch's, register's):
-        resources.eval_gpu, else one where the branches train on GPUs. Evaluation runs on one
-        GPU; 8 held for it, as the paper config's branches hold, would idle 7."""
-        gpus = int(self.resources.get("gpu", 0))
-        return int(self.resources.get("eval_gpu", min(gpus, 1)))
+        """GPUs an evaluation step asks for (`eval_gpus` of resources)."""
+        return eval_gpus(self.resources)
 
     @property
     def base_model(self) -> str:
@@ -231,6 +228,14 @@ def _method_config(name: str, shared: dict[str, Any], overrides: Any) -> TrainCo
         return TrainConfig.from_dict(deep_merge(shared, overrides))
     except ValueError as err:
         raise PipelineConfigError(f"config.methods.{name}: {err}") from None
+
+
+def eval_gpus(resources: dict[str, Any]) -> int:
+    """GPUs an evaluation step asks for (the base's, each branch's, register's):
+    resources.eval_gpu, else one where the branches train on GPUs. Evaluation runs on one
+    GPU; 8 held for it, as the paper config's branches hold, would idle 7. The flow's
+    decorators call this on the raw config, the steps through PipelineConfig.eval_gpus."""
+    return int(resources.get("eval_gpu", min(int(resources.get("gpu", 0)), 1)))
 
 
 def _resources_ok(resources: dict[str, Any]) -> bool:
