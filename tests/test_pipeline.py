@@ -212,6 +212,10 @@ def test_the_base_is_scored_as_the_branches_are(smoke_run):
     scored = [o["metrics"]["scored_by"] for o in run["join"].task.data.outcomes
               if not o["error"]]
     assert len(scored) == 4 and all(s == base for s in scored)
+    metrics = run["evaluate_base"].task.data.base_metrics
+    if not metrics.get("cache", {}).get("hit"):  # computed here: alone, on every core
+        cores = len(os.sched_getaffinity(0))
+        assert metrics["workers"] == cores // max(1, cores // 2)  # smoke: 2 branches at once
     parent = next(r for r in mlflow_client(workdir).search_runs(
         [mlflow_client(workdir).get_experiment_by_name("loramoe-smoke").experiment_id])
         if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get(

@@ -12,6 +12,7 @@ from transformers import StoppingCriteriaList
 
 from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.routing import RouterRecorder
+from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.evaluate.stopping import SHORT_ANSWER_METRICS, StopAtNewline, first_line
 from loramoe.model import contiguous_head_input
 
@@ -34,13 +35,17 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool = True
 
 def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int = 16,
                          max_prompt_tokens: int = 768, recorder: RouterRecorder | None = None,
-                         progress: bool = False, max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers for every prompt, in the frame's order.
+                         progress: bool = False, max_new_tokens: int | None = None,
+                         shard: Shard = WHOLE) -> list[str | None]:
+    """Greedy answers for every prompt, in the frame's order (None for the items of
+    another `shard`'s batches).
 
     New tokens per batch: max_new_tokens if given, else by the items' metrics (short for QA).
     """
     from loramoe.progress import track
 
+    if recorder is not None and shard != WHOLE:
+        raise ValueError("the router recorder needs every batch in one process")
     encoded = [prompt_ids(tokenizer, p) for p in frame["prompt"]]
     cut = sum(len(e) > max_prompt_tokens for e in encoded)
     if cut:
@@ -59,6 +64,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     contiguous_head_input(model)
     batches = [group[i:i + batch_size] for group in budget_groups(order, budgets)
                for i in range(0, len(group), batch_size)]
+    batches = shard.take(batches)
     for batch in track(batches, len(batches), "generate", enabled=progress):
         ids, mask = (t.to(model.device) for t in pad_rows([encoded[i] for i in batch], pad_id))
         max_new = max(budgets[i] for i in batch)
@@ -77,7 +83,7 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
             predictions[index] = first_line(text) if short[row] else text
     if recorder is not None:  # re-order recorded samples to the frame's order
         recorder.per_sample = [torch.cat(recorder.per_sample, dim=1)[:, _inverse(order)]]
-    return [predictions[i] for i in range(len(encoded))]
+    return [predictions.get(i) for i in range(len(encoded))]
 
 
 def budget_groups(order: list[int], budgets: list[int]) -> list[list[int]]:

@@ -23,6 +23,7 @@ import torch
 
 from loramoe.data.collate import prompt_ids
 from loramoe.evaluate.generation import pad_rows
+from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.model import backbone_and_head
 
 
@@ -117,8 +118,10 @@ def option_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~seen, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
 
 
-def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
-    """id, gold_logprob, mc_correct for every row with choices (others are skipped)."""
+def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64,
+                shard: Shard = WHOLE) -> pd.DataFrame:
+    """id, gold_logprob, mc_correct for every row with choices (others are skipped), in the
+    frame's order; only the rows of this `shard`'s batches."""
     if "choices" not in frame:  # e.g. a user's eval file: nothing to probe
         return pd.DataFrame(columns=["id", "gold_logprob", "mc_correct"])
     rows = frame[frame["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
@@ -132,15 +135,15 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64) -> 
     order = sorted(range(len(contexts)), key=lambda i: packed_length(contexts[i], options[i]))
     scores: dict[int, torch.Tensor] = {}
     model.eval()
-    for at in range(0, len(order), batch_size):
-        batch = order[at:at + batch_size]
+    for batch in shard.take([order[at:at + batch_size]
+                             for at in range(0, len(order), batch_size)]):
         got = choice_logprobs(model, tokenizer, [contexts[i] for i in batch],
                               [options[i] for i in batch])
         scores.update(zip(batch, got, strict=True))
-    gold = [float(scores[i][0]) for i in range(len(contexts))]
-    correct = [bool(scores[i].argmax() == 0) for i in range(len(contexts))]
-    return pd.DataFrame({"id": rows["id"].tolist(), "gold_logprob": gold,
-                         "mc_correct": correct})
+    done = sorted(scores)
+    return pd.DataFrame({"id": rows["id"].iloc[done].tolist(),
+                         "gold_logprob": [float(scores[i][0]) for i in done],
+                         "mc_correct": [bool(scores[i].argmax() == 0) for i in done]})
 
 
 def probe_summary(probe: pd.DataFrame, frame: pd.DataFrame) -> dict:

@@ -23,6 +23,7 @@ from loramoe.evaluate.scoring import (
     style_breakdown,
     summarize,
 )
+from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.precision import default_device, resolve_dtype
 
 
@@ -68,12 +69,14 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
              run: str | Path | None = None, base_dir: str | Path | None = None,
              batch_size: int = 16, progress: bool = True, dtype: str | None = None,
              device: str | None = None, generate_per_task: int = 0,
-             untrained_tasks: set[str] | None = None) -> dict[str, Any]:
+             untrained_tasks: set[str] | None = None, workers: int = 1) -> dict[str, Any]:
     """Evaluate and write predictions.jsonl, probe.jsonl, metrics.json (and router.json/.png).
 
     Every fact with choices is probed (probe.py); generation runs on every downstream item
     and, with generate_per_task, on that many knowledge items per task (a stratified subset:
-    the builders shuffle each task's items)."""
+    the builders shuffle each task's items). workers: processes that share the batches on a
+    CPU, each at this process's thread count (shards.py; not for a LoRAMoE run, whose router
+    is recorded in one process)."""
     from loramoe.data.records import check_records, read_records, write_records
 
     full = read_records(Path(eval_file)).reset_index(drop=True)
@@ -81,12 +84,19 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     frame = generation_subset(full, generate_per_task)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_workers(workers, device, run)  # before the model is loaded
     hf_model, tokenizer, config = load_for_eval(model, run, dtype, device)
     recorder = None
     if config is not None and config["method"] == "loramoe":
         recorder = RouterRecorder().attach(hf_model)
-    predictions = generate_predictions(hf_model, tokenizer, frame, batch_size,
-                                       recorder=recorder, progress=progress)
+    if workers > 1:
+        load = {"model": model, "run": run, "dtype": dtype_name(hf_model.dtype),
+                "device": str(hf_model.device)}
+        predictions, probe = answer_in_workers(hf_model, tokenizer, frame, full, batch_size,
+                                               workers, load, progress)
+    else:
+        predictions, probe = answer(hf_model, tokenizer, frame, full, batch_size, recorder,
+                                    progress)
     scored = score_predictions(frame, predictions)
     write_records(scored, out / "predictions.jsonl")
     metrics = summarize(scored)
@@ -95,24 +105,12 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         metrics["retention"] = retention(base, scored)
         metrics["vs_base"] = compare_with_base(base, scored)
     if recorder is not None:
-        from loramoe.config import LoRAMoEConfig
-
-        moe = LoRAMoEConfig.from_dict(config["loramoe"])
-        analysis = router_analysis(recorder, scored, moe.expert_type_ids(), moe.type_names)
-        (out / "router.json").write_text(json.dumps(analysis, indent=2))
-        plot_router(analysis, out / "router.png", title=f"Router weight per expert type "
-                    f"({Path(run).name})")
-        metrics["router_type_weights"] = {t: v["type_weights"]
-                                          for t, v in analysis["tasks"].items()}
-        metrics["router_separation"] = analysis["separation"]
-        recorder.detach()
-    # after the router analysis: the probe's forwards must not reach the recorder
-    probe, found = probe_metrics(hf_model, tokenizer, full, out, base_dir, batch_size,
-                                 untrained_tasks)
-    metrics.update(found)
+        metrics.update(router_metrics(recorder, scored, config, out, Path(run).name))
+    metrics.update(probe_metrics(probe, full, out, base_dir, untrained_tasks))
     if base_dir is not None:
         metrics["style"] = style_breakdown(base, scored, probe)
     metrics["generated_items"] = int(len(frame))
+    metrics["workers"] = workers  # processes that shared the batches (same outputs as one)
     # per item, so the comparison step can pair two branches' downstream scores
     metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
     # so scores from another run are paired with these only when they are comparable
@@ -122,6 +120,20 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         metrics["base_scored_otherwise"] = unlike  # part of every retention and vs_base number
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def router_metrics(recorder: RouterRecorder, scored: pd.DataFrame, config: dict[str, Any],
+                   out: Path, name: str) -> dict[str, Any]:
+    """The router's weight per expert type per task (router.json, router.png) and its
+    separation by task type."""
+    from loramoe.config import LoRAMoEConfig
+
+    moe = LoRAMoEConfig.from_dict(config["loramoe"])
+    analysis = router_analysis(recorder, scored, moe.expert_type_ids(), moe.type_names)
+    (out / "router.json").write_text(json.dumps(analysis, indent=2))
+    plot_router(analysis, out / "router.png", title=f"Router weight per expert type ({name})")
+    return {"router_type_weights": {t: v["type_weights"] for t, v in analysis["tasks"].items()},
+            "router_separation": analysis["separation"]}
 
 
 def base_scored_by(base_dir: Path) -> dict[str, str] | None:
@@ -142,19 +154,80 @@ def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
             "settings": json.dumps(settings, sort_keys=True)}
 
 
-def probe_metrics(model, tokenizer, full: pd.DataFrame, out: Path, base_dir, batch_size: int,
-                  untrained_tasks: set[str] | None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Probe every fact (probe.jsonl): the probe, and its summary and retention vs the base's
-    probe."""
+def probe_metrics(probe: pd.DataFrame, full: pd.DataFrame, out: Path, base_dir,
+                  untrained_tasks: set[str] | None) -> dict[str, Any]:
+    """Write probe.jsonl; the probe's summary and its retention vs the base's probe."""
     from loramoe.data.records import read_records, write_records
 
-    probe = probe_facts(model, tokenizer, full, batch_size=max(batch_size, 64))
     write_records(probe, out / "probe.jsonl")
     if not len(probe):
-        return probe, {}
+        return {}
     found = {"probe": probe_summary(probe, full)}
     base_probe = Path(base_dir) / "probe.jsonl" if base_dir is not None else None
     if base_probe is not None and base_probe.is_file():
         found["probe_retention"] = probe_retention(read_records(base_probe), probe, full,
                                                    untrained_tasks)
-    return probe, found
+    return found
+
+
+def answer(model, tokenizer, frame: pd.DataFrame, full: pd.DataFrame, batch_size: int,
+           recorder: RouterRecorder | None = None, progress: bool = False, shard: Shard = WHOLE
+           ) -> tuple[list[str | None], pd.DataFrame]:
+    """Greedy predictions for `frame` and the probe of every fact of `full`, of `shard`'s
+    batches."""
+    predictions = generate_predictions(model, tokenizer, frame, batch_size, recorder=recorder,
+                                       progress=progress, shard=shard)
+    if recorder is not None:
+        recorder.detach()  # the probe's forwards must not reach the recorder
+    probe = probe_facts(model, tokenizer, full, batch_size=max(batch_size, 64), shard=shard)
+    return predictions, probe
+
+
+def check_workers(workers: int, device: str | torch.device | None, run) -> None:
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
+    if workers == 1:
+        return
+    where = torch.device(device) if device is not None else default_device()
+    if where.type != "cpu":
+        raise ValueError(f"workers = {workers}: worker processes share a CPU's cores; on "
+                         f"{where} evaluate in one process")
+    if run is not None and json.loads((Path(run) / "train_config.json").read_text()
+                                      )["method"] == "loramoe":
+        raise ValueError(f"workers = {workers}: a LoRAMoE run's router is recorded in one "
+                         "process; evaluate it with workers = 1")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    from loramoe.precision import DTYPES
+
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def answer_in_workers(model, tokenizer, frame: pd.DataFrame, full: pd.DataFrame,
+                      batch_size: int, workers: int, load: dict[str, Any], progress: bool
+                      ) -> tuple[list[str], pd.DataFrame]:
+    """`answer` with the batches shared by this process (shard 0, `model`) and workers - 1
+    worker processes, each loading the model as `load` says at this process's thread count."""
+    import tempfile
+
+    from loramoe.evaluate.shards import start_worker
+
+    with tempfile.TemporaryDirectory(prefix="loramoe-shards-") as folder:
+        others = [start_worker(Path(folder), f"shard-{i}", {
+            "load": load, "frame": frame, "full": full, "batch_size": batch_size,
+            "shard": Shard(i, workers), "threads": torch.get_num_threads()})
+            for i in range(1, workers)]
+        try:
+            parts = [answer(model, tokenizer, frame, full, batch_size, progress=progress,
+                            shard=Shard(0, workers))]
+            parts += [other.wait() for other in others]
+        finally:
+            for other in others:
+                other.stop()
+    predictions = [next(p for p in column if p is not None)
+                   for column in zip(*(part[0] for part in parts), strict=True)]
+    position = {fact: at for at, fact in enumerate(full["id"])}
+    probes = [part[1] for part in parts if len(part[1])] or [parts[0][1]]
+    probe = pd.concat(probes).sort_values("id", key=lambda ids: ids.map(position))
+    return predictions, probe.reset_index(drop=True)

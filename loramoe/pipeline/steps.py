@@ -16,7 +16,7 @@ import pandas as pd
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
 from loramoe.pipeline.config import PipelineConfig, branch_name
-from loramoe.pipeline.threads import check_gpus, use_branch_threads
+from loramoe.pipeline.threads import available_cores, check_gpus, use_branch_threads
 
 
 def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
@@ -137,16 +137,19 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     check_gpus(config, evaluation=True)  # else scored on that worker's CPU
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     # a branch's thread count, as the branches and the champion are evaluated: in bf16
-    # another count rounds differently and its scores are not like for like (cache.rounding)
-    use_branch_threads(config)
-    settings = eval_settings(resolve_dtype(config.dtype, field="train.dtype"),
-                             default_device(), config.eval_batch_size,
-                             config.eval_generate_per_task)
+    # another count rounds differently and its scores are not like for like (cache.rounding);
+    # the base is evaluated alone, so on a CPU worker processes take the other branches'
+    # cores, each at that count (evaluate/shards.py: the same outputs as one process)
+    threads = use_branch_threads(config)
+    device = default_device()
+    workers = available_cores() // threads if device.type == "cpu" else 1
+    settings = eval_settings(resolve_dtype(config.dtype, field="train.dtype"), device,
+                             config.eval_batch_size, config.eval_generate_per_task)
 
     def compute(out: Path) -> dict[str, Any]:
         return evaluate(eval_file, out, model=config.base_model,
                         batch_size=config.eval_batch_size, dtype=config.dtype,
-                        generate_per_task=config.eval_generate_per_task)
+                        generate_per_task=config.eval_generate_per_task, workers=workers)
 
     base_dir = workdir / "base"
     metrics = (cached_base_evaluation(config.base_model, eval_file, base_dir, settings, compute)
