@@ -82,16 +82,20 @@ def test_an_evaluation_in_two_processes_writes_what_one_writes(tiny_model_dir, e
     assert saved[0] == saved[1]  # scored_by too: the same thread count, hence cache key
 
 
-def test_a_loramoe_run_is_not_split(tiny_model_dir, tiny_train_file, tmp_path):
-    """Its router weights are recorded per batch in one process."""
-    from loramoe.train import TrainConfig, train
-
+def test_a_loramoe_run_or_a_gpu_is_not_split_and_nothing_is_loaded(tmp_path, eval_file):
+    """A LoRAMoE run's router weights are recorded per batch in one process; workers share
+    a CPU's cores. Both are refused from the run's config and the device, before loading."""
     run = tmp_path / "run"
-    train(TrainConfig(model=str(tiny_model_dir), train_file=str(tiny_train_file),
-                      output_dir=str(run), max_steps=1, batch_size=8), progress=False)
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"method": "loramoe"}))  # no weights
     with pytest.raises(ValueError, match="workers = 2: a LoRAMoE run's router"):
-        evaluate(tiny_train_file.parent / "eval.jsonl", tmp_path / "e", run=run,
-                 progress=False, workers=2)
+        evaluate(eval_file, tmp_path / "e", run=run, progress=False, workers=2, device="cpu")
+    with pytest.raises(ValueError, match="workers = 2: worker processes share a CPU's cores; "
+                                         "on cuda:0"):
+        evaluate(eval_file, tmp_path / "e", model="unused", progress=False, workers=2,
+                 device="cuda:0")
+    with pytest.raises(ValueError, match="workers: must be >= 1, got 0"):
+        evaluate(eval_file, tmp_path / "e", model="unused", progress=False, workers=0)
 
 
 def test_a_failing_worker_raises_with_the_end_of_its_log(tmp_path, eval_file):
