@@ -131,6 +131,11 @@ def supported(device: torch.device) -> list[str]:
     return ["bf16", "fp32"] if cpu_has_native_bf16() else ["fp32"]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a torch dtype, DTYPES read backwards: torch.bfloat16 -> "bf16"."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
 def resolve_dtype(name: str, device: torch.device | None = None,
                   field: str = "TrainConfig.dtype") -> torch.dtype:
     """The torch dtype for `name` on `device` (default: the GPU if there is one)."""

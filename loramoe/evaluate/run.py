@@ -24,7 +24,7 @@ from loramoe.evaluate.scoring import (
     summarize,
 )
 from loramoe.evaluate.shards import WHOLE, Shard
-from loramoe.precision import default_device, resolve_dtype
+from loramoe.precision import default_device, dtype_name, resolve_dtype
 
 
 def load_for_eval(model: str | None = None, run: str | Path | None = None,
@@ -196,12 +196,6 @@ def check_workers(workers: int, device: str | torch.device | None, run) -> None:
                                       )["method"] == "loramoe":
         raise ValueError(f"workers = {workers}: a LoRAMoE run's router is recorded in one "
                          "process; evaluate it with workers = 1")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    from loramoe.precision import DTYPES
-
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def answer_in_workers(model, tokenizer, frame: pd.DataFrame, full: pd.DataFrame,
