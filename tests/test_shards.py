@@ -4,6 +4,7 @@ writes, bit for bit: the same batches, each at the same thread count."""
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -48,15 +49,20 @@ def test_shards_take_every_countth_batch_and_cover_all_once():
         Shard(2, 2)
 
 
-def test_sharded_generation_and_probe_equal_the_whole(tiny_model_dir, eval_file):
+def test_sharded_generation_and_probe_equal_the_whole(tiny_model_dir, eval_file, capsys):
     from loramoe.data.records import read_records
 
     model, tokenizer = load_base_model(str(tiny_model_dir))
     frame = read_records(eval_file)
-    whole_answers = generate_predictions(model, tokenizer, frame, batch_size=4)
+    whole_answers = generate_predictions(model, tokenizer, frame, batch_size=4, progress=True)
     whole_probe = probe_facts(model, tokenizer, frame, batch_size=16)
-    answers = [generate_predictions(model, tokenizer, frame, batch_size=4, shard=Shard(i, 3))
-               for i in range(3)]
+    answers = [generate_predictions(model, tokenizer, frame, batch_size=4, shard=Shard(i, 3),
+                                    progress=i == 1) for i in range(3)]
+    # a shard's progress says which shard it counts, out of its own batches
+    err = capsys.readouterr().err
+    whole = int(re.findall(r"^generate: \d+/(\d+)", err, re.M)[-1])
+    own = {int(t) for t in re.findall(r"^generate, shard 2 of 3: \d+/(\d+)", err, re.M)}
+    assert own == {len(Shard(1, 3).take(range(whole)))}
     probes = [probe_facts(model, tokenizer, frame, batch_size=16, shard=Shard(i, 3))
               for i in range(3)]
     for column, whole in zip(zip(*answers, strict=True), whole_answers, strict=True):

@@ -65,7 +65,8 @@ def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int 
     batches = [group[i:i + batch_size] for group in budget_groups(order, budgets)
                for i in range(0, len(group), batch_size)]
     batches = shard.take(batches)
-    for batch in track(batches, len(batches), "generate", enabled=progress):
+    label = "generate" if shard == WHOLE else f"generate, shard {shard.index + 1} of {shard.count}"
+    for batch in track(batches, len(batches), label, enabled=progress):
         ids, mask = (t.to(model.device) for t in pad_rows([encoded[i] for i in batch], pad_id))
         max_new = max(budgets[i] for i in batch)
         short = [frame["metric"].iloc[i] in SHORT_ANSWER_METRICS for i in batch]
