@@ -17,6 +17,28 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB = 96
 
+# The longest files first (their measured spans, slowest first): `-n 2 --dist loadfile` hands
+# whole files to the two workers in collection order, and the flow runs of test_pipeline.py
+# (~13 of the suite's minutes on a slow CPU) used to start last, with the other worker idle
+# at the end. xdist's own reordering (files with the most tests first) is switched off so
+# that this order holds.
+LONGEST_FIRST = ["test_pipeline.py", "test_distributed.py", "test_pipeline_runs.py",
+                 "test_bad_input.py", "test_forgetting.py", "test_bare_gpu_machine.py",
+                 "test_progress.py", "test_shards.py"]
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's own tests keep their order
+
 
 SESSION_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")  # what the session started with
 
