@@ -44,9 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RecordsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from loramoe.cores import cap_threads_to_cores
     from loramoe.evaluate.run import evaluate
     from loramoe.precision import PrecisionError
 
+    cap_threads_to_cores()  # a container's CPU quota, which torch's default ignores
     try:
         metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
                            base_dir=args.base, batch_size=args.batch_size, dtype=args.dtype,

@@ -75,8 +75,10 @@ def max_new_tokens_from(params: dict[str, Any] | None, default: int) -> int:
 class AnswerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         run_dir = Path(context.artifacts["run"])
+        from loramoe.cores import cap_threads_to_cores
         from loramoe.evaluate import load_for_eval
 
+        cap_threads_to_cores()  # a serving container's CPU quota, which torch ignores
         self.model, self.tokenizer, self.config = load_for_eval(run=run_dir)
         settings = json.loads((run_dir / "serving.json").read_text())
         self.max_new_tokens = int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))

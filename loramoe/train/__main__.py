@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     whole_lines_off_terminal()
     try:
         config = TrainConfig.from_file(args.config, args.set)
+        from loramoe.cores import cap_threads_to_cores
         from loramoe.train import train  # torch and transformers: only for a valid config
 
+        cap_threads_to_cores()  # a container's CPU quota, which torch's default ignores
         result = train(config, resume=args.resume)
     except (TrainConfigError, RecordsError, ModelNotAvailableError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Cores for a branch: the CPU affinity capped by a cgroup CPU quota (docker --cpus, a
-Kubernetes CPU limit), read from fake cgroup trees laid out as the kernel does."""
+"""The cores a process may use: the CPU affinity capped by a cgroup CPU quota (docker --cpus,
+a Kubernetes CPU limit), read from fake cgroup trees laid out as the kernel does; a branch's
+share of them, and the CLIs' torch threads capped to them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from loramoe import cores
+from loramoe.cores import available_cores, cap_threads_to_cores, cgroup_cpu_quota
 from loramoe.pipeline import threads
 from loramoe.pipeline.config import PipelineConfig
-from loramoe.pipeline.threads import available_cores, cgroup_cpu_quota
 
 SMOKE = Path(__file__).resolve().parents[1] / "flows" / "configs" / "smoke.toml"
 
@@ -76,26 +78,48 @@ def test_unreadable_quota_is_none(tmp_path, proc, files):
 
 
 def test_cores_are_capped_by_the_quota_and_rounded_up(monkeypatch):
-    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(64)),
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)),
                         raising=False)
-    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 2.5)
+    monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 2.5)
     assert available_cores() == 3
-    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 0.2)
+    monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 0.2)
     assert available_cores() == 1
-    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: None)
     assert available_cores() == 64
 
 
-def test_branch_threads_share_the_quota(monkeypatch):
+@pytest.fixture
+def keep_threads():
     import torch
 
     before = torch.get_num_threads()
-    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(64)),
+    yield
+    torch.set_num_threads(before)
+
+
+def test_branch_threads_share_the_quota(monkeypatch, keep_threads):
+    import torch
+
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)),
                         raising=False)
-    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: 4.0)
-    try:
-        data = tomllib.loads(SMOKE.read_text()) | {"local_parallel_branches": 2}
-        assert threads.use_branch_threads(PipelineConfig.from_dict(data, SMOKE.parent)) == 2
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 4.0)
+    data = tomllib.loads(SMOKE.read_text()) | {"local_parallel_branches": 2}
+    assert threads.use_branch_threads(PipelineConfig.from_dict(data, SMOKE.parent)) == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_cli_threads_are_capped_to_the_quota_unless_omp_chose(monkeypatch, keep_threads):
+    import torch
+
+    torch.set_num_threads(2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 1.0)
+    assert cap_threads_to_cores() == 1 == torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cap_threads_to_cores() == 2  # the user's (or torchrun's) explicit choice
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)),
+                        raising=False)
+    assert cap_threads_to_cores() == 2  # never raised above torch's own count
