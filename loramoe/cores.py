@@ -42,7 +42,7 @@ def cgroup_cpu_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP
             mounts = [root / controllers, root / "cpu"]
         else:
             continue
-        for mount in mounts:
+        for mount in dict.fromkeys(mounts):  # v1 "cpu" names the same mount twice
             quotas += [q for d in cgroup_dirs(mount, path) if (q := read_quota(d)) is not None]
     return min(quotas, default=None)
 
@@ -78,6 +78,6 @@ def cap_threads_to_cores() -> int:
     tasks set their share explicitly (pipeline/threads.py)."""
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > available_cores():
-        torch.set_num_threads(available_cores())
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), available_cores()))
     return torch.get_num_threads()

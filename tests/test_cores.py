@@ -77,9 +77,14 @@ def test_unreadable_quota_is_none(tmp_path, proc, files):
     assert cgroup_cpu_quota(tmp_path / "fs", tmp_path / "proc") is None
 
 
-def test_cores_are_capped_by_the_quota_and_rounded_up(monkeypatch):
+@pytest.fixture
+def sixty_four_cores(monkeypatch):
+    """A big host: the affinity shows 64 CPUs, whatever the quota allows."""
     monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)),
                         raising=False)
+
+
+def test_cores_are_capped_by_the_quota_and_rounded_up(monkeypatch, sixty_four_cores):
     monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 2.5)
     assert available_cores() == 3
     monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 0.2)
@@ -97,18 +102,17 @@ def keep_threads():
     torch.set_num_threads(before)
 
 
-def test_branch_threads_share_the_quota(monkeypatch, keep_threads):
+def test_branch_threads_share_the_quota(monkeypatch, keep_threads, sixty_four_cores):
     import torch
 
-    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)),
-                        raising=False)
     monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: 4.0)
     data = tomllib.loads(SMOKE.read_text()) | {"local_parallel_branches": 2}
     assert threads.use_branch_threads(PipelineConfig.from_dict(data, SMOKE.parent)) == 2
     assert torch.get_num_threads() == 2
 
 
-def test_cli_threads_are_capped_to_the_quota_unless_omp_chose(monkeypatch, keep_threads):
+def test_cli_threads_are_capped_to_the_quota_unless_omp_chose(monkeypatch, keep_threads,
+                                                              sixty_four_cores):
     import torch
 
     torch.set_num_threads(2)
@@ -120,6 +124,4 @@ def test_cli_threads_are_capped_to_the_quota_unless_omp_chose(monkeypatch, keep_
     assert cap_threads_to_cores() == 2  # the user's (or torchrun's) explicit choice
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(cores, "cgroup_cpu_quota", lambda: None)
-    monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(64)),
-                        raising=False)
     assert cap_threads_to_cores() == 2  # never raised above torch's own count

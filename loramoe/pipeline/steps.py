@@ -13,10 +13,11 @@ from typing import Any
 
 import pandas as pd
 
+from loramoe.cores import available_cores
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
 from loramoe.pipeline.config import PipelineConfig, branch_name
-from loramoe.pipeline.threads import available_cores, check_gpus, use_branch_threads
+from loramoe.pipeline.threads import check_gpus, use_branch_threads
 
 
 def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:

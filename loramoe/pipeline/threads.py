@@ -10,8 +10,6 @@ import os
 from loramoe.cores import available_cores
 from loramoe.pipeline.config import PipelineConfig
 
-__all__ = ["GpuRequestError", "available_cores", "check_gpus", "use_branch_threads"]
-
 
 def use_branch_threads(config: PipelineConfig, processes: int = 1) -> int:
     """Set torch's intra-op threads to this task's share of the cores (split again between
