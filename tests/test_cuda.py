@@ -143,9 +143,10 @@ def test_one_train_step_of_each_method_runs_on_the_gpu(method, tiny_model_dir, g
 
 
 def test_the_probe_on_the_gpu_equals_the_hand_computed_logprobs(tiny_model_dir):
-    """The probe's packed one-pass scoring (block mask) on the device (fp32: no rounding to
-    hide behind) against one plain CPU forward per option."""
-    from test_probe import FACTS, hand_logprob
+    """The probe's packed one-pass scoring (block mask, the shared lead's KV cache) on the
+    device (fp32: no rounding to hide behind) against one plain CPU forward per option."""
+    from test_probe import LED_FACTS as FACTS
+    from test_probe import hand_logprob
 
     from loramoe.evaluate.probe import probe_facts
     from loramoe.model import load_base_model

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loramoe.evaluate.probe import (
+    SharedPrefix,
     choice_logprobs,
     context_ids,
     continuation_ids,
@@ -16,6 +17,7 @@ from loramoe.evaluate.probe import (
     probe_facts,
     probe_retention,
     probe_summary,
+    shared_prefix,
 )
 from loramoe.model import load_base_model
 
@@ -27,6 +29,9 @@ FACTS = pd.DataFrame({
     "choices": [["Tokyo", "Osaka", "Kyoto", "Paris"], ["France", "Spain", "United States"],
                 ["x"], ["yes", "no"]],
 })
+# every context starts with the same tokens, as a chat header does (the tiny tokenizer has
+# no chat template): the probe runs them once
+LED_FACTS = FACTS.assign(prompt="Question: " + FACTS["prompt"])
 
 
 def hand_logprob(model, tokenizer, prompt: str, prefix: str, option: str) -> float:
@@ -79,6 +84,38 @@ def test_every_choice_score_equals_hand_computed_logprobs(model_dir):
     for f, scores in enumerate(hand):
         assert got[f, :len(scores)].tolist() == pytest.approx(scores, rel=1e-5, abs=1e-5)
         assert torch.isinf(got[f, len(scores):]).all()
+
+
+def test_the_shared_prefix_runs_once_and_changes_no_score(model_dir):
+    """The first tokens every context shares (a chat header; here a common lead, the tiny
+    tokenizer having no chat template) run once and are read from their KV cache: each score
+    still equals the hand-computed log-prob, and the batches never grow the cache."""
+    model, tokenizer = load_base_model(str(model_dir))
+    facts = LED_FACTS
+    contexts = [context_ids(tokenizer, f.prompt, f.answer_prefix) for f in facts.itertuples()]
+    options = [[continuation_ids(tokenizer, f.answer_prefix, c) for c in f.choices]
+               for f in facts.itertuples()]
+    prefix = shared_prefix(model, contexts)
+    lead = len(tokenizer("Question: ", add_special_tokens=False)["input_ids"])
+    assert prefix.length == lead and prefix.cache.get_seq_length() == lead
+    cached = choice_logprobs(model, tokenizer, contexts, options, prefix)
+    for f, fact in enumerate(facts.itertuples()):
+        hand = [hand_logprob(model, tokenizer, fact.prompt, fact.answer_prefix, c)
+                for c in fact.choices]
+        assert cached[f, :len(hand)].tolist() == pytest.approx(hand, rel=1e-5, abs=1e-5)
+    whole = choice_logprobs(model, tokenizer, contexts, options, SharedPrefix())
+    torch.testing.assert_close(cached, whole, rtol=1e-5, atol=1e-5)
+    again = choice_logprobs(model, tokenizer, contexts[:2], options[:2], prefix)
+    torch.testing.assert_close(again, cached[:2, :again.shape[1]], rtol=1e-5, atol=1e-5)
+    assert prefix.cache.get_seq_length() == lead  # each batch copies it
+    got = probe_facts(model, tokenizer, facts, batch_size=3)
+    assert got["gold_logprob"].tolist() == pytest.approx(cached[:, 0].tolist(), rel=1e-5)
+
+
+def test_no_shared_prefix_for_one_context_or_none_in_common():
+    assert shared_prefix(None, [[1, 2, 3]]).length == 0
+    assert shared_prefix(None, [[1, 2], [3, 2]]).length == 0
+    assert shared_prefix(None, []).length == 0
 
 
 def test_rows_without_choices_are_not_probed(tiny_model_dir):

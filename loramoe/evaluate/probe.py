@@ -12,10 +12,14 @@ option longer than one token (all but the last), each option seeing the context 
 earlier tokens only (a block mask, positions restarting after the context) — the way
 packed sequences are trained. The context's last state predicts every option's first token,
 an option's own states its later ones; the vocabulary projection runs only at those states.
+The first tokens every context shares (the chat header) run once per probe, and every row
+reads their KV cache: 11 % of the default eval's tokens (docs/benchmarks.md §14).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -43,19 +47,58 @@ def continuation_ids(tokenizer, prefix: str, option: str) -> list[int]:
     return tokenizer(f" {option}", add_special_tokens=False)["input_ids"]
 
 
+@dataclass
+class SharedPrefix:
+    """The first `length` tokens of every context, run through the model once: `cache`, their
+    KV cache, which every packed row of every batch reads instead of computing them again."""
+    length: int = 0
+    cache: object | None = None
+
+
 @torch.no_grad()
-def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[list[list[int]]]
-                    ) -> torch.Tensor:
-    """(B, K) summed log-probs of each fact's K option continuations (-inf for padding)."""
+def shared_prefix(model, contexts: list[list[int]]) -> SharedPrefix:
+    """The contexts' common first tokens (each context keeps its last token: it predicts the
+    options' first) and their KV cache; none for fewer than two contexts."""
+    most = min(map(len, contexts), default=1) - 1
+    length = 0
+    while length < most and all(c[length] == contexts[0][length] for c in contexts):
+        length += 1
+    if len(contexts) < 2 or length == 0:
+        return SharedPrefix()
+    backbone, _ = backbone_and_head(model)
+    ids = torch.tensor([contexts[0][:length]], device=model.device)  # (1, P)
+    return SharedPrefix(length, backbone(input_ids=ids, use_cache=True)[cache_name(backbone)])
+
+
+def cache_name(backbone) -> str:
+    """The forward's KV-cache argument and output: transformers 5.2x renamed
+    `past_key_values` to `cache` (the old name warns, then goes); earlier 5.x know only it."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters \
+        else "past_key_values"
+
+
+@torch.no_grad()
+def choice_logprobs(model, tokenizer, contexts: list[list[int]], options: list[list[list[int]]],
+                    prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """(B, K) summed log-probs of each fact's K option continuations (-inf for padding).
+    `prefix`: the contexts' shared first tokens, already run (default: found among these)."""
     backbone, head = backbone_and_head(model)
     device = model.device
-    packed = pack_options(contexts, options)
+    prefix = shared_prefix(model, contexts) if prefix is None else prefix
+    p = prefix.length
+    packed = pack_options([c[p:] for c in contexts], options)
     ids, _ = pad_rows(packed.rows, tokenizer.pad_token_id or 0, left=False)  # (B, L)
     segment = pad_rows(packed.segments, -1, left=False)[0]  # (B, L), -1 on padding
-    positions = pad_rows(packed.positions, 0, left=False)[0]  # (B, L)
+    positions = pad_rows(packed.positions, 0, left=False)[0] + p  # (B, L)
+    mask = option_mask(segment, model.dtype)  # (B, 1, L, L)
+    extra = {}
+    if p:  # every token sees the prefix: its columns come first in the cache
+        mask = torch.cat([mask.new_zeros(*mask.shape[:3], p), mask], dim=-1)  # (B, 1, L, P+L)
+        cache = copy.deepcopy(prefix.cache)  # the forward appends this batch's keys to it
+        cache.batch_repeat_interleave(len(contexts))  # (1, ·, P, ·) -> (B, ·, P, ·)
+        extra = {cache_name(backbone): cache}
     hidden = backbone(input_ids=ids.to(device), position_ids=positions.to(device),
-                      attention_mask=option_mask(segment, model.dtype).to(device),
-                      ).last_hidden_state  # (B, L, H)
+                      attention_mask=mask.to(device), **extra).last_hidden_state  # (B, L, H)
     state_row, state_at = (torch.tensor(x, device=device) for x in zip(*packed.states,
                                                                      strict=True))  # (S,)
     logp = head(hidden[state_row, state_at]).float().log_softmax(-1)  # (S, V)
@@ -135,10 +178,12 @@ def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64,
     order = sorted(range(len(contexts)), key=lambda i: packed_length(contexts[i], options[i]))
     scores: dict[int, torch.Tensor] = {}
     model.eval()
+    # found over every fact, not per batch or shard: a fact's score does not depend on them
+    prefix = shared_prefix(model, contexts)
     for batch in shard.take([order[at:at + batch_size]
                              for at in range(0, len(order), batch_size)]):
         got = choice_logprobs(model, tokenizer, [contexts[i] for i in batch],
-                              [options[i] for i in batch])
+                              [options[i] for i in batch], prefix)
         scores.update(zip(batch, got, strict=True))
     done = sorted(scores)
     return pd.DataFrame({"id": rows["id"].iloc[done].tolist(),
