@@ -9,6 +9,7 @@ import torch
 
 from loramoe.evaluate.probe import (
     SharedPrefix,
+    cache_name,
     choice_logprobs,
     context_ids,
     continuation_ids,
@@ -116,6 +117,20 @@ def test_no_shared_prefix_for_one_context_or_none_in_common():
     assert shared_prefix(None, [[1, 2, 3]]).length == 0
     assert shared_prefix(None, [[1, 2], [3, 2]]).length == 0
     assert shared_prefix(None, []).length == 0
+
+
+def test_the_cache_argument_is_named_as_the_backbone_names_it():
+    class Renamed(torch.nn.Module):  # transformers 5.2x
+        def forward(self, input_ids, cache=None, past_key_values=None): ...
+
+    class Older(torch.nn.Module):  # transformers 5.0-5.1x
+        def forward(self, input_ids, past_key_values=None): ...
+
+    class NoCache(torch.nn.Module):  # a model without one: every row holds its context
+        def forward(self, input_ids, attention_mask=None): ...
+
+    assert [cache_name(m()) for m in (Renamed, Older, NoCache)] == \
+        ["cache", "past_key_values", None]
 
 
 def test_rows_without_choices_are_not_probed(tiny_model_dir):

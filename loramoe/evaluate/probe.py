@@ -66,15 +66,19 @@ def shared_prefix(model, contexts: list[list[int]]) -> SharedPrefix:
     if len(contexts) < 2 or length == 0:
         return SharedPrefix()
     backbone, _ = backbone_and_head(model)
+    if (name := cache_name(backbone)) is None:  # a model without a KV cache: rows hold all
+        return SharedPrefix()
     ids = torch.tensor([contexts[0][:length]], device=model.device)  # (1, P)
-    return SharedPrefix(length, backbone(input_ids=ids, use_cache=True)[cache_name(backbone)])
+    cache = backbone(input_ids=ids, use_cache=True).get(name)
+    return SharedPrefix(length, cache) if cache is not None else SharedPrefix()
 
 
-def cache_name(backbone) -> str:
-    """The forward's KV-cache argument and output: transformers 5.2x renamed
-    `past_key_values` to `cache` (the old name warns, then goes); earlier 5.x know only it."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters \
-        else "past_key_values"
+def cache_name(backbone) -> str | None:
+    """The forward's KV-cache argument and output, None without one: transformers 5.2x
+    renamed `past_key_values` to `cache` (the old name warns, then goes); earlier 5.x know
+    only the old one."""
+    parameters = inspect.signature(backbone.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 @torch.no_grad()
