@@ -41,11 +41,7 @@ def no_shared_prefix():
 
 def token_counts(model, tokenizer, facts) -> tuple[int, int]:
     """(tokens of every packed row, the shared prefix's length)."""
-    prefixes = [a if isinstance(a, str) else "" for a in facts["answer_prefix"]]
-    contexts = [probe.context_ids(tokenizer, q, a)
-                for q, a in zip(facts["prompt"], prefixes, strict=True)]
-    options = [[probe.continuation_ids(tokenizer, a, c) for c in choices]
-               for a, choices in zip(prefixes, facts["choices"], strict=True)]
+    contexts, options = probe.fact_tokens(tokenizer, facts)
     total = sum(probe.packed_length(c, o) for c, o in zip(contexts, options, strict=True))
     return total, probe.shared_prefix(model, contexts).length
 
@@ -61,8 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = default_pipeline()
-    facts = build_mixture(config.mixture).eval
-    facts = facts[facts["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+    facts = probe.probed_rows(build_mixture(config.mixture).eval)
     facts = facts.sample(min(args.facts, len(facts)), random_state=0)
     dtype = resolve_dtype(args.dtype)
     for method in args.methods.split(","):

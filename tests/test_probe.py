@@ -13,6 +13,7 @@ from loramoe.evaluate.probe import (
     choice_logprobs,
     context_ids,
     continuation_ids,
+    fact_tokens,
     pack_options,
     packed_length,
     probe_facts,
@@ -93,9 +94,7 @@ def test_the_shared_prefix_runs_once_and_changes_no_score(model_dir):
     still equals the hand-computed log-prob, and the batches never grow the cache."""
     model, tokenizer = load_base_model(str(model_dir))
     facts = LED_FACTS
-    contexts = [context_ids(tokenizer, f.prompt, f.answer_prefix) for f in facts.itertuples()]
-    options = [[continuation_ids(tokenizer, f.answer_prefix, c) for c in f.choices]
-               for f in facts.itertuples()]
+    contexts, options = fact_tokens(tokenizer, facts)
     prefix = shared_prefix(model, contexts)
     lead = len(tokenizer("Question: ", add_special_tokens=False)["input_ids"])
     assert prefix.length == lead and prefix.cache.get_seq_length() == lead
@@ -120,10 +119,10 @@ def test_no_shared_prefix_for_one_context_or_none_in_common():
 
 
 def test_the_cache_argument_is_named_as_the_backbone_names_it():
-    class Renamed(torch.nn.Module):  # transformers 5.2x
+    class Renamed(torch.nn.Module):  # transformers 5.25
         def forward(self, input_ids, cache=None, past_key_values=None): ...
 
-    class Older(torch.nn.Module):  # transformers 5.0-5.1x
+    class Older(torch.nn.Module):  # transformers 5.17
         def forward(self, input_ids, past_key_values=None): ...
 
     class NoCache(torch.nn.Module):  # a model without one: every row holds its context

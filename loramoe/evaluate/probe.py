@@ -165,19 +165,32 @@ def option_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         ~seen, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L)
 
 
-def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64,
-                shard: Shard = WHOLE) -> pd.DataFrame:
-    """id, gold_logprob, mc_correct for every row with choices (others are skipped), in the
-    frame's order; only the rows of this `shard`'s batches."""
-    if "choices" not in frame:  # e.g. a user's eval file: nothing to probe
-        return pd.DataFrame(columns=["id", "gold_logprob", "mc_correct"])
-    rows = frame[frame["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+def probed_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with choices to score (a frame with a `choices` column)."""
+    return frame[frame["choices"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+
+
+def fact_tokens(tokenizer, rows: pd.DataFrame
+                ) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Each row's context ids and its choices' continuation ids; a row without an answer
+    prefix is read with "" as its prefix."""
     prefixes = rows["answer_prefix"] if "answer_prefix" in rows else [""] * len(rows)
     contexts, options = [], []
     for prompt, prefix, choices in zip(rows["prompt"], prefixes, rows["choices"], strict=True):
         prefix = prefix if isinstance(prefix, str) else ""
         contexts.append(context_ids(tokenizer, prompt, prefix))
         options.append([continuation_ids(tokenizer, prefix, c) for c in choices])
+    return contexts, options
+
+
+def probe_facts(model, tokenizer, frame: pd.DataFrame, batch_size: int = 64,
+                shard: Shard = WHOLE) -> pd.DataFrame:
+    """id, gold_logprob, mc_correct for every row with choices (others are skipped), in the
+    frame's order; only the rows of this `shard`'s batches."""
+    if "choices" not in frame:  # e.g. a user's eval file: nothing to probe
+        return pd.DataFrame(columns=["id", "gold_logprob", "mc_correct"])
+    rows = probed_rows(frame)
+    contexts, options = fact_tokens(tokenizer, rows)
     # by packed row length: batches of similar rows pad least
     order = sorted(range(len(contexts)), key=lambda i: packed_length(contexts[i], options[i]))
     scores: dict[int, torch.Tensor] = {}
