@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,47 @@ def test_evaluate_cli_checks_the_eval_schema_before_loading_a_model(tmp_path):
     assert "column 'answers'" in done.stderr and "line 2 id='q2'" in done.stderr
     assert "column 'metric'" in done.stderr and "line 1 id='q1'" in done.stderr
     assert not (tmp_path / "out").exists()  # stopped before anything ran
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no train_config.json there"),
+    ("{not json", "train_config.json: not valid JSON"),
+    ("[1, 2]", "train_config.json: a JSON object of TrainConfig fields, got list"),
+    ('{"model": "m"}', re.escape("train_config.json: method must be one of ['sft', 'lora', "
+                                 "'loramoe'], got None")),
+    ('{"method": "qlora", "model": "m"}', "method must be one of .* got 'qlora'"),
+    ('{"method": "lora"}', "model must name the base model the lora adapter was trained on"),
+])
+def test_a_broken_run_folder_is_named_before_anything_loads(tmp_path, content, message):
+    """Evaluation, its CLI and serving read a run folder's train_config.json; each way it can
+    be broken is named with the file (before: a bare KeyError or JSONDecodeError from deep in
+    load_for_eval, and the CLI checked only that the file existed)."""
+    from loramoe.evaluate import load_for_eval
+    from loramoe.serving.pyfunc import stage_run_for_serving
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "train_config.json").write_text(content)
+    with pytest.raises(TrainConfigError, match=message):
+        load_for_eval(run=run)
+    with pytest.raises(TrainConfigError, match=message):
+        stage_run_for_serving(run, tmp_path / "staged")
+    path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
+    done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
+               str(tmp_path / "out"), "--run", str(run))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(message, done.stderr) and "--run: " in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_run_config_round_trips(tmp_path):
+    from loramoe.train.config import read_run_config, write_run_config
+
+    config = config_for("some/model", "train.jsonl", tmp_path, method="lora")
+    write_run_config(tmp_path, config)
+    assert read_run_config(tmp_path) == config.to_dict()
+    assert TrainConfig.from_dict(read_run_config(tmp_path)) == config
 
 
 def test_evaluate_scores_csv_answers_as_whole_strings(tiny_model_dir, tmp_path):

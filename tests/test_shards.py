@@ -93,7 +93,8 @@ def test_a_loramoe_run_or_a_gpu_is_not_split_and_nothing_is_loaded(tmp_path, eva
     a CPU's cores. Both are refused from the run's config and the device, before loading."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "train_config.json").write_text(json.dumps({"method": "loramoe"}))  # no weights
+    (run / "train_config.json").write_text(json.dumps({"method": "loramoe", "model": "m"})
+                                           )  # no weights
     with pytest.raises(ValueError, match="workers = 2: a LoRAMoE run's router"):
         evaluate(eval_file, tmp_path / "e", run=run, progress=False, workers=2, device="cpu")
     with pytest.raises(ValueError, match="workers = 2: worker processes share a CPU's cores; "

@@ -35,14 +35,15 @@ def main(argv: list[str] | None = None) -> int:
 
     whole_lines_off_terminal()
     from loramoe.data.records import RecordsError, check_records, read_records
+    from loramoe.train.config import TrainConfigError, read_run_config
 
-    try:  # the eval file's schema, before torch and the model are loaded
+    try:  # the eval file's schema and the run's config, before torch and the model load
         check_records(read_records(Path(args.eval_file)), "eval", args.eval_file)
-        if args.run and not (Path(args.run) / "train_config.json").is_file():
-            raise FileNotFoundError(f"--run {args.run}: no train_config.json there (a folder "
-                                    "written by python -m loramoe.train)")
-    except (RecordsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.run:
+            read_run_config(args.run)
+    except (RecordsError, TrainConfigError) as err:
+        where = "--run: " if isinstance(err, TrainConfigError) else ""
+        print(f"error: {where}{err}", file=sys.stderr)
         return 2
     from loramoe.cores import cap_threads_to_cores
     from loramoe.evaluate.run import evaluate

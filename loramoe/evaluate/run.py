@@ -25,6 +25,7 @@ from loramoe.evaluate.scoring import (
 )
 from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.precision import default_device, dtype_name, resolve_dtype
+from loramoe.train.config import read_run_config
 
 
 def load_for_eval(model: str | None = None, run: str | Path | None = None,
@@ -35,7 +36,7 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     from loramoe.model import load_base_model
 
     device = torch.device(device) if device is not None else default_device()
-    config = json.loads((Path(run) / "train_config.json").read_text()) if run else None
+    config = read_run_config(run) if run else None
     name = dtype or (config or {}).get("dtype", "auto")
     weights = resolve_dtype(name, device, field="dtype")
     if config is None:
@@ -192,8 +193,7 @@ def check_workers(workers: int, device: str | torch.device | None, run) -> None:
     if where.type != "cpu":
         raise ValueError(f"workers = {workers}: worker processes share a CPU's cores; on "
                          f"{where} evaluate in one process")
-    if run is not None and json.loads((Path(run) / "train_config.json").read_text()
-                                      )["method"] == "loramoe":
+    if run is not None and read_run_config(run)["method"] == "loramoe":
         raise ValueError(f"workers = {workers}: a LoRAMoE run's router is recorded in one "
                          "process; evaluate it with workers = 1")
 

@@ -113,12 +113,14 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     """A folder with just what serving needs: train config + adapter (or SFT model)."""
     import shutil
 
+    from loramoe.train.config import RUN_CONFIG, read_run_config
+
     run_dir, staging = Path(run_dir), Path(staging)
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    config = json.loads((run_dir / "train_config.json").read_text())
-    shutil.copy(run_dir / "train_config.json", staging / "train_config.json")
+    config = read_run_config(run_dir)
+    shutil.copy(run_dir / RUN_CONFIG, staging / RUN_CONFIG)
     part = "model" if config["method"] == "sft" else "adapter"
     shutil.copytree(run_dir / part, staging / part)
     (staging / "serving.json").write_text(json.dumps({"max_new_tokens": max_new_tokens,

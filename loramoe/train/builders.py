@@ -4,7 +4,6 @@ optimizer + schedule, the encoded data and its batches, the step to start from."
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from loramoe.data.collate import Collator
-from loramoe.train.config import TrainConfig, TrainConfigError
+from loramoe.train.config import TrainConfig, TrainConfigError, write_run_config
 from loramoe.train.data import encode_frame, read_train_frame
 from loramoe.train.objective import ResponseLM
 
@@ -259,7 +258,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
                         params, total_steps, autocast)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_run_config(output_dir, config)
     if checkpoint is not None:
         from loramoe.train.checkpoints import read_progress
 

@@ -136,3 +136,37 @@ class TrainConfig:
                 target = target.setdefault(parent, {})
             target[leaf] = value
         return cls.from_dict(data)
+
+
+# A run folder (python -m loramoe.train, a pipeline branch) holds this file beside its
+# adapter/ or model/: the config it was trained with, what evaluation and serving load from.
+RUN_CONFIG = "train_config.json"
+
+
+def write_run_config(folder: Path, config: TrainConfig) -> None:
+    (folder / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """The config a run folder was trained with, as a dict, read as it was written (a newer
+    TrainConfig may have fields an older run lacks). A clear error naming the file when it
+    is missing, not a JSON object, or names no method (and, for an adapter, no base model)."""
+    path = Path(run) / RUN_CONFIG
+    if not path.is_file():
+        raise TrainConfigError(f"{run}: no {RUN_CONFIG} there (a folder written by python "
+                               "-m loramoe.train or a pipeline branch)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise TrainConfigError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise TrainConfigError(f"{path}: a JSON object of TrainConfig fields, got "
+                               f"{type(config).__name__}")
+    method = config.get("method")
+    if method not in DEFAULT_LR:
+        raise TrainConfigError(f"{path}: method must be one of {list(DEFAULT_LR)}, got "
+                               f"{method!r}")
+    if method != "sft" and not (isinstance(config.get("model"), str) and config["model"]):
+        raise TrainConfigError(f"{path}: model must name the base model the {method} adapter "
+                               f"was trained on, got {config.get('model')!r}")
+    return config

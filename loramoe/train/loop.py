@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from loramoe.precision import hardware_name
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
-from loramoe.train.config import TrainConfig, TrainConfigError
+from loramoe.train.config import TrainConfig, TrainConfigError, write_run_config
 from loramoe.train.objective import (
     gather_samples,
     global_mean,
@@ -202,7 +202,7 @@ def write_artifact(run: Training, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         artifact = save_artifact(acc.unwrap_model(run.model).lm, run.tokenizer, config,
                                  folder, full)
-        (folder / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_run_config(folder, config)
     acc.wait_for_everyone()
     return artifact
 
