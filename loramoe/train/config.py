@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomllib
 
@@ -148,9 +148,10 @@ def write_run_config(folder: Path, config: TrainConfig) -> None:
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
-    """The config a run folder was trained with, as a dict, read as it was written (a newer
-    TrainConfig may have fields an older run lacks). A clear error naming the file when it
-    is missing, not a JSON object, or names no method (and, for an adapter, no base model)."""
+    """The config a run folder was trained with, as a dict, read as it was written: not
+    through TrainConfig, whose fields a run of another version may not match (an adapter in
+    the Model Registry outlives the code that trained it). A clear error naming the file
+    when it is missing, not a JSON object, or names no method (for an adapter: no base model)."""
     path = Path(run) / RUN_CONFIG
     if not path.is_file():
         raise TrainConfigError(f"{run}: no {RUN_CONFIG} there (a folder written by python "
@@ -163,8 +164,8 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
         raise TrainConfigError(f"{path}: a JSON object of TrainConfig fields, got "
                                f"{type(config).__name__}")
     method = config.get("method")
-    if method not in DEFAULT_LR:
-        raise TrainConfigError(f"{path}: method must be one of {list(DEFAULT_LR)}, got "
+    if method not in get_args(Method):
+        raise TrainConfigError(f"{path}: method must be one of {list(get_args(Method))}, got "
                                f"{method!r}")
     if method != "sft" and not (isinstance(config.get("model"), str) and config["model"]):
         raise TrainConfigError(f"{path}: model must name the base model the {method} adapter "
