@@ -26,7 +26,7 @@ from bench_generation import with_adapters  # a sibling script: benchmarks/ is o
 from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.data import build_mixture
-from loramoe.evaluate.probe import context_ids, probe_facts, probed_rows
+from loramoe.evaluate.probe import fact_tokens, probe_facts, probed_rows
 from loramoe.evaluate.stats import paired_binary, wilson_interval
 from loramoe.model import load_base_model
 
@@ -82,9 +82,8 @@ def report_base(probe, facts, name: str) -> None:
 
 def context_tokens(tokenizer, facts) -> list[int]:
     """Tokens each fact's context costs (chat-formatted question + answer prefix)."""
-    rows = probed_rows(facts)
-    return [len(context_ids(tokenizer, q, a))
-            for q, a in zip(rows["prompt"], rows["answer_prefix"], strict=True)]
+    contexts, _ = fact_tokens(tokenizer, probed_rows(facts))
+    return [len(context) for context in contexts]
 
 
 def block_linears(model) -> list[torch.nn.Linear]:
