@@ -25,7 +25,7 @@ from loramoe.evaluate.scoring import (
 )
 from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.precision import default_device, dtype_name, resolve_dtype
-from loramoe.train.config import read_run_config
+from loramoe.train.config import read_run_config, run_part
 
 
 def load_for_eval(model: str | None = None, run: str | Path | None = None,
@@ -42,17 +42,17 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     if config is None:
         m, tok = load_base_model(model, dtype=weights)
     elif config["method"] == "sft":
-        m, tok = load_base_model(str(Path(run) / "model"), dtype=weights)
+        m, tok = load_base_model(str(Path(run) / run_part("sft")), dtype=weights)
     else:
         m, tok = load_base_model(config["model"], dtype=weights)
         if config["method"] == "loramoe":
             from loramoe.adapter import load_adapter
 
-            load_adapter(m, Path(run) / "adapter")
+            load_adapter(m, Path(run) / run_part("loramoe"))
         else:
             from peft import PeftModel
 
-            m = PeftModel.from_pretrained(m, Path(run) / "adapter")
+            m = PeftModel.from_pretrained(m, Path(run) / run_part("lora"))
     return m.to(device).eval(), tok, config
 
 

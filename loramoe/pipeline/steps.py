@@ -18,7 +18,7 @@ from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
 from loramoe.pipeline.config import PipelineConfig, branch_name
 from loramoe.pipeline.threads import check_gpus, use_branch_threads
-from loramoe.train.config import RUN_CONFIG
+from loramoe.train.config import RUN_CONFIG, run_part
 
 
 def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     # which GPU or CPU (flags, ISA caps): bf16 training rounds per kind (docs/benchmarks.md §3)
     hardware = final.pop("hardware")
     run_dir = Path(train_config.output_dir)
-    part = "model" if train_config.method == "sft" else "adapter"
+    part = run_part(train_config.method)
     if mlflow_run_id:
         set_tag(mlflow_run_id, "train_device", device)
         set_tag(mlflow_run_id, "train_hardware", hardware)

@@ -113,7 +113,7 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     """A folder with just what serving needs: train config + adapter (or SFT model)."""
     import shutil
 
-    from loramoe.train.config import RUN_CONFIG, read_run_config
+    from loramoe.train.config import RUN_CONFIG, read_run_config, run_part
 
     run_dir, staging = Path(run_dir), Path(staging)
     if staging.exists():
@@ -121,7 +121,7 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     staging.mkdir(parents=True)
     config = read_run_config(run_dir)
     shutil.copy(run_dir / RUN_CONFIG, staging / RUN_CONFIG)
-    part = "model" if config["method"] == "sft" else "adapter"
+    part = run_part(config["method"])
     shutil.copytree(run_dir / part, staging / part)
     (staging / "serving.json").write_text(json.dumps({"max_new_tokens": max_new_tokens,
                                                        "batch_size": batch_size}))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from loramoe.data.collate import Collator
-from loramoe.train.config import TrainConfig, TrainConfigError, write_run_config
+from loramoe.train.config import TrainConfig, TrainConfigError, run_part, write_run_config
 from loramoe.train.data import encode_frame, read_train_frame
 from loramoe.train.objective import ResponseLM
 
@@ -275,12 +275,10 @@ def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path,
 
     if config.method != "sft" and state_dict is not None:
         model = skeleton(model, config)  # names that match the gathered state's keys
+    folder = output_dir / run_part(config.method)
     if config.method == "loramoe":
-        return save_adapter(model, output_dir / "adapter", base_model_name=config.model,
-                            state_dict=state_dict)
-    if config.method == "lora":
-        model.save_pretrained(output_dir / "adapter", state_dict=state_dict)
-        return output_dir / "adapter"
-    model.save_pretrained(output_dir / "model", state_dict=state_dict)
-    tokenizer.save_pretrained(output_dir / "model")
-    return output_dir / "model"
+        return save_adapter(model, folder, base_model_name=config.model, state_dict=state_dict)
+    model.save_pretrained(folder, state_dict=state_dict)
+    if config.method == "sft":
+        tokenizer.save_pretrained(folder)
+    return folder

@@ -143,6 +143,12 @@ class TrainConfig:
 RUN_CONFIG = "train_config.json"
 
 
+def run_part(method: str) -> str:
+    """The folder a run folder keeps its weights in: the whole model for full SFT, the
+    adapter (LoRA or LoRAMoE) otherwise."""
+    return "model" if method == "sft" else "adapter"
+
+
 def write_run_config(folder: Path, config: TrainConfig) -> None:
     (folder / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
 

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from loramoe.precision import hardware_name
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
-from loramoe.train.config import TrainConfig, TrainConfigError, write_run_config
+from loramoe.train.config import TrainConfig, TrainConfigError, run_part, write_run_config
 from loramoe.train.objective import (
     gather_samples,
     global_mean,
@@ -194,7 +194,7 @@ def write_artifact(run: Training, folder: Path) -> Path:
     train_config.json beside it: a folder load_for_eval(run=...) reads."""
     acc, config = run.accelerator, run.config
     acc.wait_for_everyone()
-    artifact = folder / ("model" if config.method == "sft" else "adapter")
+    artifact = folder / run_part(config.method)
     # Sharded weights (FSDP, ZeRO-3) are gathered on every process, adapters' too (their
     # parameters are shards as well); rank 0 writes them.
     full = sharded_state(acc, run.model)
