@@ -39,20 +39,21 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     config = read_run_config(run) if run else None
     name = dtype or (config or {}).get("dtype", "auto")
     weights = resolve_dtype(name, device, field="dtype")
+    part = Path(run) / run_part(config["method"]) if config else None  # model/ or adapter/
     if config is None:
         m, tok = load_base_model(model, dtype=weights)
     elif config["method"] == "sft":
-        m, tok = load_base_model(str(Path(run) / run_part("sft")), dtype=weights)
+        m, tok = load_base_model(str(part), dtype=weights)
     else:
         m, tok = load_base_model(config["model"], dtype=weights)
         if config["method"] == "loramoe":
             from loramoe.adapter import load_adapter
 
-            load_adapter(m, Path(run) / run_part("loramoe"))
+            load_adapter(m, part)
         else:
             from peft import PeftModel
 
-            m = PeftModel.from_pretrained(m, Path(run) / run_part("lora"))
+            m = PeftModel.from_pretrained(m, part)
     return m.to(device).eval(), tok, config
 
 
