@@ -203,3 +203,32 @@ def test_a_frozen_head_gets_a_contiguous_input_when_generating(tiny_model_dir):
     assert seen and all(seen)
     generate_predictions(model, tokenizer, frame, batch_size=3)
     assert len(head._forward_pre_hooks) == 1  # idempotent: one hook however often it runs
+
+
+@pytest.mark.parametrize("kind", ["base", "sft run"])
+def test_load_for_eval_hands_back_an_eval_mode_model(kind, tiny_model_dir, tmp_path,
+                                                    monkeypatch):
+    """Whatever the loader hands back (here a model left in training mode), the evaluation
+    gets it in eval mode, for a base name as for a run (tests/test_cuda.py checks the device)."""
+    import shutil
+
+    from loramoe import model as model_module
+    from loramoe.evaluate import load_for_eval
+    from loramoe.train.config import RUN_CONFIG, run_part
+
+    real = model_module.load_base_model
+
+    def left_training(*args, **kwargs):
+        loaded, tokenizer = real(*args, **kwargs)
+        return loaded.train(), tokenizer
+
+    monkeypatch.setattr(model_module, "load_base_model", left_training)
+    where = {"model": str(tiny_model_dir)}
+    if kind == "sft run":
+        run = tmp_path / "run"
+        shutil.copytree(tiny_model_dir, run / run_part("sft"))
+        (run / RUN_CONFIG).write_text(json.dumps({"method": "sft"}))
+        where = {"run": run}
+    loaded, _, config = load_for_eval(**where, dtype="fp32", device="cpu")
+    assert not any(m.training for m in loaded.modules())
+    assert (config is None) == (kind == "base")
