@@ -199,7 +199,11 @@ def sharded_launch_on_cpu(monkeypatch, tmp_path) -> Path:
     from loramoe.pipeline import launch
 
     cpu_launcher, report = launch.launcher, tmp_path / "prepared"
-    harness = {"SHARDING_REPORT": str(report), "EMULATE_BF16": "1",
+    # No C++ compiler, as on a bare CI machine, and a fresh folder for any op torch would
+    # build at run time: a launched branch must build nothing (DeepSpeed's CPU backend built
+    # its shared-memory op, 50-90 s, and failed without a compiler).
+    harness = {"SHARDING_REPORT": str(report), "EMULATE_BF16": "1", "CXX": "false",
+               "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
                "PYTHONPATH": os.pathsep.join([str(SHARDING_ON_CPU),
                                               os.environ.get("PYTHONPATH", "")])}
 
@@ -247,6 +251,7 @@ def test_sharded_branch_on_two_processes_writes_the_one_process_weights(
     two = train_branch(branch_config(2, batch_size=4, method=method, strategy=strategy), frame,
                        tmp_path / "two")
     sharded_ranks(sharded_launch_on_cpu, "FSDP" if strategy == "fsdp" else "DEEPSPEED")
+    assert not (tmp_path / "torch_extensions").exists()  # nothing compiled
     assert two["processes"] == 2 and one["steps"] == two["steps"] == 4
     a, b = written_weights(one), written_weights(two)
     assert max(relative_differences(a, b).values()) < 1e-4  # fp32: 1e-6 measured

@@ -8,10 +8,11 @@ alone. In a process the launcher started with FSDP settings (ACCELERATE_USE_FSDP
 promotes accelerate's choice back to FSDP; with DeepSpeed settings it hands accelerate the
 gloo backend DeepSpeed's CPU accelerator uses. FSDP2 (fully_shard, DTensor shards), ZeRO-3
 (partitioned parameters), accelerate's prepare, activation checkpointing and the state-dict
-gathers are the real ones. Each process writes what `prepare` returned to
-$SHARDING_REPORT/rank<N>.json, so a test can tell that the model really was sharded. With
-EMULATE_BF16=1 a CPU without native bf16 accepts `dtype = "bf16"` (torch emulates it:
-slow, but exact bf16 arithmetic), so the GPU's storage plan runs on any CI machine.
+gathers are the real ones (DeepSpeed's CPU-only shared-memory op aside: not compiled). Each
+process writes what `prepare` returned to $SHARDING_REPORT/rank<N>.json, so a test can tell
+that the model really was sharded. With EMULATE_BF16=1 a CPU without native bf16 accepts
+`dtype = "bf16"` (torch emulates it: slow, but exact bf16 arithmetic), so the GPU's storage
+plan runs on any CI machine.
 """
 
 import json
@@ -50,6 +51,18 @@ def lift_deepspeed_gate() -> None:
     state.PartialState._prepare_backend = gloo_backend
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU accelerator compiles its shared-memory all-reduce op (C++, at run time)
+    when its process group starts: 50-90 s on a 2-core VM, and an ImportError where no C++
+    compiler is installed. Only deepspeed.comm.inference_all_reduce uses that op, never ZeRO
+    training, and a GPU's accelerator has none. Marked not compatible, as DeepSpeed marks an op
+    it cannot build, the backend starts without it."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def report_prepared_models() -> None:
     import accelerate
 
@@ -84,6 +97,7 @@ if os.environ.get("ACCELERATE_USE_FSDP") == "true":
     report_prepared_models()
 if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
     lift_deepspeed_gate()
+    skip_deepspeed_shm_build()
     report_prepared_models()
 if os.environ.get("EMULATE_BF16") == "1":
     import loramoe.precision
