@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU on "
+                     f"this machine; --device cpu runs the benchmark on the CPU")
     dtype = resolve_dtype("auto", device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"Train step on {name}, frozen weights {dtype}, batch {args.batch} x {args.seq}, "

@@ -84,6 +84,21 @@ runpy.run_path("benchmarks/bench_gpu.py", run_name="__main__")
     assert "fused node / formula" in done.stdout
 
 
+def test_the_gpu_benchmark_names_a_missing_gpu(tmp_path):
+    """`--device cuda` (gpu_check.sh's) where torch sees no GPU: a usage error naming the flag,
+    before any model is built (it was a RuntimeError traceback from get_device_name)."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    done = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--models", "tiny"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "--device cuda: torch" in done.stderr and "sees no CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_the_launch_check_runs_on_the_cpu_without_them(tmp_path):
     """benchmarks/gpu_launch_check.py imports only the bare machine's packages (its launched
     processes are ordinary ones: the block guards this one)."""
