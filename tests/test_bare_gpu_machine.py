@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # deepspeed: the dev extra installs it here (ZeRO-3 tests); accelerate imports it wherever
 # it is installed, and the GPU machine has none
@@ -84,10 +86,9 @@ runpy.run_path("benchmarks/bench_gpu.py", run_name="__main__")
     assert "fused node / formula" in done.stdout
 
 
-def test_the_gpu_benchmark_names_a_missing_gpu(tmp_path):
+def test_the_gpu_benchmark_names_a_missing_gpu():
     """`--device cuda` (gpu_check.sh's) where torch sees no GPU: a usage error naming the flag,
     before any model is built (it was a RuntimeError traceback from get_device_name)."""
-    import pytest
     import torch
 
     if torch.cuda.is_available():

@@ -53,7 +53,7 @@ def lift_deepspeed_gate() -> None:
 
 def skip_deepspeed_shm_build() -> None:
     """DeepSpeed's CPU accelerator compiles its shared-memory all-reduce op (C++, at run time)
-    when its process group starts: 50-90 s on a 2-core VM, and an ImportError where no C++
+    when its process group starts: 50-90 s on a 2-core VM, and the launch fails where no C++
     compiler is installed. Only deepspeed.comm.inference_all_reduce uses that op, never ZeRO
     training, and a GPU's accelerator has none. Marked not compatible, as DeepSpeed marks an op
     it cannot build, the backend starts without it."""
