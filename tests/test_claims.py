@@ -99,7 +99,8 @@ def test_claims_read_holm_adjusted_p_across_the_table():
     forget = claims.loc["Vanilla SFT forgets world knowledge as instruction data grows"]
     keeps = claims.loc["LoRAMoE + LBC keeps more world knowledge than SFT"]
     assert forget["verdict"] == keeps["verdict"] == "inconclusive"
-    assert "McNemar p = 0.0312, Holm p = 0.0625" in forget["ours"]
+    # with the difference's 95% interval (Newcombe, paired): it excludes 0 as the raw p does
+    assert "-0.030 [-0.064, -0.005] (McNemar p = 0.0312, Holm p = 0.0625" in forget["ours"]
     assert int(claims["tests_in_family"].iloc[0]) == 2
     # the same forgetting test as the only one in its table is significant
     alone = paper_claims(branches[:2]).set_index("claim")["verdict"]
@@ -126,6 +127,9 @@ def test_paired_table_verdicts_read_holm_adjusted_p():
     assert row["p"] == 2 / 2**6 and row["p_holm"] == pytest.approx(9 * 2 / 2**6)
     assert row["verdict"] == "not significant"
     assert (probe["p_holm"] >= probe["p"]).all() and (probe["p_holm"] <= 1).all()
+    # every retention difference carries its 95% interval (before: "–" in the report)
+    assert probe["diff_lo"].notna().all() and (probe["diff_lo"] <= probe["diff"]).all()
+    assert (probe["diff"] <= probe["diff_hi"]).all() and row["diff_hi"] < 0
 
 
 def holm_reread():

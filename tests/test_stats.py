@@ -11,6 +11,7 @@ from loramoe.evaluate.stats import (
     group_difference,
     holm_adjust,
     mcnemar_exact,
+    newcombe_paired_interval,
     paired_binary,
     paired_bootstrap,
     stratified_bootstrap,
@@ -47,6 +48,53 @@ def test_paired_binary_counts_discordant_items():
     out = paired_binary(a, b)
     assert (out["only_a"], out["only_b"], out["diff"]) == (6, 0, pytest.approx(0.3))
     assert out["p"] == pytest.approx(0.03125) and out["significant"]
+
+
+def test_paired_binary_gives_the_difference_a_95_interval():
+    a = pd.Series([True] * 10 + [False] * 10)
+    b = pd.Series([True] * 4 + [False] * 6 + [False] * 10)
+    out = paired_binary(a, b)
+    lo, hi = out["ci"]
+    assert (lo, hi) == pytest.approx(newcombe_paired_interval(4, 6, 0, 10))
+    assert 0 < lo < out["diff"] < hi  # 6 vs 0 discordant: the interval excludes 0
+    swapped = paired_binary(b, a)
+    assert swapped["ci"] == pytest.approx([-hi, -lo])
+    assert paired_binary(pd.Series([], dtype=bool), pd.Series([], dtype=bool))["ci"] is None
+
+
+def test_newcombe_paired_interval_matches_the_textbook():
+    # Fagerland, Lydersen & Laake (2017), Statistical Analysis of Contingency Tables, ch. 8:
+    # complete response before / after consolidation therapy (Cavo et al. 2012), the
+    # Newcombe square-and-add interval: -0.0621 (95% CI -0.1186 to -0.0046).
+    assert newcombe_paired_interval(59, 6, 16, 80) == pytest.approx((-0.1186, -0.0046),
+                                                                     abs=5e-5)
+    # and its exact conditional McNemar test beside it: P = 0.052479
+    assert mcnemar_exact(6, 16) == pytest.approx(0.052479, abs=5e-7)
+
+
+def test_newcombe_paired_interval_edge_tables():
+    assert newcombe_paired_interval(0, 0, 0, 0) is None
+    lo, hi = newcombe_paired_interval(1800, 0, 0, 47)  # nothing discordant: around 0
+    assert lo < 0 < hi and hi == pytest.approx(-lo, abs=1e-12)
+    # A right on all 20, B on none: the two Wilson half-widths (0.1611, Table I of Newcombe
+    # 1998 for 0/20) squared and added below, nothing above 1
+    assert newcombe_paired_interval(0, 20, 0, 0) == pytest.approx(
+        (1 - 0.1611 * 2 ** 0.5, 1.0), abs=1e-4)
+
+
+def test_newcombe_paired_interval_covers_95_percent_of_correlated_tables():
+    """Retention pairs are strongly correlated (most facts kept by both models): an interval
+    that ignored the correlation would cover ~100 %, one too narrow well below 95 %."""
+    rng = np.random.default_rng(0)
+    n, draws = 400, 4000
+    cells = np.array([0.90, 0.05, 0.02, 0.03])  # both, only A, only B, neither
+    truth = cells[1] - cells[2]
+    tables = rng.multinomial(n, cells, size=draws)  # (draws, 4)
+    covered = 0
+    for both, only_a, only_b, neither in tables:
+        lo, hi = newcombe_paired_interval(int(both), int(only_a), int(only_b), int(neither))
+        covered += lo <= truth <= hi
+    assert 0.93 <= covered / draws <= 0.97
 
 
 def test_paired_bootstrap_finds_a_real_difference_and_not_a_null_one():

@@ -5,6 +5,8 @@
   items within each task.
 - mcnemar_exact: two models' correct/incorrect on the same binary items (exact binomial on
   the discordant pairs).
+- newcombe_paired_interval: the 95% interval of that difference of shares (Newcombe's
+  square-and-add of the two Wilson intervals, corrected for the pairs' correlation).
 - paired_bootstrap: the difference of two macro scores on the same items, with its interval
   and a two-sided p-value; `significant` when the interval excludes 0.
 - crossed_bootstrap: a macro score (or a paired difference) measured by several training
@@ -48,6 +50,34 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     k = min(only_a, only_b)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def newcombe_paired_interval(both: int, only_a: int, only_b: int, neither: int,
+                             z: float = Z95) -> tuple[float, float] | None:
+    """95% interval of share(A right) - share(B right) on the same n items, from the paired
+    2x2 table; None when n = 0. Newcombe (1998, Stat. Med. 17:2635), method 10: each share's
+    Wilson interval, the distances from the estimate squared and added as for independent
+    shares, less twice the correlation psi of the two shares (paired items that both models
+    get right make the difference far surer than two independent samples would). psi is the
+    table's phi coefficient shrunk towards 0 by n/2 when positive, as Newcombe and Fagerland,
+    Lydersen & Laake (2017, ch. 8) do; 0 when a margin is empty."""
+    n = both + only_a + only_b + neither
+    if n == 0:
+        return None
+    right_a, right_b = both + only_a, both + only_b
+    p_a, p_b = right_a / n, right_b / n
+    lo_a, hi_a = wilson_interval(right_a, n, z)
+    lo_b, hi_b = wilson_interval(right_b, n, z)
+    margins = right_a * (n - right_a) * right_b * (n - right_b)
+    cross = both * neither - only_a * only_b
+    shrunk = cross - n / 2 if cross > n / 2 else min(cross, 0)
+    psi = shrunk / math.sqrt(margins) if margins else 0.0
+    diff = p_a - p_b
+
+    def spread(below: float, above: float) -> float:  # below: A's side, above: B's
+        return math.sqrt(max(0.0, below ** 2 + above ** 2 - 2 * psi * below * above))
+
+    return diff - spread(p_a - lo_a, hi_b - p_b), diff + spread(hi_a - p_a, p_b - lo_b)
 
 
 def holm_adjust(p_values: Sequence[float | None]) -> list[float | None]:
@@ -155,13 +185,16 @@ def crossed_bootstrap(values: np.ndarray, tasks: pd.Series | None = None,
 
 
 def paired_binary(a_correct: pd.Series, b_correct: pd.Series) -> dict[str, Any]:
-    """A vs B on the same binary items: difference of shares and the exact McNemar test."""
+    """A vs B on the same binary items: difference of shares with its 95% interval
+    (Newcombe) and the exact McNemar test, which decides `significant`."""
     a, b = a_correct.to_numpy(bool), b_correct.to_numpy(bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    both, n = int((a & b).sum()), len(a)
+    ci = newcombe_paired_interval(both, only_a, only_b, n - both - only_a - only_b)
     p = mcnemar_exact(only_a, only_b)
-    n = len(a)
-    return {"diff": float(a.mean() - b.mean()) if n else None, "only_a": only_a,
-            "only_b": only_b, "p": p, "significant": p < ALPHA, "n": n}
+    return {"diff": float(a.mean() - b.mean()) if n else None,
+            "ci": list(ci) if ci else None, "only_a": only_a, "only_b": only_b, "p": p,
+            "significant": p < ALPHA, "n": n}
 
 
 def group_difference(values: pd.Series, tasks: pd.Series, in_a: pd.Series,

@@ -108,8 +108,10 @@ def _ret(test: dict) -> str:
         return "no base-known facts"
     if "per_seed" in test:
         return _ci(test) + _seeds(test)
-    return f"{test['diff']:+.3f} (McNemar p = {test['p']:.3g}, Holm p = {test['p_holm']:.3g}; " \
-           f"{test['only_a']} vs {test['only_b']} discordant of {test['n']})"
+    lo, hi = test["ci"]
+    return f"{test['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] (McNemar p = {test['p']:.3g}, " \
+           f"Holm p = {test['p_holm']:.3g}; {test['only_a']} vs {test['only_b']} discordant " \
+           f"of {test['n']})"
 
 
 def _seeds(test: dict) -> str:

@@ -118,11 +118,14 @@ def paired_section(paired: pd.DataFrame) -> str:
     families = ", ".join(f"{n} for {m}" for m, n in sizes.items())
     return ("## Paired comparisons (same items)\n\n"
             "Retention: exact McNemar on the base-known facts (only a / only b: facts one of "
-            "the two kept). Downstream: macro score, paired bootstrap over the same items "
-            f"stratified by task (95% interval of a − b; {ROUNDS:,} rounds, so its p is at "
+            "the two kept; 95% interval of a − b by Newcombe's square-and-add of the two "
+            "Wilson intervals, corrected for the pairing). Downstream: macro score, paired "
+            "bootstrap over the same items stratified by task (95% interval of a − b; "
+            f"{ROUNDS:,} rounds, so its p is at "
             f"least {2 / (ROUNDS + 1):.4f}). Each measure's comparisons are one "
             f"family ({families}); the verdict reads the Holm-adjusted p (family-wise error "
-            "≤ 5 %), the raw p is beside it.\n\n" +
+            "≤ 5 %); the raw p and each test's own 95% interval (not Holm-adjusted) are "
+            "beside it.\n\n" +
             table(["measure", "kind", "a", "b", "items", "a − b", "95% CI", "only a / only b",
                    "p", "Holm p", "verdict"], rows))
 
