@@ -68,11 +68,15 @@ def retention_columns(kept: dict, scores: dict) -> dict:
 
 
 def versus_first(rows: list[dict], kept: list[dict]) -> None:
-    """Each snapshot vs the method's first, on the base-known facts (exact McNemar)."""
+    """Each snapshot vs the method's first, on the base-known facts (exact McNemar; the
+    difference's 95% interval by Newcombe)."""
     first = {"metrics": {"probe_retention": kept[0]}}
-    for row, now in zip(rows, kept, strict=True):
+    for index, (row, now) in enumerate(zip(rows, kept, strict=True)):
         test = paired_kept({"metrics": {"probe_retention": now}}, first, "probe_retention")
         row["vs_first_diff"], row["vs_first_p"] = test["diff"], test["p"]
+        # the first is the reference: no interval for it against itself
+        row["vs_first_diff_lo"], row["vs_first_diff_hi"] = (test["ci"] if index and test["ci"]
+                                                            else (None, None))
         row["vs_first_lost"], row["vs_first_regained"] = test["only_b"], test["only_a"]
 
 

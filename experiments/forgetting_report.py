@@ -16,26 +16,27 @@ ALPHA = 0.05
 def verdict(rows: pd.DataFrame) -> str:
     """Last snapshot vs first on the same base-known facts."""
     last = rows.iloc[-1]
+    change = (f"{with_ci(last, 'vs_first_diff', signed=True)}; lost "
+              f"{last['vs_first_lost']:.0f}, regained {last['vs_first_regained']:.0f}, exact "
+              f"McNemar p = {last['vs_first_p']:.2g}")
     if last["vs_first_p"] >= ALPHA:
         return (f"no significant change from {rows['scale'].iloc[0]:.0f} to {last['scale']:.0f} "
-                f"examples (lost {last['vs_first_lost']:.0f}, regained "
-                f"{last['vs_first_regained']:.0f}, "
-                f"p = {last['vs_first_p']:.2g})")
+                f"examples ({change})")
     way = "falls" if last["vs_first_diff"] < 0 else "rises"
     return (f"retention **{way}** from {rows['scale'].iloc[0]:.0f} to {last['scale']:.0f} "
-            f"examples "
-            f"({last['vs_first_diff']:+.3f}; lost {last['vs_first_lost']:.0f}, regained "
-            f"{last['vs_first_regained']:.0f}, exact McNemar p = {last['vs_first_p']:.2g})")
+            f"examples ({change})")
 
 
 def method_table(rows: pd.DataFrame) -> str:
     return table(
         ["examples", "steps", "train loss", "downstream", "retention (kept/known)",
-         "untrained relations", "Δ gold log-prob", "vs first: lost / regained, p"],
+         "untrained relations", "Δ gold log-prob", "vs first: retention change",
+         "lost / regained, p"],
         [[f"{r['scale']:.0f}", f"{r['steps']:.0f}", f"{r['train_loss']:.3f}",
           with_ci(r, "downstream_score"),
           f"{with_ci(r, 'probe_retention')} ({r['kept']:.0f}/{r['probe_base_known']:.0f})",
           with_ci(r, "untrained_retention"), with_ci(r, "logprob_change", signed=True),
+          with_ci(r, "vs_first_diff", signed=True),
           f"{r['vs_first_lost']:.0f} / {r['vs_first_regained']:.0f}, "
           f"p = {r['vs_first_p']:.2g}"] for _, r in rows.iterrows()])
 

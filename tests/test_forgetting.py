@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,17 @@ def test_forgetting_experiment_writes_its_report(tmp_path):
     assert (tuned["kept"] <= tuned["probe_base_known"]).all()
     assert tuned["untrained_retention"].notna().all()
     assert (tuned.groupby("method")["vs_first_p"].first() == 1.0).all()  # first vs itself
+    # each change carries its 95% interval (Newcombe, paired); the first is the reference
+    later = tuned[tuned["scale"] > 16]
+    assert (later["vs_first_diff_lo"] <= later["vs_first_diff"]).all()
+    assert (later["vs_first_diff"] <= later["vs_first_diff_hi"]).all()
+    assert tuned.loc[tuned["scale"] == 16, "vs_first_diff_lo"].isna().all()
     for method in ("sft", "loramoe"):
         assert (out / method / "snapshots" / "step-00002" / "probe.jsonl").is_file()
     report = (out / "report.md").read_text()
     assert report.count("Verdict:") == 2 and (out / "retention.png").is_file()
+    for line in (x for x in report.splitlines() if x.startswith("Verdict:")):
+        assert re.search(r"\([+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]; lost", line), line
     paired = pd.read_csv(out / "paired.csv")
     pairs = {(r["comparison"], r["a"], r["b"]) for _, r in paired.iterrows()}
     assert pairs == {("method", "sft-16", "loramoe-16"), ("method", "sft-32", "loramoe-32"),
