@@ -5,7 +5,8 @@
 forgetting.py pairs the methods of one invocation; this pairs the snapshots of two output
 folders on the same facts: for every scale both ran and every pair of methods across them,
 the share of the base-known facts each snapshot still gets right by multiple choice and the
-exact McNemar test on the facts only one of them kept, with its Holm-adjusted p (every
+exact McNemar test on the facts only one of them kept (the difference with its 95% interval,
+Newcombe's paired one), with its Holm-adjusted p (every
 printed comparison is one family). Both runs must have probed the same
 facts with the same base answers (same config and mixture seed): it stops otherwise.
 """
@@ -51,8 +52,8 @@ def main() -> None:
     first, second = snapshots(args.first), snapshots(args.second)
     print(f"{len(known)} base-known facts; exact McNemar on the facts one snapshot kept and "
           f"the other did not")
-    print("| scale | a | b | a kept | b kept | only a / only b | p | Holm p |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scale | a | b | a kept | b kept | a − b [95% CI] | only a / only b | p | Holm p |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for (ma, sa), (mb, sb) in product(first, second):
         if sa != sb:
@@ -61,7 +62,9 @@ def main() -> None:
         rows.append((sa, ma, mb, a, b, paired_binary(a, b)))
     adjusted = holm_adjust([test["p"] for *_, test in rows])
     for (scale, ma, mb, a, b, test), p_holm in zip(rows, adjusted, strict=True):
+        lo, hi = test["ci"]
         print(f"| {scale} | {ma} | {mb} | {int(a.sum())} | {int(b.sum())} | "
+              f"{test['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
               f"{test['only_a']} / {test['only_b']} | {test['p']:.3g} | {p_holm:.3g} |")
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -99,14 +100,19 @@ def test_narrowed_runs_report_what_they_ran_and_pair_across_runs(tmp_path):
                              str(other), str(out)], capture_output=True, text=True, timeout=300)
     assert paired.returncode == 0, paired.stderr[-3000:]
     row = next(line for line in paired.stdout.splitlines() if line.startswith("| 16 |"))
-    _, scale, a, b, kept_a, kept_b, discordant, p, p_holm, _ = (c.strip()
-                                                                 for c in row.split("|"))
+    _, scale, a, b, kept_a, kept_b, diff, discordant, p, p_holm, _ = (
+        c.strip() for c in row.split("|"))
     kept = {m: int(pd.read_csv(d / "results.csv").set_index("method").loc[m, "kept"])
             for m, d in (("sft", other), ("loramoe", out))}
     assert (a, b, int(kept_a), int(kept_b)) == ("sft", "loramoe", kept["sft"], kept["loramoe"])
     only_a, only_b = (int(n) for n in discordant.split("/"))
     assert only_a - only_b == kept["sft"] - kept["loramoe"] and 0 < float(p) <= 1
     assert float(p) <= float(p_holm) <= 1  # one scale, one comparison: the same p
+    value, lo, hi = (float(x) for x in re.findall(r"[+-]\d\.\d{3}", diff))
+    known = int(pd.read_csv(out / "results.csv").set_index("method").loc["base",
+                                                                          "probe_base_known"])
+    assert value == pytest.approx((kept["sft"] - kept["loramoe"]) / known, abs=5e-4)
+    assert lo <= value <= hi and lo < hi  # the difference and its 95% interval
 
     # runs over different facts (or base answers) are refused, not paired
     base = pd.read_json(other / "base_probe.jsonl", lines=True)
