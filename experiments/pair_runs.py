@@ -62,9 +62,9 @@ def main() -> None:
         rows.append((sa, ma, mb, a, b, paired_binary(a, b)))
     adjusted = holm_adjust([test["p"] for *_, test in rows])
     for (scale, ma, mb, a, b, test), p_holm in zip(rows, adjusted, strict=True):
-        lo, hi = test["ci"]
-        print(f"| {scale} | {ma} | {mb} | {int(a.sum())} | {int(b.sum())} | "
-              f"{test['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+        change = ("–" if test["ci"] is None else  # no base-known facts
+                  f"{test['diff']:+.3f} [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}]")
+        print(f"| {scale} | {ma} | {mb} | {int(a.sum())} | {int(b.sum())} | {change} | "
               f"{test['only_a']} / {test['only_b']} | {test['p']:.3g} | {p_holm:.3g} |")
 
 if __name__ == "__main__":
