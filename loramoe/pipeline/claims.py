@@ -108,10 +108,8 @@ def _ret(test: dict) -> str:
         return "no base-known facts"
     if "per_seed" in test:
         return _ci(test) + _seeds(test)
-    lo, hi = test["ci"]
-    return f"{test['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] (McNemar p = {test['p']:.3g}, " \
-           f"Holm p = {test['p_holm']:.3g}; {test['only_a']} vs {test['only_b']} discordant " \
-           f"of {test['n']})"
+    return f"{_interval(test)} (McNemar p = {test['p']:.3g}, Holm p = {test['p_holm']:.3g}; " \
+           f"{test['only_a']} vs {test['only_b']} discordant of {test['n']})"
 
 
 def _seeds(test: dict) -> str:
@@ -122,13 +120,20 @@ def _seeds(test: dict) -> str:
     return f"; {test['seeds']} seeds, each {each}; {test['n']} items, crossed bootstrap"
 
 
-def _ci(test: dict, key: str = "diff") -> str:
+def _interval(test: dict, key: str = "diff") -> str:
+    """e.g. "+0.005 [+0.000, +0.010]"."""
     if test.get("ci") is None:
         return "no items"
     lo, hi = test["ci"]
-    text = f"{test[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-    return text + (f" (Holm p = {test['p_holm']:.3g})" if test.get("p_holm") is not None
-                   else "")
+    return f"{test[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _ci(test: dict, key: str = "diff") -> str:
+    """The interval, with the test's Holm-adjusted p where it has one."""
+    text = _interval(test, key)
+    if test.get("ci") is None or test.get("p_holm") is None:
+        return text
+    return f"{text} (Holm p = {test['p_holm']:.3g})"
 
 
 def claim_forgetting(branches) -> Claim:
