@@ -304,19 +304,21 @@ def scratch(step: str) -> Iterator[Path]:
 def comparison_card(card, name: str, summary: dict) -> None:
     """The comparison as a Metaflow card: failed branches, the table (scores with 95%
     bounds), the paired comparisons, the plots."""
+    import pandas as pd
     from metaflow.cards import Image, Markdown, Table
+
+    from loramoe.pipeline.markdown import PAIRED_HEADERS, cell, paired_rows
 
     card.append(Markdown(f"# LoRAMoE pipeline: {name}"))
     if summary["failed"]:
         card.append(Markdown("**Failed branches:** " + ", ".join(summary["failed"])))
     headers = summary["headers"]
-    card.append(Table([[_fmt(row[h]) for h in headers] for row in summary["rows"]],
+    card.append(Table([[cell(row[h]) for h in headers] for row in summary["rows"]],
                       headers=headers))
     if summary["paired"]:  # the same base-known facts, exact McNemar
         card.append(Markdown("## Paired retention comparisons"))
-        paired_headers = list(summary["paired"][0])
-        card.append(Table([[_fmt(row[h]) for h in paired_headers] for row in summary["paired"]],
-                          headers=paired_headers))
+        card.append(Table(paired_rows(pd.DataFrame(summary["paired"])),
+                          headers=PAIRED_HEADERS))
     if summary["claims"]:
         card.append(Markdown("## Paper claims"))
         card.append(Table([[row[h] for h in ("claim", "paper", "ours", "verdict")]
@@ -324,10 +326,6 @@ def comparison_card(card, name: str, summary: dict) -> None:
                           headers=["claim", "paper", "this run", "verdict"]))
     for path in summary["plots"]:
         card.append(Image(path.read_bytes(), label=path.stem))
-
-
-def _fmt(value):
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,24 @@ def test_reports_written_with_holm_are_not_re_read(tmp_path):
     assert "read Holm-adjusted p already" in holm_reread().reread(report)
 
 
+def test_the_card_prints_the_paired_table_as_the_report_does():
+    # Before: the Metaflow card printed paired.csv's raw records, so a downstream row's
+    # missing discordant counts and interval showed as "nan" / "None".
+    from loramoe.pipeline.markdown import PAIRED_HEADERS, paired_rows
+    from loramoe.pipeline.paired import paired_comparisons
+
+    branches = [outcome("sft-100", "sft", 100, 200, [1.0] * 60),
+                outcome("lora-100", "lora", 100, 194, [1.0, 0.0] * 30)]
+    records = paired_comparisons(branches).to_dict(orient="records")  # the card's input
+    rows = paired_rows(pd.DataFrame(records))
+    assert all(len(row) == len(PAIRED_HEADERS) for row in rows)
+    cells = [str(c) for row in rows for c in row]
+    assert not {"nan", "None", "NaN"} & set(cells)
+    down = next(r for r in rows if r[0] == "downstream")
+    assert down[PAIRED_HEADERS.index("only a / only b")] == "–"
+    assert down[PAIRED_HEADERS.index("95% CI")].startswith("[")
+
+
 def test_results_table_reads_the_gains_over_the_base_as_one_family():
     from loramoe.pipeline.report import results_table
 

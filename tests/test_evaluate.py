@@ -9,6 +9,7 @@ import pytest
 
 from loramoe.evaluate import evaluate, generate_predictions, retention
 from loramoe.evaluate.metrics import accuracy, chrf, contains, exact_match, rouge_l, score, token_f1
+from loramoe.evaluate.stats import wilson_interval
 
 
 def test_exact_match_normalises_like_squad():
@@ -52,6 +53,7 @@ def test_retention_counts_only_base_correct_items():
     assert result["overall"] == pytest.approx(2 / 3)
     assert result["base_correct"] == 3
     assert result["per_task"] == {"t1": 0.5, "t2": 1.0}
+    assert result["per_task_ci"] == {"t1": wilson_interval(1, 2), "t2": wilson_interval(1, 1)}
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model_dir):

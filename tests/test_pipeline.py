@@ -115,6 +115,9 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
     ok = [c for c in children if not c.info.run_name.startswith("lora-")]
     for child in ok:
         assert {"knowledge_score", "downstream_score", "train/lm_loss"} <= set(child.data.metrics)
+        tasks = {k for k in child.data.metrics if k.startswith("task/")
+                 and not k.endswith(("_lo", "_hi"))}
+        assert tasks and all({f"{t}_lo", f"{t}_hi"} <= set(child.data.metrics) for t in tasks)
         history = client.get_metric_history(child.info.run_id, "train/lm_loss")
         assert [m.step for m in history] == [1, 2, 3]
         assert child.data.tags["train_device"] == "cpu"  # where it trained ("cuda" on a GPU)
@@ -269,6 +272,21 @@ def test_card_renders(smoke_run):
     assert "LoRAMoE pipeline: smoke" in text and "lora-16" in text and "failed: " in text
     images = re.findall(r'"type": "image", "src": "data:image/png;base64,', text)
     assert len(images) == 3  # retention/downstream, router type weights, router CV
+    # the paired table as report.md prints it: '–', not nan/None, where a test has no value
+    from loramoe.pipeline.markdown import PAIRED_HEADERS
+
+    def tables(node):
+        if isinstance(node, dict):
+            if node.get("type") == "table":
+                yield node
+            node = list(node.values())
+        for child in node if isinstance(node, list) else []:
+            yield from tables(child)
+
+    paired = [t for t in tables(data) if t["columns"] == PAIRED_HEADERS]
+    assert len(paired) == 1
+    cells = {str(c) for row in paired[0]["data"] for c in row}
+    assert "–" in cells and not {"nan", "None"} & cells
 
 
 def test_champion_alias_and_decision(smoke_run):

@@ -21,6 +21,7 @@ from loramoe.evaluate.probe import (
     probe_summary,
     shared_prefix,
 )
+from loramoe.evaluate.stats import wilson_interval
 from loramoe.model import load_base_model
 
 FACTS = pd.DataFrame({
@@ -151,6 +152,11 @@ def test_probe_retention_counts_base_known_facts_per_group():
     assert sorted(out["kept_ids"]) == ["a", "c"]
     summary = probe_summary(tuned, FACTS)
     assert summary["mc_accuracy"] == 0.75 and summary["facts"] == 4
+    # every per-relation share carries its Wilson interval (before: the share alone)
+    assert out["per_task"] == {"t1": 0.5, "t2": 1.0}
+    assert out["per_task_ci"] == {"t1": wilson_interval(1, 2), "t2": wilson_interval(1, 1)}
+    assert summary["per_task"]["t1"]["mc_accuracy_ci"] == wilson_interval(1, 2)
+    assert summary["per_task"]["t2"]["mc_accuracy_ci"] == wilson_interval(2, 2)
 
 
 def test_an_eval_file_without_choices_is_not_probed(tiny_model_dir):

@@ -11,6 +11,7 @@ from loramoe.evaluate.stats import (
     group_difference,
     holm_adjust,
     mcnemar_exact,
+    mean_interval,
     newcombe_paired_interval,
     paired_binary,
     paired_bootstrap,
@@ -149,6 +150,36 @@ def test_comparison_with_the_base_is_paired_on_items():
     summary = summarize(tuned.assign(metric="accuracy"))
     lo, hi = summary["downstream_score_ci"]
     assert lo < summary["downstream_score"] < hi
+
+
+def test_a_task_scored_0_or_1_gets_the_wilson_interval_of_its_share():
+    # Newcombe (1998) Table I again: 81 of 263
+    got = mean_interval(pd.Series([1.0] * 81 + [0.0] * 182))
+    assert got == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert mean_interval(pd.Series([], dtype=float)) is None
+
+
+def test_a_graded_task_gets_the_percentile_bootstrap_of_its_mean():
+    scores = pd.Series(np.linspace(0.0, 1.0, 40) ** 2)  # F1-like, not 0/1
+    lo, hi = mean_interval(scores)
+    # an independent plain bootstrap (another generator): the same interval within the
+    # Monte-Carlo error of 10,000 rounds
+    rng = np.random.default_rng(12345)
+    means = scores.to_numpy()[rng.integers(0, 40, size=(10_000, 40))].mean(axis=1)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=0.01)
+    assert lo < scores.mean() < hi
+
+
+def test_every_task_score_carries_its_interval():
+    from loramoe.evaluate.scoring import summarize
+
+    frame = pd.concat([scored_frame([1.0] * 9 + [0.0] * 3, "downstream").assign(task="exact"),
+                       scored_frame([0.5, 0.25, 1.0, 0.75] * 3, "downstream").assign(task="f1")])
+    per_task = summarize(frame.assign(metric="x"))["per_task"]
+    assert per_task["exact"]["ci"] == pytest.approx(wilson_interval(9, 12))
+    assert per_task["f1"]["ci"] == pytest.approx(mean_interval(frame[frame["task"] == "f1"]
+                                                               ["score"]))
+    assert per_task["f1"]["ci"][0] < per_task["f1"]["score"] < per_task["f1"]["ci"][1]
 
 
 def test_group_difference_is_the_macro_gap_between_task_types():

@@ -214,6 +214,7 @@ def probe_summary(probe: pd.DataFrame, frame: pd.DataFrame) -> dict:
 
     joined = probe.merge(frame[["id", "task"]], on="id")
     per_task = {task: {"mc_accuracy": float(g["mc_correct"].mean()),
+                       "mc_accuracy_ci": wilson_interval(int(g["mc_correct"].sum()), len(g)),
                        "gold_logprob": float(g["gold_logprob"].mean()), "n": int(len(g))}
                 for task, g in joined.groupby("task", sort=True)}
     right = int(joined["mc_correct"].sum())
@@ -250,4 +251,6 @@ def probe_retention(base: pd.DataFrame, tuned: pd.DataFrame, frame: pd.DataFrame
             "kept_ids": known["id"][known["mc_correct_tuned"]].tolist(),
             "groups": {name: share(part) for name, part in groups.items() if len(part)},
             "per_task": {t: float(g["mc_correct_tuned"].mean())
-                         for t, g in known.groupby("task", sort=True)}}
+                         for t, g in known.groupby("task", sort=True)},
+            "per_task_ci": {t: wilson_interval(int(g["mc_correct_tuned"].sum()), len(g))
+                            for t, g in known.groupby("task", sort=True)}}

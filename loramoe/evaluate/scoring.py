@@ -15,6 +15,7 @@ import pandas as pd
 
 from loramoe.evaluate.metrics import score
 from loramoe.evaluate.stats import (
+    mean_interval,
     paired_bootstrap,
     stratified_bootstrap,
     wilson_interval,
@@ -43,7 +44,8 @@ def score_predictions(frame: pd.DataFrame, predictions: list[str]) -> pd.DataFra
 def summarize(scored: pd.DataFrame) -> dict[str, Any]:
     per_task = {
         task: {"task_type": group["task_type"].iloc[0], "metric": group["metric"].iloc[0],
-               "score": float(group["score"].mean()), "n": int(len(group))}
+               "score": float(group["score"].mean()), "ci": mean_interval(group["score"]),
+               "n": int(len(group))}
         for task, group in scored.groupby("task", sort=True)
     }
     out: dict[str, Any] = {"per_task": per_task}
@@ -70,7 +72,8 @@ def compare_with_base(base: pd.DataFrame, tuned: pd.DataFrame) -> dict[str, Any]
 
 def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowledge"
               ) -> dict[str, Any]:
-    """Share of base-correct items still correct, per task and overall (items joined on id)."""
+    """Share of base-correct items still correct, per task and overall, each with its 95%
+    Wilson interval (items joined on id)."""
     joined = base[base["task_type"] == task_type][["id", "task", "score"]].merge(
         tuned[["id", "score"]], on="id", suffixes=("_base", "_tuned"))
     known = joined[joined["score_base"] >= CORRECT]
@@ -78,6 +81,8 @@ def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowled
 
     def share(mask: pd.Series) -> float | None:
         return float(mask.mean()) if len(mask) else None
+
+    tasks = sorted(joined["task"].unique())
 
     return {
         "overall": share(kept),
@@ -87,8 +92,10 @@ def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowled
         # the facts themselves, so two runs can be compared on the same items (McNemar)
         "known_ids": known["id"].tolist(),
         "kept_ids": known["id"][kept].tolist(),
-        "per_task": {task: share(kept[known["task"] == task])
-                     for task in sorted(joined["task"].unique())},
+        "per_task": {task: share(kept[known["task"] == task]) for task in tasks},
+        "per_task_ci": {task: wilson_interval(int(kept[known["task"] == task].sum()),
+                                              int((known["task"] == task).sum()))
+                        for task in tasks},
     }
 
 

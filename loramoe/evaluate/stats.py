@@ -1,6 +1,7 @@
 """Uncertainty for every compared number: 95% intervals and paired tests on the same items.
 
 - wilson_interval: a share k/n (retention, accuracy on binary items), Wilson score interval.
+- mean_interval: one task's mean score (Wilson when the scores are 0/1, else a bootstrap).
 - stratified_bootstrap: a macro average over tasks (knowledge/downstream score), resampling
   items within each task.
 - mcnemar_exact: two models' correct/incorrect on the same binary items (exact binomial on
@@ -127,6 +128,21 @@ def stratified_bootstrap(scores: pd.Series, tasks: pd.Series, rounds: int = ROUN
     lo, hi = np.quantile(_resampled_means(values, groups, rounds, seed),
                          [ALPHA / 2, 1 - ALPHA / 2])
     return {"value": _macro(values, groups), "ci": [float(lo), float(hi)], "n": len(values)}
+
+
+def mean_interval(scores: pd.Series, rounds: int = ROUNDS, seed: int = 0
+                  ) -> tuple[float, float] | None:
+    """95% interval of one task's mean score; None when it has no items. A task scored 0/1
+    (exact match, contains, accuracy) is a share: Wilson, which keeps its coverage on the
+    dozen items a task may have, where a percentile bootstrap of a share runs narrow. A
+    graded metric (F1, ROUGE-L, chrF): the percentile bootstrap of the mean."""
+    values = scores.to_numpy(float)
+    if not len(values):
+        return None
+    if np.isin(values, (0.0, 1.0)).all():
+        return wilson_interval(int(values.sum()), len(values))
+    lo, hi = stratified_bootstrap(scores, pd.Series(0, index=scores.index), rounds, seed)["ci"]
+    return lo, hi
 
 
 def paired_bootstrap(a: pd.Series, b: pd.Series, tasks: pd.Series, rounds: int = ROUNDS,

@@ -12,7 +12,8 @@ import pandas as pd
 from loramoe.evaluate.stats import ROUNDS
 
 
-def _num(value, digits: int = 3) -> str:
+def cell(value, digits: int = 3) -> str:
+    """A table cell: floats to `digits` places, "–" for a missing value."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -61,10 +62,10 @@ def results_section(results: pd.DataFrame) -> str:
     rows = []
     for _, row in results.iterrows():
         if row["status"] != "ok":
-            rows.append([row["branch"], _num(row["scale"]), row["status"],
+            rows.append([row["branch"], cell(row["scale"]), row["status"],
                          *[""] * (len(RESULT_COLUMNS) - 1)])
             continue
-        rows.append([row["branch"], _num(row["scale"]),
+        rows.append([row["branch"], cell(row["scale"]),
                      *(with_ci(row, c, s) for _, c, s in RESULT_COLUMNS)])
     base = results[results["method"] == "base"]
     known = int(base["probe_base_known"].iloc[0]) if len(base) and pd.notna(
@@ -99,9 +100,13 @@ def scored_otherwise_note(results: pd.DataFrame) -> str:
             "alone moved 3 % of the default eval's item scores (docs/benchmarks.md §3).")
 
 
-def paired_section(paired: pd.DataFrame) -> str:
-    if not len(paired):
-        return ""
+PAIRED_HEADERS = ["measure", "kind", "a", "b", "items", "a − b", "95% CI", "only a / only b",
+                  "p", "Holm p", "verdict"]
+
+
+def paired_rows(paired: pd.DataFrame) -> list[list[str]]:
+    """paired.csv's records as the report prints them (PAIRED_HEADERS): '–' where a test
+    has no value (a downstream row has no discordant counts)."""
 
     def ci(r) -> str:
         return "–" if r["diff_lo"] is None or pd.isna(r["diff_lo"]) else \
@@ -111,9 +116,14 @@ def paired_section(paired: pd.DataFrame) -> str:
         return "–" if r["only_a"] is None or pd.isna(r["only_a"]) else \
             f"{int(r['only_a'])} / {int(r['only_b'])}"
 
-    rows = [[r["measure"], r["comparison"], r["a"], r["b"], _num(r["items"]),
+    return [[r["measure"], r["comparison"], r["a"], r["b"], cell(r["items"]),
              _signed(r["diff"]), ci(r), discordant(r), _p(r["p"]), _p(r["p_holm"]),
              r["verdict"]] for _, r in paired.iterrows()]
+
+
+def paired_section(paired: pd.DataFrame) -> str:
+    if not len(paired):
+        return ""
     sizes = paired.groupby("measure", sort=False).size()
     families = ", ".join(f"{n} for {m}" for m, n in sizes.items())
     return ("## Paired comparisons (same items)\n\n"
@@ -126,8 +136,7 @@ def paired_section(paired: pd.DataFrame) -> str:
             f"family ({families}); the verdict reads the Holm-adjusted p (family-wise error "
             "≤ 5 %); the raw p and each test's own 95% interval (not Holm-adjusted) are "
             "beside it.\n\n" +
-            table(["measure", "kind", "a", "b", "items", "a − b", "95% CI", "only a / only b",
-                   "p", "Holm p", "verdict"], rows))
+            table(PAIRED_HEADERS, paired_rows(paired)))
 
 
 def replicates_section(pooled: pd.DataFrame, comparisons: pd.DataFrame) -> str:
@@ -135,10 +144,10 @@ def replicates_section(pooled: pd.DataFrame, comparisons: pd.DataFrame) -> str:
     if not len(pooled):
         return ""
     measures = [m for m in ("probe_retention", "downstream") if m in pooled]
-    rows = [[r["method"], _num(r["scale"]), r["seeds"],
+    rows = [[r["method"], cell(r["scale"]), r["seeds"],
              *(f"{with_ci(r, m)} ({r[f'{m}_per_seed']})" for m in measures)]
             for _, r in pooled.iterrows()]
-    tests = [[r["measure"], r["comparison"], r["a"], r["b"], r["seeds"], _num(r["items"]),
+    tests = [[r["measure"], r["comparison"], r["a"], r["b"], r["seeds"], cell(r["items"]),
               f"{_signed(r['diff'])} [{_signed(r['diff_lo'])}, {_signed(r['diff_hi'])}]",
               r["per_seed"], _p(r["p"]), _p(r["p_holm"]), r["verdict"]]
              for _, r in comparisons.iterrows()]

@@ -138,6 +138,15 @@ def write_replicates(outcomes: list[dict[str, Any]], out: Path) -> str:
     return replicates_section(pooled, tests)
 
 
+def task_columns(per_task: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Each task's score with its 95% bounds, as MLflow metrics `task/<name>[_lo|_hi]`."""
+    columns = {}
+    for task, entry in per_task.items():
+        columns[f"task/{task}"] = entry["score"]
+        columns.update(_bounds(f"task/{task}", entry.get("ci")))
+    return columns
+
+
 LOGGED = [f"{name}{suffix}" for name in (
     "knowledge_score", "retention", "downstream_score", "downstream_vs_base", "knowledge_mc",
     "probe_retention", "trained_retention", "untrained_retention", "logprob_change",

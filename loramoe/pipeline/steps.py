@@ -185,11 +185,10 @@ def evaluate_branch(config: PipelineConfig, trained: dict[str, Any], eval_frame:
                        generate_per_task=config.eval_generate_per_task,
                        untrained_tasks=config.untrained_tasks)
     if mlflow_run_id:
-        from loramoe.pipeline.report import LOGGED, score_columns
+        from loramoe.pipeline.report import LOGGED, score_columns, task_columns
 
         columns = score_columns(metrics)  # scores with their 95% bounds as *_lo / *_hi
-        summary = {**{k: columns[k] for k in LOGGED},
-                   **{f"task/{t}": v["score"] for t, v in metrics["per_task"].items()}}
+        summary = {**{k: columns[k] for k in LOGGED}, **task_columns(metrics["per_task"])}
         log_metrics(mlflow_run_id, {k: v for k, v in summary.items() if v is not None})
         store_folder(mlflow_run_id, [p for p in [out / "metrics.json", out / "predictions.jsonl",
                                                  out / "router.json", out / "router.png"]
