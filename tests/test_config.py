@@ -85,3 +85,84 @@ def test_every_preset_parses_and_gives_each_branch_a_valid_train_config(preset):
     for branch in branches:
         train = config.train_config(branch, Path("train.jsonl"), Path("out"))
         assert train.method in ("sft", "lora", "loramoe")
+
+
+def test_every_problem_of_a_config_is_reported_at_once():
+    # Before: one problem per run (the first field that broke), so a file with three
+    # mistakes took three runs to fix.
+    from loramoe.train import TrainConfig, TrainConfigError
+
+    with pytest.raises(TrainConfigError) as raised:
+        TrainConfig.from_dict({"model": "m", "train_file": "t", "output_dir": "o",
+                               "batch_sizee": 3, "lr": "fast", "warmup_ratio": 2,
+                               "loramoe": {"lbc_beta": -1, "rank": 0}})
+    text = str(raised.value)
+    assert text.startswith("5 problems:\n")
+    assert "unknown field(s) ['batch_sizee'] (did you mean 'batch_size' for 'batch_sizee'?)" \
+        in text
+    for line in ["- TrainConfig.lr: must be a finite number or unset, got 'fast' (str)",
+                 "- TrainConfig.warmup_ratio: must be in [0, 1), got 2",
+                 "- TrainConfig.loramoe: LoRAMoEConfig.rank: must be an integer >= 1, got 0",
+                 "- TrainConfig.loramoe: LoRAMoEConfig.lbc_beta: must be >= 0"]:
+        assert line in text
+    assert len(raised.value.problems) == 5
+
+
+def test_a_single_problem_reads_as_before():
+    with pytest.raises(ConfigError) as raised:
+        LoRAMoEConfig(rank=0)
+    assert str(raised.value) == "LoRAMoEConfig.rank: must be an integer >= 1, got 0"
+
+
+def test_a_nested_table_of_the_wrong_kind_is_named_not_a_traceback():
+    # Before: AttributeError: 'str' object has no attribute 'type_names'
+    from loramoe.train import TrainConfig, TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=r"^TrainConfig\.loramoe: must be a table of "
+                       r"LoRAMoEConfig fields, got 'x' \(str\)$"):
+        TrainConfig.from_dict({"model": "m", "train_file": "t", "output_dir": "o",
+                               "loramoe": "x"})
+
+
+def test_every_method_and_task_of_a_pipeline_config_is_reported_at_once():
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.config import PipelineConfigError
+
+    data = tomllib.loads((CONFIGS / "smoke.toml").read_text())
+    data["methods"]["sft"]["lr"] = -1
+    data["methods"]["loramoe"]["loramoe"] = {"lbc_form": "other"}
+    data["retry_times"] = -1
+    with pytest.raises(PipelineConfigError) as raised:
+        PipelineConfig.from_dict(data, base_dir=CONFIGS)
+    assert raised.value.problems == [
+        "config.methods.sft: TrainConfig.lr: must be > 0 (or unset for the method default), "
+        "got -1",
+        "config.methods.loramoe: TrainConfig.loramoe: LoRAMoEConfig.lbc_form: must be 'paper' "
+        "or 'aligned', got 'other'",
+        "config.retry_times: must be >= 0, got -1"]
+    data = tomllib.loads((CONFIGS / "smoke.toml").read_text())
+    data["mixture"]["tasks"][0]["weight"] = 0
+    data["mixture"]["tasks"][1]["eval_size"] = 0
+    data["mixture"]["eval_size"] = 0
+    data["eval_batch_size"] = 0
+    with pytest.raises(PipelineConfigError) as raised:
+        PipelineConfig.from_dict(data, base_dir=CONFIGS)
+    assert raised.value.problems == [
+        "config.mixture: tasks['country_capital'].weight: must be > 0, got 0",
+        "config.mixture: tasks['element_symbol'].eval_size: must be None or >= 1, got 0",
+        "config.mixture: mixture.eval_size: must be >= 1, got 0",
+        "config.eval_batch_size: must be >= 1, got 0"]
+
+
+def test_a_rule_that_breaks_on_its_own_is_not_hidden():
+    # a rule may be skipped only when another field's problem explains why it failed
+    from dataclasses import dataclass
+
+    from loramoe.fields import check_fields
+
+    @dataclass
+    class Probe:
+        x: int = 1
+
+    with pytest.raises(ZeroDivisionError):
+        check_fields(Probe(), [("x", lambda v: v / 0 > 0, "anything")], ValueError)

@@ -21,7 +21,7 @@ from loramoe.data.records import (
     write_records,
 )
 from loramoe.data.registry import Task, get_task
-from loramoe.fields import check_fields, from_mapping
+from loramoe.fields import check_fields, from_mapping, problems_of
 
 
 class MixtureError(ValueError):
@@ -83,8 +83,18 @@ class MixtureConfig:
     knowledge_share: float | None = None
 
     def __post_init__(self) -> None:
+        found = {}  # every task's problems, reported with this level's
         if isinstance(self.tasks, list):
-            self.tasks = [_task_spec(t, i) for i, t in enumerate(self.tasks)]
+            specs, problems = [], []
+            for i, task in enumerate(self.tasks):
+                try:
+                    specs.append(_task_spec(task, i))
+                except MixtureError as err:
+                    problems += problems_of(err)
+            if problems:
+                found["tasks"] = problems
+            else:
+                self.tasks = specs
         check_fields(self, [
             ("tasks", bool, "at least one task"),
             ("tasks", lambda v: len({t.name for t in v}) == len(v), "tasks with distinct names"),
@@ -94,7 +104,7 @@ class MixtureConfig:
             ("task_types", lambda v: v and all(v) and len(set(v)) == len(v),
              "a list of distinct, non-empty type names"),
             ("knowledge_share", lambda v: v is None or 0 < v < 1, "None or in (0, 1)"),
-        ], MixtureError, prefix="mixture")
+        ], MixtureError, prefix="mixture", found=found)
         self.scales = sorted(set(self.scales))
         for spec in self.tasks:
             task_type = self.type_of(spec)

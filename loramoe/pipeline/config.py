@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from loramoe.data import MixtureConfig
-from loramoe.fields import check_fields, from_mapping, matches
+from loramoe.fields import (
+    check_fields,
+    fail,
+    from_mapping,
+    matches,
+    problems_error,
+    problems_of,
+)
 from loramoe.model_paths import ModelNotAvailableError, check_local_path
 from loramoe.train.config import TrainConfig
 
@@ -86,14 +93,18 @@ class PipelineConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
+        found = {}  # nested tables' problems, reported with this level's
         if isinstance(self.launch, dict):
-            self.launch = from_mapping(LaunchConfig, self.launch, PipelineConfigError,
-                                       prefix="config.launch")
+            try:
+                self.launch = from_mapping(LaunchConfig, self.launch, PipelineConfigError,
+                                           prefix="config.launch")
+            except PipelineConfigError as err:
+                found["launch"] = problems_of(err)
         if isinstance(self.mixture, dict):
             try:
                 self.mixture = MixtureConfig.from_dict(self.mixture)
             except ValueError as err:
-                raise PipelineConfigError(f"config.mixture: {err}") from None
+                found["mixture"] = [f"config.mixture: {p}" for p in problems_of(err)]
         check_fields(self, [
             ("methods", bool, "at least one method"),
             ("retention_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -107,7 +118,7 @@ class PipelineConfig:
              and len(set(v)) == len(v), "distinct integers >= 0 (empty: each train.seed)"),
             ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1, gpu >= 0 and "
              "optionally eval_gpu >= 0, each a number (gpu and eval_gpu integers)"),
-        ], PipelineConfigError, prefix="config")
+        ], PipelineConfigError, prefix="config", found=found)
         for name, train in self.methods.items():
             if train.method == "loramoe":
                 _check_task_types(name, train, self.mixture.task_types)
@@ -153,8 +164,20 @@ class PipelineConfig:
         if not isinstance(shared, dict):
             raise PipelineConfigError(f"config.train: must be a table of fields, got {shared!r}")
         if isinstance(methods, dict):
-            data["methods"] = {name: _method_config(name, shared, overrides)
-                               for name, overrides in methods.items()}
+            built, problems = {}, []
+            for name, overrides in methods.items():  # every method's problems at once
+                try:
+                    built[name] = _method_config(name, shared, overrides)
+                except PipelineConfigError as err:
+                    problems += problems_of(err)
+            data["methods"] = built
+            if problems:  # and the rest of the config's, checked with the methods that built
+                try:
+                    if built:
+                        from_mapping(cls, data, PipelineConfigError, prefix="config")
+                except PipelineConfigError as err:
+                    problems += problems_of(err)
+                fail(PipelineConfigError, problems)
         return from_mapping(cls, data, PipelineConfigError, prefix="config")
 
     def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0,
@@ -227,7 +250,8 @@ def _method_config(name: str, shared: dict[str, Any], overrides: Any) -> TrainCo
     try:
         return TrainConfig.from_dict(deep_merge(shared, overrides))
     except ValueError as err:
-        raise PipelineConfigError(f"config.methods.{name}: {err}") from None
+        raise problems_error(PipelineConfigError,
+                             [f"config.methods.{name}: {p}" for p in problems_of(err)]) from None
 
 
 def eval_gpus(resources: dict[str, Any]) -> int:

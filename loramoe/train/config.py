@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import tomllib
 
 from loramoe.config import ConfigError, LoRAMoEConfig
-from loramoe.fields import check_fields, from_mapping
+from loramoe.fields import check_fields, from_mapping, problems_of
 
 Method = Literal["sft", "lora", "loramoe"]
 DEFAULT_LR = {"sft": 2e-5, "lora": 2e-4, "loramoe": 2e-4}
@@ -69,11 +69,13 @@ class TrainConfig:
     untyped_task_types: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        found = {}  # the nested table's problems, reported with this level's
         if isinstance(self.loramoe, dict):
             try:
                 self.loramoe = LoRAMoEConfig.from_dict(self.loramoe)
             except ConfigError as err:
-                raise TrainConfigError(f"TrainConfig.loramoe: {err}") from None
+                found["loramoe"] = [f"TrainConfig.loramoe: {p}" for p in problems_of(err)]
+        expert_types = self.loramoe.type_names if isinstance(self.loramoe, LoRAMoEConfig) else []
         check_fields(self, [
             ("model", bool, "a model name, hub id or folder"),
             ("lr", lambda v: v is None or v > 0, "> 0 (or unset for the method default)"),
@@ -94,9 +96,9 @@ class TrainConfig:
             ("lora_rank", lambda v: v >= 1, ">= 1"),
             ("lora_alpha", lambda v: v > 0, "> 0"),
             ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("untyped_task_types", lambda v: not set(v) & set(self.loramoe.type_names),
-             f"task types that are not expert types {self.loramoe.type_names}"),
-        ], TrainConfigError)
+            ("untyped_task_types", lambda v: not set(v) & set(expert_types),
+             f"task types that are not expert types {expert_types}"),
+        ], TrainConfigError, found=found)
         self.snapshot_steps = sorted(set(self.snapshot_steps))
         if self.lr is None:  # resolved once, so the saved config holds the lr that was used
             self.lr = DEFAULT_LR[self.method]
