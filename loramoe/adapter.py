@@ -214,7 +214,12 @@ def _expected_shapes(model: nn.Module, config: LoRAMoEConfig, names: list[str]
     return shapes
 
 
-def _read_tensors(meta: dict[str, Any], directory: Path) -> dict[str, torch.Tensor]:
+def check_adapter_files(directory: str | os.PathLike) -> dict[str, Any]:
+    """The folder's adapter config (validated) and weights file (present, with the checksum
+    the config holds), checked without a model: what load_adapter checks first, cheap enough
+    to run before a base model is loaded for it."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
     path = directory / meta.get("weights_file", WEIGHTS_NAME)
     if not path.is_file():
         raise AdapterError(f"{path} not found")
@@ -223,6 +228,11 @@ def _read_tensors(meta: dict[str, Any], directory: Path) -> dict[str, torch.Tens
             f"{path} does not match the checksum in its adapter config: the file is corrupt or "
             f"was replaced"
         )
+    return meta
+
+
+def _read_tensors(meta: dict[str, Any], directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / meta.get("weights_file", WEIGHTS_NAME)
     try:
         return load_file(path)
     except Exception as err:  # safetensors raises its own error types for bad headers
@@ -252,7 +262,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, check_base
                  ) -> nn.Module:
     """Rebuild the LoRAMoE plugin on ``base_model`` and load the saved weights strictly."""
     directory = Path(directory)
-    meta = read_adapter_config(directory)
+    meta = check_adapter_files(directory)
     config_path = adapter_config_path(directory)
     if loramoe_layers(base_model):
         raise AdapterError("model already has LoRAMoE layers; load an adapter onto a clean base")

@@ -125,6 +125,89 @@ def test_a_broken_run_folder_is_named_before_anything_loads(tmp_path, content, m
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("suffix, content, message", [
+    (".jsonl", '{"id": "a"}\n\nnot json\n', r"line 3: Expecting value at column 1"),
+    (".jsonl", '{"id": "a"}\n[1, 2]\n', r"line 2: one JSON object per line, got list"),
+    (".json", '[{"id": 1,', r"not a readable json records file \(ValueError"),
+    (".parquet", "garbage", r"not a readable parquet records file \(ArrowInvalid"),
+    (".csv", 'id,prompt\n1,"unterminated\n', r"not a readable csv records file \(ParserError"),
+])
+def test_an_unreadable_records_file_is_named_with_its_line(tmp_path, suffix, content, message):
+    # Before: pandas' or pyarrow's own exception and a traceback from every CLI (a .jsonl's
+    # error gave a character offset, not the line).
+    from loramoe.data.records import RecordsError, read_records
+
+    path = tmp_path / f"records{suffix}"
+    path.write_text(content)
+    with pytest.raises(RecordsError, match=re.escape(str(path)) + ".*" + message):
+        read_records(path)
+    done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
+               str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"))
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_data_build_names_an_unreadable_local_task_file(tmp_path):
+    # Before: a RecordsError / MixtureError traceback from build_mixture.
+    broken = tmp_path / "people.jsonl"
+    broken.write_text('{"prompt": "Who?", "response": "Ann"}\n{"prompt": \n')
+    config = tmp_path / "mixture.toml"
+    config.write_text(f'[mixture]\nscales = [16]\neval_size = 3\ntasks = [{{ name = "people", '
+                      f'source = "local", path = "{broken}", task_type = "knowledge" }}, '
+                      f'{{ name = "arithmetic" }}]\n')
+    done = cli("-m", "loramoe.data", "build", str(config), str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: {broken}: not a readable jsonl records file (line 2:" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, damage, message", [
+    ("loramoe", "no adapter", r"loramoe_config\.json not found: not a LoRAMoE adapter folder"),
+    ("loramoe", "weights changed", r"does not match the checksum in its adapter config"),
+    ("lora", "no adapter", r"adapter_config\.json not found: .* is not a complete lora run"),
+    ("lora", "no weights", r"holds no adapter_model\*\.safetensors \(or \.bin\) weights"),
+    ("sft", "config corrupt", r"config\.json is not valid JSON"),
+])
+def test_a_run_with_broken_weights_is_named_before_the_model_loads(tmp_path, method, damage,
+                                                                   message):
+    """Before: the base model loaded first (minutes for a 7B one), then a traceback from
+    load_adapter, PEFT or transformers; serving's staging emptied its folder first."""
+    from loramoe.evaluate import load_for_eval
+    from loramoe.serving.pyfunc import stage_run_for_serving
+
+    run = tmp_path / "run"
+    part = run / ("model" if method == "sft" else "adapter")
+    part.mkdir(parents=True)
+    # a model name that cannot load: any error but the folder's means it tried to load it
+    (run / "train_config.json").write_text(json.dumps({"method": method,
+                                                       "model": "no/such-model"}))
+    if method == "loramoe" and damage == "weights changed":
+        (part / "loramoe_config.json").write_text(json.dumps({
+            "loramoe_config": {}, "base_fingerprint": {}, "layers": [],
+            "weights_sha256": "0" * 64}))
+        (part / WEIGHTS_NAME).write_bytes(b"other bytes")
+    if method == "lora" and damage == "no weights":
+        (part / "adapter_config.json").write_text("{}")
+    if method == "sft":
+        (part / "config.json").write_text("{")
+        (part / "model.safetensors").write_bytes(b"")
+    from loramoe.adapter import AdapterError
+
+    with pytest.raises(AdapterError, match=message):
+        load_for_eval(run=run)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "kept").write_text("an earlier staging")
+    with pytest.raises(AdapterError, match=message):
+        stage_run_for_serving(run, staged)
+    assert (staged / "kept").exists()  # nothing removed for a run that cannot be served
+    path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
+    done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
+               str(tmp_path / "out"), "--run", str(run))
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-2000:]
+    assert "--run: " in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_run_config_round_trips(tmp_path):
     from loramoe.train.config import read_run_config, write_run_config
 

@@ -12,6 +12,7 @@ from loramoe.data.mixture import (
     summary_table,
     write_mixture,
 )
+from loramoe.data.records import RecordsError
 from loramoe.data.registry import list_tasks
 
 
@@ -33,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     except (MixtureError, OSError) as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    built = build_mixture(config)
+    try:  # a local task's file: unreadable, or lacking its columns
+        built = build_mixture(config)
+    except (MixtureError, RecordsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     write_mixture(built, config, args.outdir)
     print(summary_table(built).to_string(index=False))
     if built.dropped_overlap:

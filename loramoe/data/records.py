@@ -185,28 +185,43 @@ def _plain(row: dict) -> dict:
 
 
 def read_records(path: Path) -> pd.DataFrame:
-    """Records from .jsonl, .json (a list), .csv or .parquet, as a DataFrame."""
+    """Records from .jsonl, .json (a list), .csv or .parquet, as a DataFrame. A file its
+    format cannot read is a RecordsError naming it (and, for .jsonl, the first bad line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such records file")
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    elif path.suffix == ".jsonl":
-        try:
-            frame = pd.read_json(path, lines=True, dtype=False)
-        except ValueError as err:
-            raise RecordsError(f"{path}: not valid JSON lines ({err})") from None
-    elif path.suffix == ".json":
-        frame = pd.read_json(path, dtype=False)
-    elif path.suffix == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    else:
+    readers = {".parquet": pd.read_parquet,
+               ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+               ".json": lambda p: pd.read_json(p, dtype=False),
+               ".csv": lambda p: pd.read_csv(p, dtype=str, keep_default_na=False)}
+    if path.suffix not in readers:
         raise RecordsError(f"{path}: unsupported format (use .jsonl, .json, .csv or .parquet)")
+    try:
+        frame = readers[path.suffix](path)
+    except Exception as err:  # pandas, pyarrow and json each raise their own kind
+        where = _first_bad_line(path) if path.suffix == ".jsonl" else None
+        raise RecordsError(f"{path}: not a readable {path.suffix[1:]} records file ("
+                           f"{where or f'{type(err).__name__}: {err}'})") from None
     if "answers" in frame.columns:
         # Invalid values stay as they were, for check_records / the suites to report.
         frame["answers"] = frame["answers"].map(
             lambda v: a if (a := normalize_answers(v)) is not None else v)
     return frame
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """Where a JSON-lines file first breaks: 'line N: what', or None if every line parses."""
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: {err.msg} at column {err.colno}"
+            if not isinstance(value, dict):
+                return f"line {number}: one JSON object per line, got {type(value).__name__}"
+    return None
 
 
 def load_as_dataset(path: Path):

@@ -45,8 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         where = "--run: " if isinstance(err, TrainConfigError) else ""
         print(f"error: {where}{err}", file=sys.stderr)
         return 2
-    from loramoe.cores import cap_threads_to_cores
+    from loramoe.adapter import AdapterError
     from loramoe.evaluate.run import evaluate
+    from loramoe.train.config import check_run_weights
+
+    if args.run:
+        try:  # the run's weights files, before the model loads (torch is loaded by now)
+            check_run_weights(args.run, read_run_config(args.run))
+        except AdapterError as err:
+            print(f"error: --run: {err}", file=sys.stderr)
+            return 2
+    from loramoe.cores import cap_threads_to_cores
     from loramoe.precision import PrecisionError
 
     cap_threads_to_cores()  # a container's CPU quota, which torch's default ignores
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
                            base_dir=args.base, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device)
-    except (RecordsError, PrecisionError, FileNotFoundError) as err:
+    except (RecordsError, PrecisionError, FileNotFoundError, AdapterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_task"}, indent=2))

@@ -25,7 +25,7 @@ from loramoe.evaluate.scoring import (
 )
 from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.precision import default_device, dtype_name, resolve_dtype
-from loramoe.train.config import read_run_config, run_part
+from loramoe.train.config import check_run_weights, read_run_config, run_part
 
 
 def load_for_eval(model: str | None = None, run: str | Path | None = None,
@@ -40,6 +40,8 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     name = dtype or (config or {}).get("dtype", "auto")
     weights = resolve_dtype(name, device, field="dtype")
     part = Path(run) / run_part(config["method"]) if config else None  # model/ or adapter/
+    if config:
+        check_run_weights(run, config)  # a broken run fails before the base model loads
     if config is None:
         m, tok = load_base_model(model, dtype=weights)
     elif config["method"] == "sft":

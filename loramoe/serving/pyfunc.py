@@ -113,13 +113,14 @@ def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
     """A folder with just what serving needs: train config + adapter (or SFT model)."""
     import shutil
 
-    from loramoe.train.config import RUN_CONFIG, read_run_config, run_part
+    from loramoe.train.config import RUN_CONFIG, check_run_weights, read_run_config, run_part
 
     run_dir, staging = Path(run_dir), Path(staging)
+    config = read_run_config(run_dir)
+    check_run_weights(run_dir, config)  # a broken run is not logged, nor staging emptied
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    config = read_run_config(run_dir)
     shutil.copy(run_dir / RUN_CONFIG, staging / RUN_CONFIG)
     part = run_part(config["method"])
     shutil.copytree(run_dir / part, staging / part)

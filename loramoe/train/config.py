@@ -179,3 +179,28 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
         raise TrainConfigError(f"{path}: model must name the base model the {method} adapter "
                                f"was trained on, got {config.get('model')!r}")
     return config
+
+
+def check_run_weights(run: str | Path, config: dict[str, Any]) -> None:
+    """The weights a run folder must hold for its method, checked without loading a model:
+    a LoRAMoE adapter's config and checksum (loramoe.adapter), a PEFT LoRA adapter's
+    config and weights file, a full-SFT model's config and weights. AdapterError (a
+    ValueError) naming the folder and what is wrong."""
+    from loramoe.adapter import AdapterError, check_adapter_files
+
+    part = Path(run) / run_part(config["method"])
+    if config["method"] == "loramoe":
+        check_adapter_files(part)
+        return
+    needs = {"lora": ("adapter_config.json", "adapter_model"), "sft": ("config.json", "model")}
+    config_file, weights = needs[config["method"]]
+    if not (part / config_file).is_file():
+        raise AdapterError(f"{part / config_file} not found: {run} is not a complete "
+                           f"{config['method']} run folder")
+    try:
+        json.loads((part / config_file).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{part / config_file} is not valid JSON ({err}); the file is "
+                           "corrupt") from None
+    if not any(part.glob(f"{weights}*.safetensors")) and not any(part.glob(f"{weights}*.bin")):
+        raise AdapterError(f"{part} holds no {weights}*.safetensors (or .bin) weights file")
