@@ -451,6 +451,9 @@ def test_config_errors_name_the_field():
         [{"method": "lora", "scale": 8, "seed": None}]
     with pytest.raises(PipelineConfigError, match="--seeds"):
         config.with_overrides(seeds="1,x")
+    with pytest.raises(PipelineConfigError, match="--scales: a comma list of integers, got "
+                       "'16,abc'"):  # before: a bare ValueError from int()
+        config.with_overrides(scales="16,abc")
     with pytest.raises(PipelineConfigError, match=r"config\.seeds: .*distinct"):
         PipelineConfig.from_dict({**data, "seeds": [1, 1]})
 

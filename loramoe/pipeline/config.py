@@ -185,7 +185,7 @@ class PipelineConfig:
         """Apply the flow's Parameters (comma lists; empty/0 = keep the config's)."""
         data = self.to_dict()
         if scales:
-            data["mixture"]["scales"] = [int(s) for s in scales.split(",")]
+            data["mixture"]["scales"] = _int_list("--scales", scales)
         if seeds:
             data["seeds"] = _int_list("--seeds", seeds)
         if methods:
