@@ -165,8 +165,12 @@ def load_base_model(
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
+    except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
+        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
+                                     ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if name_or_path.lower() in EMBEDDED_MODELS:

@@ -612,6 +612,24 @@ def test_missing_local_model_is_a_missing_path(tmp_path):
         load_base_model("./checkpoints/final")
 
 
+def test_a_hub_id_that_cannot_be_loaded_is_named_by_the_clis(tmp_path):
+    # Before: a traceback ending in transformers' OSError, after ~55 s of retries when the
+    # Hub is unreachable. (Offline here, so the Hub is not asked at all.)
+    rows = [{"id": "a", "task": "t", "task_type": "knowledge", "prompt": "Hi", "response": "Yo"}]
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = tmp_path / "train.toml"
+    config.write_text(f'model = "someorg/no-such-model"\ntrain_file = "{train_file}"\n'
+                      f'output_dir = "{tmp_path / "out"}"\nmax_steps = 1\n')
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", eval_rows())
+    for done in (cli("-m", "loramoe.train", "--config", str(config), env=offline),
+                 cli("-m", "loramoe.evaluate", "--eval-file", str(eval_file), "--out",
+                     str(tmp_path / "eval"), "--model", "someorg/no-such-model", env=offline)):
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "error: model 'someorg/no-such-model' could not be loaded" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_unwritable_tracking_uri_is_named(tmp_path):
     from loramoe.tracking import TrackingError, setup
 

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from loramoe.adapter import AdapterError
     from loramoe.evaluate.run import evaluate
+    from loramoe.model_paths import ModelNotAvailableError
     from loramoe.train.config import check_run_weights
 
     if args.run:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
                            base_dir=args.base, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device)
-    except (RecordsError, PrecisionError, FileNotFoundError, AdapterError) as err:
+    except (RecordsError, PrecisionError, FileNotFoundError, AdapterError,
+            ModelNotAvailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in metrics.items() if k != "per_task"}, indent=2))
