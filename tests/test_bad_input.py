@@ -676,3 +676,37 @@ def test_unwritable_tracking_uri_stops_the_flow_in_start(tmp_path):
     text = done.stdout + done.stderr
     assert "MLFLOW_TRACKING_URI" in text and "start" in text
     assert "ingest" not in text.split("MLFLOW_TRACKING_URI")[-1]  # never got past start
+    # pooling replicates of that failed run, or of a run that does not exist: named, no
+    # traceback (before: MetaflowNotFound / KeyError from deep in metaflow)
+    run_id = re.search(r"\[(\d+)/start/", text).group(1)
+    for ids, message in ([run_id], f"run {run_id}: its join step did not finish"), \
+            (["12345"], "run 12345: no LoRAMoEPipeline run of that id"):
+        pooled = cli("-m", "loramoe.pipeline.replicates", *ids, "--out", str(tmp_path / "rep"),
+                     cwd=tmp_path, env={"METAFLOW_USER": "tester"})
+        assert pooled.returncode == 2 and message in pooled.stderr, pooled.stderr[-2000:]
+        assert "Traceback" not in pooled.stderr and not (tmp_path / "rep").exists()
+
+
+def test_a_broken_base_evaluation_folder_is_named_before_the_model_loads(tmp_path):
+    # Before: a missing folder was found after the whole generation, and a predictions file
+    # lacking columns gave KeyError: 'task_type'.
+    from loramoe.data.records import RecordsError
+    from loramoe.evaluate import evaluate
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", eval_rows())
+    base = tmp_path / "base"
+    with pytest.raises(RecordsError, match=f"base evaluation folder {base}: no "
+                       "predictions.jsonl there"):
+        evaluate(eval_file, tmp_path / "out", model="no/such-model", base_dir=base)
+    base.mkdir()
+    write_jsonl(base / "predictions.jsonl", [{"id": "q1", "score": 1.0}])
+    with pytest.raises(RecordsError, match=re.escape("predictions.jsonl: lacks column(s) "
+                                                     "['task', 'task_type', 'prediction']")):
+        evaluate(eval_file, tmp_path / "out", model="no/such-model", base_dir=base)
+    write_jsonl(base / "predictions.jsonl", [{"id": "q1", "task": "t", "task_type": "k",
+                                              "prediction": "x", "score": 1.0}])
+    write_jsonl(base / "probe.jsonl", [{"id": "q1"}])
+    with pytest.raises(RecordsError, match=re.escape("probe.jsonl: lacks column(s) "
+                                                     "['gold_logprob', 'mc_correct']")):
+        evaluate(eval_file, tmp_path / "out", model="no/such-model", base_dir=base)
+    assert not (tmp_path / "out").exists()  # stopped before anything was written

@@ -86,6 +86,7 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     full = read_records(Path(eval_file)).reset_index(drop=True)
     check_records(full, "eval", eval_file)  # before any model is loaded
     frame = generation_subset(full, generate_per_task)
+    base = read_base(Path(base_dir)) if base_dir is not None else None  # before the model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_workers(workers, device, run)  # before the model is loaded
@@ -104,8 +105,7 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     scored = score_predictions(frame, predictions)
     write_records(scored, out / "predictions.jsonl")
     metrics = summarize(scored)
-    if base_dir is not None:
-        base = read_records(Path(base_dir) / "predictions.jsonl")
+    if base is not None:
         metrics["retention"] = retention(base, scored)
         metrics["vs_base"] = compare_with_base(base, scored)
     if recorder is not None:
@@ -124,6 +124,32 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         metrics["base_scored_otherwise"] = unlike  # part of every retention and vs_base number
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+BASE_COLUMNS = {"predictions.jsonl": ("id", "task", "task_type", "prediction", "score"),
+                "probe.jsonl": ("id", "gold_logprob", "mc_correct")}
+
+
+def read_base(base_dir: Path) -> pd.DataFrame:
+    """The base evaluation's predictions (for retention and vs_base), its folder checked
+    first: predictions.jsonl present with the columns an evaluation writes, and probe.jsonl's
+    too when there is one. RecordsError naming the file and the columns it lacks."""
+    from loramoe.data.records import RecordsError, read_records
+
+    found = {}
+    for name, columns in BASE_COLUMNS.items():
+        path = base_dir / name
+        if name == "probe.jsonl" and not path.is_file():
+            continue  # an eval file without choices is not probed
+        if not path.is_file():
+            raise RecordsError(f"base evaluation folder {base_dir}: no {name} there (what "
+                               "an evaluation of the base model writes)")
+        found[name] = read_records(path)
+        missing = [c for c in columns if c not in found[name].columns]
+        if missing:
+            raise RecordsError(f"{path}: lacks column(s) {missing}; not a base evaluation's "
+                               f"{name}")
+    return found["predictions.jsonl"]
 
 
 def router_metrics(recorder: RouterRecorder, scored: pd.DataFrame, config: dict[str, Any],

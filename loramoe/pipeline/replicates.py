@@ -169,11 +169,21 @@ def has_replicates(outcomes: list[dict[str, Any]]) -> bool:
 def run_outcomes(run_ids: list[str], flow: str = "LoRAMoEPipeline") -> list[dict[str, Any]]:
     """Every branch outcome of the given Metaflow runs (their join step's `outcomes`)."""
     from metaflow import Run, namespace
+    from metaflow.exception import MetaflowNotFound
 
     namespace(None)  # runs of any user of this datastore
     outcomes = []
     for run_id in run_ids:
-        outcomes += Run(f"{flow}/{run_id}")["join"].task["outcomes"].data
+        try:
+            run = Run(f"{flow}/{run_id}")
+        except MetaflowNotFound:
+            raise ValueError(f"run {run_id}: no {flow} run of that id in this Metaflow "
+                             "datastore (run from the folder the flow ran in)") from None
+        try:
+            outcomes += run["join"].task["outcomes"].data
+        except (KeyError, MetaflowNotFound):
+            raise ValueError(f"run {run_id}: its join step did not finish (the run failed "
+                             "or is still running), so it has no branch outcomes") from None
     return outcomes
 
 
@@ -194,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--flow", default="LoRAMoEPipeline")
     args = parser.parse_args(argv)
-    outcomes = run_outcomes(args.run_ids, args.flow)
+    try:
+        outcomes = run_outcomes(args.run_ids, args.flow)
+    except ValueError as err:
+        parser.error(str(err))
     if not has_replicates(outcomes):
         parser.error(f"runs {args.run_ids}: no (method, scale) trained with two seeds")
     args.out.mkdir(parents=True, exist_ok=True)
