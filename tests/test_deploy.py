@@ -131,3 +131,30 @@ def test_compile_error_keeps_metaflows_message(cloud, tmp_path):
 def test_unscheduled_template_has_no_cron_workflow():
     template = {"metadata": {"name": "x", "annotations": {}}}
     assert argo_cron_workflow(template) is None
+
+
+def test_a_broken_config_is_named_before_metaflow_compiles(tmp_path, capsys):
+    # Before: Metaflow compiled (or failed on the datastore) and the deployed schedule would
+    # have failed in start on every run; the config's own problems were never named.
+    from loramoe.pipeline.deploy import main
+
+    text = PAPER.read_text().replace("retry_times = ", "retry_timez = ")
+    broken = tmp_path / "broken.toml"
+    broken.write_text(text.replace("eval_batch_size = 32", "eval_batch_size = 0"))
+    with pytest.raises(SystemExit) as stopped:
+        main(["argo", "--config", str(broken), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "2 problems:" in err, err
+    assert "did you mean 'retry_times' for 'retry_timez'?" in err
+    assert "config.eval_batch_size: must be >= 1, got 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_only_the_workers_have_is_a_warning(tmp_path, capsys):
+    from loramoe.pipeline.deploy import check_config
+
+    config = tmp_path / "worker_path.toml"
+    config.write_text(PAPER.read_text().replace('model = "meta-llama/Llama-2-7b-hf"',
+                                                'model = "/models/on-the-worker/llama"', 1))
+    check_config(config)  # no error: the start step checks it where it runs
+    assert "config.methods.sft.model" in capsys.readouterr().err

@@ -103,6 +103,28 @@ def write_manifests(manifests: dict[str, dict | None], out: Path) -> dict[str, P
     return written
 
 
+def check_config(config: Path) -> None:
+    """The config validated as the flow's start step will validate it, before Metaflow
+    compiles anything (a deployed schedule with a broken config would fail at every run). A
+    local model folder that is missing here is only warned about: it may exist on the
+    workers only, whose start step checks it again."""
+    import tomllib
+
+    from loramoe.fields import problems_of
+    from loramoe.pipeline.config import PipelineConfig, PipelineConfigError
+
+    try:
+        data = tomllib.loads(config.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise PipelineConfigError(f"not valid TOML: {err}") from None
+    try:
+        PipelineConfig.from_dict(data, base_dir=FLOW.parent / "configs")  # as the flow does
+    except PipelineConfigError as err:
+        if not all(".model: " in problem for problem in problems_of(err)):
+            raise
+        print(f"warning: {err} (checked again on the workers)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loramoe.pipeline.deploy",
                                      description=__doc__.split("\n\n")[0])
@@ -112,6 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.config.is_file():
         parser.error(f"--config: no such file {args.config}")
+    try:
+        check_config(args.config)
+    except ValueError as err:
+        parser.error(f"--config {args.config}: {err}")
     compile_ = compile_argo if args.target == "argo" else compile_step_functions
     for name, path in compile_(args.config.resolve(), args.out).items():
         print(f"{name}: {path}")
