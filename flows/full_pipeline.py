@@ -302,19 +302,17 @@ def scratch(step: str) -> Iterator[Path]:
 
 
 def comparison_card(card, name: str, summary: dict) -> None:
-    """The comparison as a Metaflow card: failed branches, the table (scores with 95%
-    bounds), the paired comparisons, the plots."""
+    """The comparison as a Metaflow card: failed branches, the results and paired tables as
+    report.md prints them (scores with their 95% intervals), the claims, the plots."""
     import pandas as pd
     from metaflow.cards import Image, Markdown, Table
 
-    from loramoe.pipeline.markdown import PAIRED_HEADERS, cell, paired_rows
+    from loramoe.pipeline.markdown import PAIRED_HEADERS, RESULT_HEADERS, paired_rows, result_rows
 
     card.append(Markdown(f"# LoRAMoE pipeline: {name}"))
     if summary["failed"]:
         card.append(Markdown("**Failed branches:** " + ", ".join(summary["failed"])))
-    headers = summary["headers"]
-    card.append(Table([[cell(row[h]) for h in headers] for row in summary["rows"]],
-                      headers=headers))
+    card.append(Table(result_rows(pd.DataFrame(summary["rows"])), headers=RESULT_HEADERS))
     if summary["paired"]:  # the same base-known facts, exact McNemar
         card.append(Markdown("## Paired retention comparisons"))
         card.append(Table(paired_rows(pd.DataFrame(summary["paired"])),

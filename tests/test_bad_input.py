@@ -201,11 +201,18 @@ def test_a_run_with_broken_weights_is_named_before_the_model_loads(tmp_path, met
     with pytest.raises(AdapterError, match=message):
         stage_run_for_serving(run, staged)
     assert (staged / "kept").exists()  # nothing removed for a run that cannot be served
+
+
+def test_the_evaluate_cli_names_broken_run_weights(tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "train_config.json").write_text('{"method": "loramoe", "model": "no/such-model"}')
     path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
     done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
                str(tmp_path / "out"), "--run", str(run))
-    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-2000:]
-    assert "--run: " in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: --run: " in done.stderr and "not a LoRAMoE adapter folder" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_a_run_config_round_trips(tmp_path):
@@ -612,22 +619,18 @@ def test_missing_local_model_is_a_missing_path(tmp_path):
         load_base_model("./checkpoints/final")
 
 
-def test_a_hub_id_that_cannot_be_loaded_is_named_by_the_clis(tmp_path):
+def test_a_hub_id_that_cannot_be_loaded_is_named(tmp_path):
     # Before: a traceback ending in transformers' OSError, after ~55 s of retries when the
-    # Hub is unreachable. (Offline here, so the Hub is not asked at all.)
-    rows = [{"id": "a", "task": "t", "task_type": "knowledge", "prompt": "Hi", "response": "Yo"}]
-    train_file = write_jsonl(tmp_path / "train.jsonl", rows)
-    config = tmp_path / "train.toml"
-    config.write_text(f'model = "someorg/no-such-model"\ntrain_file = "{train_file}"\n'
-                      f'output_dir = "{tmp_path / "out"}"\nmax_steps = 1\n')
+    # Hub is unreachable. (Offline here, so the Hub is not asked at all.) load_base_model
+    # raises ModelNotAvailableError, which the train CLI already printed; the evaluate CLI's
+    # is the one shown.
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     eval_file = write_jsonl(tmp_path / "eval.jsonl", eval_rows())
-    for done in (cli("-m", "loramoe.train", "--config", str(config), env=offline),
-                 cli("-m", "loramoe.evaluate", "--eval-file", str(eval_file), "--out",
-                     str(tmp_path / "eval"), "--model", "someorg/no-such-model", env=offline)):
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert "error: model 'someorg/no-such-model' could not be loaded" in done.stderr
-        assert "Traceback" not in done.stderr
+    done = cli("-m", "loramoe.evaluate", "--eval-file", str(eval_file), "--out",
+               str(tmp_path / "eval"), "--model", "someorg/no-such-model", env=offline)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: model 'someorg/no-such-model' could not be loaded" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_unwritable_tracking_uri_is_named(tmp_path):

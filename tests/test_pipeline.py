@@ -273,7 +273,7 @@ def test_card_renders(smoke_run):
     images = re.findall(r'"type": "image", "src": "data:image/png;base64,', text)
     assert len(images) == 3  # retention/downstream, router type weights, router CV
     # the paired table as report.md prints it: '–', not nan/None, where a test has no value
-    from loramoe.pipeline.markdown import PAIRED_HEADERS
+    from loramoe.pipeline.markdown import PAIRED_HEADERS, RESULT_HEADERS
 
     def tables(node):
         if isinstance(node, dict):
@@ -287,6 +287,12 @@ def test_card_renders(smoke_run):
     assert len(paired) == 1
     cells = {str(c) for row in paired[0]["data"] for c in row}
     assert "–" in cells and not {"nan", "None"} & cells
+    # and the results table as report.md's: each score with its interval in one cell
+    results = [t for t in tables(data) if t["columns"] == RESULT_HEADERS]
+    assert len(results) == 1
+    cells = {str(c) for row in results[0]["data"] for c in row}
+    assert any(re.fullmatch(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", c) for c in cells)
+    assert any(c.startswith("failed: ") for c in cells) and not {"nan", "None"} & cells
 
 
 def test_champion_alias_and_decision(smoke_run):

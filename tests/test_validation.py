@@ -91,7 +91,7 @@ def test_unreadable_file_is_a_failure_not_a_crash(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text("{not json\n")
     report = validate_file(path, "train")
-    assert not report.success and "not valid JSON" in report.summary()
+    assert not report.success and "not a readable jsonl records file (line 1:" in report.summary()
 
 
 def test_cli_exit_codes_and_json(mixture_dir, tmp_path, capsys):

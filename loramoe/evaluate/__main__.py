@@ -45,18 +45,18 @@ def main(argv: list[str] | None = None) -> int:
         where = "--run: " if isinstance(err, TrainConfigError) else ""
         print(f"error: {where}{err}", file=sys.stderr)
         return 2
-    from loramoe.adapter import AdapterError
-    from loramoe.evaluate.run import evaluate
-    from loramoe.model_paths import ModelNotAvailableError
+    from loramoe.adapter import AdapterError  # torch, not yet transformers
     from loramoe.train.config import check_run_weights
 
     if args.run:
-        try:  # the run's weights files, before the model loads (torch is loaded by now)
+        try:  # the run's weights files, before the model loads
             check_run_weights(args.run, read_run_config(args.run))
         except AdapterError as err:
             print(f"error: --run: {err}", file=sys.stderr)
             return 2
     from loramoe.cores import cap_threads_to_cores
+    from loramoe.evaluate.run import evaluate
+    from loramoe.model_paths import ModelNotAvailableError
     from loramoe.precision import PrecisionError
 
     cap_threads_to_cores()  # a container's CPU quota, which torch's default ignores

@@ -57,8 +57,12 @@ RESULT_COLUMNS = [  # (header, column, signed)
 ]
 
 
-def results_section(results: pd.DataFrame) -> str:
-    headers = ["branch", "scale", *(h for h, _, _ in RESULT_COLUMNS)]
+RESULT_HEADERS = ["branch", "scale", *(h for h, _, _ in RESULT_COLUMNS)]
+
+
+def result_rows(results: pd.DataFrame) -> list[list[str]]:
+    """The results table's rows as the report prints them (RESULT_HEADERS): each score with
+    its 95% interval; a failed branch's status in place of its scores."""
     rows = []
     for _, row in results.iterrows():
         if row["status"] != "ok":
@@ -67,6 +71,11 @@ def results_section(results: pd.DataFrame) -> str:
             continue
         rows.append([row["branch"], cell(row["scale"]),
                      *(with_ci(row, c, s) for _, c, s in RESULT_COLUMNS)])
+    return rows
+
+
+def results_section(results: pd.DataFrame) -> str:
+    rows = result_rows(results)
     base = results[results["method"] == "base"]
     known = int(base["probe_base_known"].iloc[0]) if len(base) and pd.notna(
         base["probe_base_known"].iloc[0]) else None
@@ -81,7 +90,7 @@ def results_section(results: pd.DataFrame) -> str:
             "the tuned model no longer does, the share the tuned model still picks by the "
             "probe — answer style, not lost knowledge. Router "
             "separation: weight on the knowledge experts on knowledge tasks minus on downstream "
-            "tasks (> 0: the router routes by type).\n\n" + table(headers, rows)
+            "tasks (> 0: the router routes by type).\n\n" + table(RESULT_HEADERS, rows)
             + scored_otherwise_note(results))
 
 

@@ -116,7 +116,7 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
     log_metrics(parent_run_id, {f"{r['branch']}/{k}": r[k] for r in tuned
                                 for k in LOGGED if r.get(k) is not None})
-    return {"rows": rows, "headers": list(table.columns), "plots": plots,
+    return {"rows": rows, "plots": plots,
             "paired": paired.to_dict(orient="records"),
             "claims": claims.to_dict(orient="records"),
             "report": out / "report.md" if config is not None else None,
