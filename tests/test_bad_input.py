@@ -586,6 +586,21 @@ def test_train_cli_names_the_field_of_a_wrong_type(tmp_path, field, value, messa
     assert re.search(message, done.stderr), done.stderr
 
 
+def test_a_set_without_a_value_and_an_empty_file_are_named(tmp_path):
+    # Before: `--set lr` set lr to "" (TrainConfig.lr: ... got ''), and an empty train file
+    # was "missing column(s) [...]; found []".
+    from loramoe.data.records import RecordsError, check_records, read_records
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"model": "m", "train_file": "x.jsonl", "output_dir": "o"}))
+    with pytest.raises(TrainConfigError, match=r"--set 'lr': expected KEY=VALUE"):
+        TrainConfig.from_file(config, ["lr"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(RecordsError, match=f"^{re.escape(str(empty))}: no records$"):
+        check_records(read_records(empty), "train", empty)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"mixture": {"scales": [True]}}, r"mixture\.scales: must be a list \(each item an "
                                       r"integer\), got \[True\]"),

@@ -116,11 +116,11 @@ def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = No
     """
     columns = columns or (TRAIN_COLUMNS if kind == "train" else EVAL_COLUMNS)
     where = f"{source}: " if source is not None else ""
+    if not len(frame):  # before the columns: an empty file has none to name
+        raise RecordsError(f"{where}no records")
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise RecordsError(f"{where}missing column(s) {missing}; found {list(frame.columns)}")
-    if not len(frame):
-        raise RecordsError(f"{where}no records")
     problems = []
     text_columns = [c for c in columns if c not in ("answers", "metric")]
     for column in text_columns:

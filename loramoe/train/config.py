@@ -127,7 +127,10 @@ class TrainConfig:
             raise TrainConfigError(f"--config: {path} is not valid {kind}: {err}") from None
         data = data.get("train", data)
         for item in overrides or []:
-            key, _, raw = item.partition("=")
+            key, equals, raw = item.partition("=")
+            if not equals or not key:
+                raise TrainConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. "
+                                       "--set loramoe.lbc_beta=0")
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
