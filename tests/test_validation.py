@@ -102,3 +102,14 @@ def test_cli_exit_codes_and_json(mixture_dir, tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result[0]["failures"][0]["expectation"] == "expect_column_values_to_be_unique"
     assert "must be unique" in capsys.readouterr().out
+
+
+def test_a_folder_that_build_did_not_write_is_named(tmp_path, capsys):
+    # Before: FileNotFoundError: .../manifest.json, a traceback from the CLI.
+    from validation.__main__ import main
+
+    assert main([str(tmp_path)]) == 2
+    assert "no manifest.json there" in capsys.readouterr().err
+    (tmp_path / "manifest.json").write_text('{"config": {}}')
+    assert main([str(tmp_path)]) == 2
+    assert "lacks key(s) ['train_files', 'eval_file']" in capsys.readouterr().err

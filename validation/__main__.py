@@ -2,7 +2,8 @@
 
 PATH is a records file (.jsonl/.json/.csv/.parquet) or a folder written by
 `python -m loramoe.data build` (all scales and the eval set, with the overlap check).
-Prints a summary, writes Data Docs HTML with --docs, exits 1 when any expectation fails.
+Prints a summary, writes Data Docs HTML with --docs, exits 1 when any expectation fails
+(2 when a folder is not one that build wrote).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from validation.suites import DEFAULT_MAX_CHARS, validate_file, validate_mixture
+from validation.suites import (
+    DEFAULT_MAX_CHARS,
+    ManifestError,
+    validate_file,
+    validate_mixture,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     types = args.types.split(",") if args.types else None
     path = Path(args.path)
     if path.is_dir():
-        reports = validate_mixture(path, task_types=types, **kwargs)
+        try:
+            reports = validate_mixture(path, task_types=types, **kwargs)
+        except ManifestError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     else:
         if types:
             kwargs["task_types"] = types

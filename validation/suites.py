@@ -279,12 +279,35 @@ def validate_file(path: str | Path, kind: str, **kwargs) -> ValidationReport:
     return validate_frame(frame, kind, name=path.stem, source=path, **kwargs)
 
 
+class ManifestError(ValueError):
+    """A folder given as a mixture has no usable manifest.json; the message says why."""
+
+
+def read_manifest(outdir: Path) -> dict:
+    """A built mixture folder's manifest.json (what `python -m loramoe.data build` writes),
+    with the keys validation reads."""
+    path = outdir / "manifest.json"
+    if not path.is_file():
+        raise ManifestError(f"{outdir}: no manifest.json there; a folder given to validation "
+                            "must be one `python -m loramoe.data build` wrote (or pass a "
+                            "records file)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    missing = [k for k in ("config", "train_files", "eval_file")
+               if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise ManifestError(f"{path}: lacks key(s) {missing}")
+    return manifest
+
+
 def validate_mixture(outdir: str | Path, task_types: list[str] | None = None,
                      docs_dir: str | Path | None = None, **kwargs) -> list[ValidationReport]:
     """Every scale's train file and the eval file of a `python -m loramoe.data build` folder;
     the eval set is also checked for overlap with the largest training set."""
     outdir = Path(outdir)
-    manifest = json.loads((outdir / "manifest.json").read_text())
+    manifest = read_manifest(outdir)
     task_types = task_types or manifest["config"].get("task_types", list(DEFAULT_TYPES))
     reports = []
     largest = None
