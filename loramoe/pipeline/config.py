@@ -171,13 +171,12 @@ class PipelineConfig:
                 except PipelineConfigError as err:
                     problems += problems_of(err)
             data["methods"] = built
-            if problems:  # and the rest of the config's, checked with the methods that built
+            if problems and built:  # and the rest's, checked with the methods that built
                 try:
-                    if built:
-                        from_mapping(cls, data, PipelineConfigError, prefix="config")
+                    from_mapping(cls, data, PipelineConfigError, prefix="config")
                 except PipelineConfigError as err:
                     problems += problems_of(err)
-                fail(PipelineConfigError, problems)
+            fail(PipelineConfigError, problems)
         return from_mapping(cls, data, PipelineConfigError, prefix="config")
 
     def with_overrides(self, scales: str = "", methods: str = "", max_steps: int = 0,
