@@ -34,6 +34,12 @@ def test_wilson_of_no_items_is_undefined():
     assert wilson_interval(0, 0) is None
 
 
+def test_wilson_bounds_are_exact_at_none_and_all():
+    # before: (2.8e-17, 0.2425) for 0 of 12, the formula's rounding
+    assert wilson_interval(0, 12)[0] == 0.0 and wilson_interval(12, 12)[1] == 1.0
+    assert wilson_interval(0, 12)[1] == pytest.approx(0.2425, abs=5e-5)
+
+
 def test_exact_mcnemar_on_constructed_cases():
     # 6 discordant pairs all one way: p = 2 · 0.5^6
     assert mcnemar_exact(0, 6) == pytest.approx(0.03125)
