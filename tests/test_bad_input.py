@@ -29,6 +29,13 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None):
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
 
 
+def assert_named(done: subprocess.CompletedProcess, message: str) -> None:
+    """A CLI stopped on bad input: exit 2, the regex `message` in its stderr, no traceback."""
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert re.search(message, done.stderr), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -120,9 +127,8 @@ def test_a_broken_run_folder_is_named_before_anything_loads(tmp_path, content, m
     path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
     done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
                str(tmp_path / "out"), "--run", str(run))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert re.search(message, done.stderr) and "--run: " in done.stderr, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert_named(done, "--run: .*" + message)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("suffix, content, message", [
@@ -141,10 +147,8 @@ def test_an_unreadable_records_file_is_named_with_its_line(tmp_path, suffix, con
     path.write_text(content)
     with pytest.raises(RecordsError, match=re.escape(str(path)) + ".*" + message):
         read_records(path)
-    done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
-               str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model"))
-    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    assert_named(cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
+                     str(tmp_path / "out"), "--model", str(tmp_path / "no-such-model")), message)
 
 
 def test_data_build_names_an_unreadable_local_task_file(tmp_path):
@@ -156,9 +160,8 @@ def test_data_build_names_an_unreadable_local_task_file(tmp_path):
                       f'source = "local", path = "{broken}", task_type = "knowledge" }}, '
                       f'{{ name = "arithmetic" }}]\n')
     done = cli("-m", "loramoe.data", "build", str(config), str(tmp_path / "out"))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert f"error: {broken}: not a readable jsonl records file (line 2:" in done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert_named(done, re.escape(f"error: {broken}: not a readable jsonl records file (line 2:"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("method, damage, message", [
@@ -210,9 +213,8 @@ def test_the_evaluate_cli_names_broken_run_weights(tmp_path):
     path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
     done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
                str(tmp_path / "out"), "--run", str(run))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "error: --run: " in done.stderr and "not a LoRAMoE adapter folder" in done.stderr
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert_named(done, "error: --run: .*not a LoRAMoE adapter folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_config_round_trips(tmp_path):
@@ -643,9 +645,7 @@ def test_a_hub_id_that_cannot_be_loaded_is_named(tmp_path):
     eval_file = write_jsonl(tmp_path / "eval.jsonl", eval_rows())
     done = cli("-m", "loramoe.evaluate", "--eval-file", str(eval_file), "--out",
                str(tmp_path / "eval"), "--model", "someorg/no-such-model", env=offline)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "error: model 'someorg/no-such-model' could not be loaded" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert_named(done, "error: model 'someorg/no-such-model' could not be loaded")
 
 
 def test_unwritable_tracking_uri_is_named(tmp_path):
