@@ -166,3 +166,23 @@ def test_a_rule_that_breaks_on_its_own_is_not_hidden():
 
     with pytest.raises(ZeroDivisionError):
         check_fields(Probe(), [("x", lambda v: v / 0 > 0, "anything")], ValueError)
+
+
+def test_the_methods_checks_against_each_other_report_every_problem():
+    # Before: the first of these stopped the config (task types, model folders, a shared
+    # model), so fixing one showed the next.
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.config import PipelineConfigError
+
+    data = tomllib.loads((CONFIGS / "smoke.toml").read_text())
+    data["mixture"]["task_types"] = ["knowledge", "downstream", "chat"]
+    data["methods"]["sft"]["model"] = "./no-such-folder"
+    with pytest.raises(PipelineConfigError) as raised:
+        PipelineConfig.from_dict(data, base_dir=CONFIGS)
+    problems = raised.value.problems
+    assert len(problems) == 3, problems  # in the methods' order, then the shared fields
+    assert problems[0].startswith("config.methods.sft.model: model './no-such-folder': no "
+                                  "such folder")
+    assert problems[1].startswith("config.mixture.task_types ['knowledge', 'downstream', "
+                                  "'chat'] has ['chat'], which config.methods.loramoe")
+    assert problems[2].startswith("config.methods: every method must share train.model")

@@ -119,18 +119,20 @@ class PipelineConfig:
             ("resources", _resources_ok, "a table with cpu > 0, memory (MB) >= 1, gpu >= 0 and "
              "optionally eval_gpu >= 0, each a number (gpu and eval_gpu integers)"),
         ], PipelineConfigError, prefix="config", found=found)
+        problems = []  # the methods against the mixture and each other, all at once
         for name, train in self.methods.items():
             if train.method == "loramoe":
-                _check_task_types(name, train, self.mixture.task_types)
+                problems += _task_type_problems(name, train, self.mixture.task_types)
             try:
                 check_local_path(train.model)
             except ModelNotAvailableError as err:
-                raise PipelineConfigError(f"config.methods.{name}.model: {err}") from None
+                problems.append(f"config.methods.{name}.model: {err}")
         for key in ("model", "dtype"):  # retention compares every branch with one base eval
             values = sorted({getattr(train, key) for train in self.methods.values()})
             if len(values) > 1:
-                raise PipelineConfigError(f"config.methods: every method must share "
-                                          f"train.{key} (one base evaluation), got {values}")
+                problems.append(f"config.methods: every method must share train.{key} (one "
+                                f"base evaluation), got {values}")
+        fail(PipelineConfigError, problems)
 
     @property
     def train_processes(self) -> int:
@@ -268,14 +270,14 @@ def _resources_ok(resources: dict[str, Any]) -> bool:
         for key, value in resources.items())
 
 
-def _check_task_types(method: str, train: TrainConfig, task_types: list[str]) -> None:
+def _task_type_problems(method: str, train: TrainConfig, task_types: list[str]) -> list[str]:
     """Every mixture task type must be an expert type, or be declared untyped on purpose:
     otherwise its samples would silently train with the LBC off."""
     experts = train.loramoe.type_names
     unknown = [t for t in task_types if t not in experts and t not in train.untyped_task_types]
-    if unknown:
-        raise PipelineConfigError(
-            f"config.mixture.task_types {task_types} has {unknown}, which "
+    if not unknown:
+        return []
+    return [f"config.mixture.task_types {task_types} has {unknown}, which "
             f"config.methods.{method}.loramoe.expert_types {experts} does not name: their "
             f"samples would get no LBC term. Rename the types to match, add them to "
-            f"loramoe.expert_types, or list them in train.untyped_task_types on purpose")
+            f"loramoe.expert_types, or list them in train.untyped_task_types on purpose"]
