@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # the eval file's schema and the run's config, before torch and the model load
         check_records(read_records(Path(args.eval_file)), "eval", args.eval_file)
-        if args.run:
-            read_run_config(args.run)
+        run_config = read_run_config(args.run) if args.run else None
     except (RecordsError, TrainConfigError) as err:
         where = "--run: " if isinstance(err, TrainConfigError) else ""
         print(f"error: {where}{err}", file=sys.stderr)
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.run:
         try:  # the run's weights files, before the model loads
-            check_run_weights(args.run, read_run_config(args.run))
+            check_run_weights(args.run, run_config)
         except AdapterError as err:
             print(f"error: --run: {err}", file=sys.stderr)
             return 2

@@ -245,12 +245,12 @@ def probe_retention(base: pd.DataFrame, tuned: pd.DataFrame, frame: pd.DataFrame
                 "base_correct": int(len(part)), "ci": wilson_interval(kept, int(len(part))),
                 "logprob_change": change["value"], "logprob_change_ci": change["ci"]}
 
+    per_task = {t: g["mc_correct_tuned"] for t, g in known.groupby("task", sort=True)}
     groups = {"trained": known[~known["task"].isin(untrained)],
               "untrained": known[known["task"].isin(untrained)]}
     return {**share(known), "known_ids": known["id"].tolist(),
             "kept_ids": known["id"][known["mc_correct_tuned"]].tolist(),
             "groups": {name: share(part) for name, part in groups.items() if len(part)},
-            "per_task": {t: float(g["mc_correct_tuned"].mean())
-                         for t, g in known.groupby("task", sort=True)},
-            "per_task_ci": {t: wilson_interval(int(g["mc_correct_tuned"].sum()), len(g))
-                            for t, g in known.groupby("task", sort=True)}}
+            "per_task": {t: float(kept.mean()) for t, kept in per_task.items()},
+            "per_task_ci": {t: wilson_interval(int(kept.sum()), len(kept))
+                            for t, kept in per_task.items()}}

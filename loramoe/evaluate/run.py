@@ -86,7 +86,8 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     full = read_records(Path(eval_file)).reset_index(drop=True)
     check_records(full, "eval", eval_file)  # before any model is loaded
     frame = generation_subset(full, generate_per_task)
-    base = read_base(Path(base_dir)) if base_dir is not None else None  # before the model
+    # the base's predictions and probe, read and checked before the model loads
+    base, base_probe = read_base(Path(base_dir)) if base_dir is not None else (None, None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_workers(workers, device, run)  # before the model is loaded
@@ -110,8 +111,8 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         metrics["vs_base"] = compare_with_base(base, scored)
     if recorder is not None:
         metrics.update(router_metrics(recorder, scored, config, out, Path(run).name))
-    metrics.update(probe_metrics(probe, full, out, base_dir, untrained_tasks))
-    if base_dir is not None:
+    metrics.update(probe_metrics(probe, full, out, base_probe, untrained_tasks))
+    if base is not None:
         metrics["style"] = style_breakdown(base, scored, probe)
     metrics["generated_items"] = int(len(frame))
     metrics["workers"] = workers  # processes that shared the batches (same outputs as one)
@@ -130,10 +131,11 @@ BASE_COLUMNS = {"predictions.jsonl": ("id", "task", "task_type", "prediction", "
                 "probe.jsonl": ("id", "gold_logprob", "mc_correct")}
 
 
-def read_base(base_dir: Path) -> pd.DataFrame:
-    """The base evaluation's predictions (for retention and vs_base), its folder checked
-    first: predictions.jsonl present with the columns an evaluation writes, and probe.jsonl's
-    too when there is one. RecordsError naming the file and the columns it lacks."""
+def read_base(base_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The base evaluation's predictions (for retention and vs_base) and probe (None when
+    its eval file had no choices), each checked: predictions.jsonl present with the columns
+    an evaluation writes, probe.jsonl's too when there is one. RecordsError naming the file
+    and the columns it lacks."""
     from loramoe.data.records import RecordsError, read_records
 
     found = {}
@@ -149,7 +151,7 @@ def read_base(base_dir: Path) -> pd.DataFrame:
         if missing:
             raise RecordsError(f"{path}: lacks column(s) {missing}; not a base evaluation's "
                                f"{name}")
-    return found["predictions.jsonl"]
+    return found["predictions.jsonl"], found.get("probe.jsonl")
 
 
 def router_metrics(recorder: RouterRecorder, scored: pd.DataFrame, config: dict[str, Any],
@@ -184,19 +186,18 @@ def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
             "settings": json.dumps(settings, sort_keys=True)}
 
 
-def probe_metrics(probe: pd.DataFrame, full: pd.DataFrame, out: Path, base_dir,
-                  untrained_tasks: set[str] | None) -> dict[str, Any]:
+def probe_metrics(probe: pd.DataFrame, full: pd.DataFrame, out: Path,
+                  base_probe: pd.DataFrame | None, untrained_tasks: set[str] | None
+                  ) -> dict[str, Any]:
     """Write probe.jsonl; the probe's summary and its retention vs the base's probe."""
-    from loramoe.data.records import read_records, write_records
+    from loramoe.data.records import write_records
 
     write_records(probe, out / "probe.jsonl")
     if not len(probe):
         return {}
     found = {"probe": probe_summary(probe, full)}
-    base_probe = Path(base_dir) / "probe.jsonl" if base_dir is not None else None
-    if base_probe is not None and base_probe.is_file():
-        found["probe_retention"] = probe_retention(read_records(base_probe), probe, full,
-                                                   untrained_tasks)
+    if base_probe is not None:
+        found["probe_retention"] = probe_retention(base_probe, probe, full, untrained_tasks)
     return found
 
 

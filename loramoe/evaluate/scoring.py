@@ -82,8 +82,7 @@ def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowled
     def share(mask: pd.Series) -> float | None:
         return float(mask.mean()) if len(mask) else None
 
-    tasks = sorted(joined["task"].unique())
-
+    by_task = {task: kept[known["task"] == task] for task in sorted(joined["task"].unique())}
     return {
         "overall": share(kept),
         "ci": wilson_interval(int(kept.sum()), int(len(known))),  # 95% Wilson
@@ -92,10 +91,9 @@ def retention(base: pd.DataFrame, tuned: pd.DataFrame, task_type: str = "knowled
         # the facts themselves, so two runs can be compared on the same items (McNemar)
         "known_ids": known["id"].tolist(),
         "kept_ids": known["id"][kept].tolist(),
-        "per_task": {task: share(kept[known["task"] == task]) for task in tasks},
-        "per_task_ci": {task: wilson_interval(int(kept[known["task"] == task].sum()),
-                                              int((known["task"] == task).sum()))
-                        for task in tasks},
+        "per_task": {task: share(mask) for task, mask in by_task.items()},
+        "per_task_ci": {task: wilson_interval(int(mask.sum()), len(mask))
+                        for task, mask in by_task.items()},
     }
 
 
