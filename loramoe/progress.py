@@ -65,10 +65,12 @@ def track(items: Iterable, total: int, desc: str, enabled: bool = True) -> Itera
 
 def whole_lines_off_terminal() -> None:
     """For entry points (CLIs, flow steps): off a terminal, the libraries' own bars (e.g.
-    transformers' "Loading weights") stay off too, so the process writes whole lines only."""
+    transformers' "Loading weights", MLflow's "Downloading artifacts") stay off too, so the
+    process writes whole lines only."""
     if sys.stderr.isatty():
         return
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read on transformers' import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read per transfer
     if "transformers" in sys.modules:
         from transformers.utils import logging
 

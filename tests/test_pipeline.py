@@ -163,6 +163,18 @@ def test_steps_leave_no_scratch_folders(smoke_run):
     assert sorted(p.name for p in (workdir / "tmp").glob("loramoe-*")) == []
 
 
+def test_every_task_writes_whole_lines(smoke_run):
+    """Metaflow's runtime reads task output by lines: no bar of ours or of a library
+    (transformers' loading, MLflow's artifact transfers) redraws one with carriage returns.
+    The Runner reads its output as text, which turns a \\r into a line break: a tqdm bar
+    shows as lines like "Downloading artifacts:  25%|██▌ | 1/4" (failed before: MLflow's)."""
+    _, run, stdout, stderr = smoke_run
+    assert run.successful
+    bars = [line for line in (stdout + stderr).splitlines()
+            if "\r" in line or re.search(r"\d%\|", line)]
+    assert not bars, bars[:3]
+
+
 def test_branches_pass_references_not_weights(smoke_run):
     workdir, run, _, _ = smoke_run
     client = mlflow_client(workdir)

@@ -60,3 +60,31 @@ def test_train_and_evaluate_clis_write_whole_lines_off_a_terminal(tiny_model_dir
         assert b"\r" not in done.stderr, (name, done.stderr[-500:])
         mark = b"train loramoe: 3/3" if name == "train" else b"generate: "
         assert mark in done.stderr, (name, done.stderr[-500:])
+
+
+def test_mlflow_artifact_transfers_write_whole_lines_off_a_terminal(tmp_path):
+    """A flow's evaluate step downloads the trained folder from its MLflow run: MLflow's own
+    "Downloading artifacts" bar wrote carriage returns into the task's output (failed before,
+    seen in the README run's log)."""
+    script = f"""
+import sys
+from pathlib import Path
+from loramoe.progress import whole_lines_off_terminal
+whole_lines_off_terminal()
+import mlflow
+mlflow.set_tracking_uri("sqlite:///{tmp_path}/mlflow.db")
+folder = Path("{tmp_path}") / "trained"
+folder.mkdir()
+for name in "abc":
+    (folder / f"{{name}}.json").write_text("{{}}")
+with mlflow.start_run() as run:
+    mlflow.log_artifacts(str(folder), "trained")
+got = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="trained",
+                                          dst_path="{tmp_path}/back")
+print(sorted(p.name for p in Path(got).iterdir()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().strip() == "['a.json', 'b.json', 'c.json']"
+    assert b"\r" not in done.stderr, done.stderr[-500:]

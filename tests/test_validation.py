@@ -113,3 +113,13 @@ def test_a_folder_that_build_did_not_write_is_named(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text('{"config": {}}')
     assert main([str(tmp_path)]) == 2
     assert "lacks key(s) ['train_files', 'eval_file']" in capsys.readouterr().err
+
+
+def test_a_suite_draws_no_progress_bar(capfd):
+    """great-expectations' "Calculating Metrics" bar wrote carriage returns into the flow's
+    validate task (failed before: tests/test_pipeline.py::test_every_task_writes_whole_lines
+    found its lines)."""
+    report = validate_frame(pd.DataFrame([GOOD, GOOD2]), "train")
+    assert report.success
+    err = capfd.readouterr().err
+    assert "\r" not in err and "Calculating Metrics" not in err, err[-300:]

@@ -180,8 +180,11 @@ def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None
 
 def _context(docs_dir: Path | None):
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
+    # No "Calculating Metrics" bar: its carriage returns broke a flow task's output lines
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     if docs_dir is not None:
         context.add_data_docs_site(site_name="loramoe", site_config={
             "class_name": "SiteBuilder",
