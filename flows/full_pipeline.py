@@ -56,6 +56,10 @@ def set_max_workers_from_config(argv: list[str]) -> None:
 # Runner also imports it into the caller's process, where argv is the caller's and the
 # variable set here would override the config of every run that process starts.
 if __name__ == "__main__":
+    from loramoe.pipeline.precheck import check_run_command_or_exit
+
+    # A broken config or override: one message naming the field, before a run id exists
+    check_run_command_or_exit(sys.argv, DEFAULT_CONFIG, base_dir=HERE / "configs")
     set_max_workers_from_config(sys.argv)
     # Every task writes whole lines: Metaflow reads task output with readline(), and a task
     # inside a progress bar would hold it until the bar ends, stalling the parallel branches

@@ -627,6 +627,43 @@ def test_pipeline_config_names_the_field_of_a_wrong_value(change, message):
         PipelineConfig.from_dict(data)
 
 
+@pytest.mark.parametrize(("first_line", "run_args", "message"), [
+    ("eval_batch_sizee = 16", [], r"did you mean 'eval_batch_size' for 'eval_batch_sizee'\?"),
+    ("name = ", [], r"not valid TOML"),
+    ("", ["--scales", "64,x"], r"--scales: a comma list of integers, got '64,x'"),
+    ("", ["--methods=lora,nope"], r"--methods"),
+])
+def test_the_flow_names_a_broken_config_before_metaflow_starts(tmp_path, first_line, run_args,
+                                                                message):
+    """Before: the start step failed inside a Metaflow run (a run id, the runtime's traceback
+    banner, exit 1; on --with kubernetes a worker started for it)."""
+    config = tmp_path / "c.toml"
+    config.write_text(first_line + "\n" + (ROOT / "flows" / "configs" / "smoke.toml").read_text())
+    done = cli(str(ROOT / "flows" / "full_pipeline.py"), "--config", "config", str(config),
+               "run", *run_args, cwd=tmp_path, env={"METAFLOW_USER": "tester"})
+    assert_named(done, rf"^error: config {re.escape(str(config))}: (.|\n)*{message}")
+    assert "Workflow starting" not in done.stdout + done.stderr
+    assert not (tmp_path / ".metaflow").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_run_command_is_read_as_metaflow_reads_it(tmp_path):
+    from loramoe.pipeline.precheck import read_run_command
+
+    default = tmp_path / "default.toml"
+    assert read_run_command(["f.py", "show"], default) is None
+    assert read_run_command(["f.py", "--config", "config", "c.toml", "resume"], default) is None
+    plain = read_run_command(["f.py", "run"], default)
+    assert (plain.config, plain.overrides, plain.workers_elsewhere) == (default, {}, False)
+    full = read_run_command(["f.py", "--config", "config", "c.toml", "--with",
+                             "kubernetes:gpu=1", "run", "--scales", "64,256",
+                             "--methods=lora", "--max-steps", "20", "--seeds=1,2"], default)
+    assert full.config == Path("c.toml") and full.workers_elsewhere
+    assert full.overrides == {"scales": "64,256", "methods": "lora", "max_steps": 20,
+                              "seeds": "1,2"}
+    # not an integer: left to the command line's parser, which names it itself
+    assert read_run_command(["f.py", "run", "--max-steps", "x"], default).overrides == {}
+
+
 def test_missing_local_model_is_a_missing_path(tmp_path):
     from loramoe.model import ModelNotAvailableError, load_base_model
 

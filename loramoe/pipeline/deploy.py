@@ -108,21 +108,9 @@ def check_config(config: Path) -> None:
     compiles anything (a deployed schedule with a broken config would fail at every run). A
     local model folder that is missing here is only warned about: it may exist on the
     workers only, whose start step checks it again."""
-    import tomllib
+    from loramoe.pipeline.precheck import check_config as check
 
-    from loramoe.fields import problems_of
-    from loramoe.pipeline.config import PipelineConfig, PipelineConfigError
-
-    try:
-        data = tomllib.loads(config.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise PipelineConfigError(f"not valid TOML: {err}") from None
-    try:
-        PipelineConfig.from_dict(data, base_dir=FLOW.parent / "configs")  # as the flow does
-    except PipelineConfigError as err:
-        if not all(".model: " in problem for problem in problems_of(err)):
-            raise
-        print(f"warning: {err} (checked again on the workers)", file=sys.stderr)
+    check(config, base_dir=FLOW.parent / "configs", workers_elsewhere=True)
 
 
 def main(argv: list[str] | None = None) -> None:
