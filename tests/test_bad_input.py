@@ -660,6 +660,9 @@ def test_the_run_command_is_read_as_metaflow_reads_it(tmp_path):
     assert full.config == Path("c.toml") and full.workers_elsewhere
     assert full.overrides == {"scales": "64,256", "methods": "lora", "max_steps": 20,
                               "seeds": "1,2"}
+    for argv in (["f.py", "run", "--with", "batch"], ["f.py", "run", "--with=kubernetes"]):
+        assert read_run_command(argv, default).workers_elsewhere
+    assert not read_run_command(["f.py", "run", "--with", "retry"], default).workers_elsewhere
     # not an integer: left to the command line's parser, which names it itself
     assert read_run_command(["f.py", "run", "--max-steps", "x"], default).overrides == {}
 
@@ -765,3 +768,16 @@ def test_a_broken_base_evaluation_folder_is_named_before_the_model_loads(tmp_pat
                                                      "['gold_logprob', 'mc_correct']")):
         evaluate(eval_file, tmp_path / "out", model="no/such-model", base_dir=base)
     assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+def test_a_model_folder_only_the_workers_have_is_a_warning_there(tmp_path, capsys):
+    from loramoe.pipeline import PipelineConfigError
+    from loramoe.pipeline.precheck import check_config
+
+    config = tmp_path / "c.toml"
+    config.write_text((ROOT / "flows" / "configs" / "smoke.toml").read_text().replace(
+        'model = "tiny-random-llama"', 'model = "./models/on-the-workers"'))
+    with pytest.raises(PipelineConfigError, match=r"\.model: .*on-the-workers.*no such folder"):
+        check_config(config, tmp_path)  # a local run: an error
+    assert check_config(config, tmp_path, workers_elsewhere=True) is None
+    assert "warning: " in capsys.readouterr().err

@@ -44,10 +44,13 @@ def read_run_command(argv: list[str], default_config: Path) -> RunCommand | None
     top, run = args[:at], args[at + 1:]
     command = RunCommand(default_config)
     for i, arg in enumerate(top):
-        value = top[i + 1] if i + 1 < len(top) else ""
-        if arg == "--config" and value == "config" and i + 2 < len(top):
+        if arg == "--config" and top[i + 1:i + 2] == ["config"] and i + 2 < len(top):
             command.config = Path(top[i + 2])
-        elif arg == "--with" and value.split(":")[0] in REMOTE_WORKERS:
+    for i, arg in enumerate(args):  # `--with X` goes before `run` or after it
+        name, has_value, value = arg.partition("=")
+        if name == "--with" and not has_value:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if name == "--with" and value.split(":")[0] in REMOTE_WORKERS:
             command.workers_elsewhere = True
     for i, arg in enumerate(run):
         name, has_value, value = arg.partition("=")
