@@ -663,6 +663,14 @@ def test_the_run_command_is_read_as_metaflow_reads_it(tmp_path):
     for argv in (["f.py", "run", "--with", "batch"], ["f.py", "run", "--with=kubernetes"]):
         assert read_run_command(argv, default).workers_elsewhere
     assert not read_run_command(["f.py", "run", "--with", "retry"], default).workers_elsewhere
+    # a config given as a value is the start step's to check; a file may come from the env
+    assert read_run_command(["f.py", "--config-value", "config", "{}", "run"], default) is None
+    assert read_run_command(["f.py", "run"], default,
+                            {"METAFLOW_FLOW_CONFIG_VALUE": '{"config": {}}'}) is None
+    assert read_run_command(["f.py", "run"], default,
+                            {"METAFLOW_FLOW_CONFIG": '{"config": "e.toml"}'}).config == \
+        Path("e.toml")
+    assert read_run_command(["f.py", "run"], default, {"METAFLOW_FLOW_CONFIG": "x"}) is None
     # not an integer: left to the command line's parser, which names it itself
     assert read_run_command(["f.py", "run", "--max-steps", "x"], default).overrides == {}
 

@@ -10,7 +10,10 @@ still validates the same config: it is the flow's one source of truth, this a co
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,15 +37,25 @@ class RunCommand:
     workers_elsewhere: bool = False
 
 
-def read_run_command(argv: list[str], default_config: Path) -> RunCommand | None:
+def read_run_command(argv: list[str], default_config: Path,
+                     environ: Mapping[str, str] = os.environ) -> RunCommand | None:
     """The config file, overrides and worker kind of `argv` (sys.argv of the flow file);
-    None when the command is not `run` (resume, show, argo-workflows, ... check their own)."""
+    None when the command is not `run` (resume, show, argo-workflows, ... check their own)
+    or the config is given as a value rather than a file (`--config-value`, or Metaflow's
+    METAFLOW_FLOW_CONFIG_VALUE): the start step checks those. A file may also come from
+    METAFLOW_FLOW_CONFIG ('{"config": "FILE"}'), as Metaflow reads it."""
     args = argv[1:]
     if "run" not in args:
         return None
     at = args.index("run")
     top, run = args[:at], args[at + 1:]
-    command = RunCommand(default_config)
+    if "--config-value" in top or environ.get("METAFLOW_FLOW_CONFIG_VALUE"):
+        return None
+    try:
+        from_env = json.loads(environ.get("METAFLOW_FLOW_CONFIG") or "{}").get("config")
+    except (ValueError, AttributeError):
+        return None  # not a JSON mapping: Metaflow's own parser names it
+    command = RunCommand(Path(from_env) if from_env else default_config)
     for i, arg in enumerate(top):
         if arg == "--config" and top[i + 1:i + 2] == ["config"] and i + 2 < len(top):
             command.config = Path(top[i + 2])
