@@ -38,12 +38,11 @@ def set_max_workers_from_config(argv: list[str]) -> None:
     set it from the config's local_parallel_branches, unless the user gave --max-workers or
     the variable, so parallel local branches never oversubscribe the cores. Each branch then
     takes cores // local_parallel_branches torch threads (loramoe.pipeline.threads)."""
+    from loramoe.pipeline.precheck import config_file
+
     if "--max-workers" in argv:
         return
-    path = DEFAULT_CONFIG
-    for i, arg in enumerate(argv[:-2]):
-        if arg == "--config" and argv[i + 1] == "config":
-            path = Path(argv[i + 2])
+    path = config_file(argv, DEFAULT_CONFIG) or DEFAULT_CONFIG  # a config value: the default's
     try:
         workers = tomllib.loads(Path(path).read_text()).get("local_parallel_branches", 1)
     except (OSError, ValueError):

@@ -647,9 +647,14 @@ def test_the_flow_names_a_broken_config_before_metaflow_starts(tmp_path, first_l
 
 
 def test_the_run_command_is_read_as_metaflow_reads_it(tmp_path):
-    from loramoe.pipeline.precheck import read_run_command
+    from loramoe.pipeline.precheck import config_file, read_run_command
 
     default = tmp_path / "default.toml"
+    # the file any command names (the flow's max-workers setting reads it for resume too)
+    assert config_file(["f.py", "--config", "config", "c.toml", "resume"], default) == \
+        Path("c.toml")
+    assert config_file(["f.py", "resume"], default, {"METAFLOW_FLOW_CONFIG":
+                                                     '{"config": "e.toml"}'}) == Path("e.toml")
     assert read_run_command(["f.py", "show"], default) is None
     assert read_run_command(["f.py", "--config", "config", "c.toml", "resume"], default) is None
     plain = read_run_command(["f.py", "run"], default)

@@ -37,28 +37,38 @@ class RunCommand:
     workers_elsewhere: bool = False
 
 
+def config_file(argv: list[str], default_config: Path,
+                environ: Mapping[str, str] = os.environ) -> Path | None:
+    """The config file the flow's command line names, as Metaflow reads it: `--config config
+    FILE`, else METAFLOW_FLOW_CONFIG's ('{"config": "FILE"}'), else the default. None when the
+    config is given as a value (`--config-value`, METAFLOW_FLOW_CONFIG_VALUE) or the variable
+    is not a JSON mapping (Metaflow's own parser names it)."""
+    if "--config-value" in argv or environ.get("METAFLOW_FLOW_CONFIG_VALUE"):
+        return None
+    for i, arg in enumerate(argv[:-2]):
+        if arg == "--config" and argv[i + 1] == "config":
+            return Path(argv[i + 2])
+    try:
+        from_env = json.loads(environ.get("METAFLOW_FLOW_CONFIG") or "{}").get("config")
+    except (ValueError, AttributeError):
+        return None
+    return Path(from_env) if from_env else default_config
+
+
 def read_run_command(argv: list[str], default_config: Path,
                      environ: Mapping[str, str] = os.environ) -> RunCommand | None:
     """The config file, overrides and worker kind of `argv` (sys.argv of the flow file);
     None when the command is not `run` (resume, show, argo-workflows, ... check their own)
-    or the config is given as a value rather than a file (`--config-value`, or Metaflow's
-    METAFLOW_FLOW_CONFIG_VALUE): the start step checks those. A file may also come from
-    METAFLOW_FLOW_CONFIG ('{"config": "FILE"}'), as Metaflow reads it."""
+    or `config_file` names no file (a config given as a value: the start step checks it)."""
     args = argv[1:]
     if "run" not in args:
         return None
     at = args.index("run")
-    top, run = args[:at], args[at + 1:]
-    if "--config-value" in top or environ.get("METAFLOW_FLOW_CONFIG_VALUE"):
+    run = args[at + 1:]
+    config = config_file(args[:at], default_config, environ)
+    if config is None:
         return None
-    try:
-        from_env = json.loads(environ.get("METAFLOW_FLOW_CONFIG") or "{}").get("config")
-    except (ValueError, AttributeError):
-        return None  # not a JSON mapping: Metaflow's own parser names it
-    command = RunCommand(Path(from_env) if from_env else default_config)
-    for i, arg in enumerate(top):
-        if arg == "--config" and top[i + 1:i + 2] == ["config"] and i + 2 < len(top):
-            command.config = Path(top[i + 2])
+    command = RunCommand(config)
     for i, arg in enumerate(args):  # `--with X` goes before `run` or after it
         name, has_value, value = arg.partition("=")
         if name == "--with" and not has_value:
