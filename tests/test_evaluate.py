@@ -129,6 +129,12 @@ def test_a_base_scored_otherwise_is_named_beside_retention(tiny_model_dir, tiny_
         "base_scored_otherwise"]
     assert unlike.startswith("threads 99 vs ") and unlike.count(",") == 0  # nothing else
     assert f"--base {tmp_path / 'base'} was scored otherwise" in capsys.readouterr().err
+    again = ["--eval-file", str(eval_file), "--out", str(tmp_path / "again"), "--model",
+             str(tiny_model_dir)]  # now without --base: the earlier one is kept unless asked
+    assert main(again) == 2 and "already holds an evaluation" in capsys.readouterr().err
+    assert "base_scored_otherwise" in (tmp_path / "again" / "metrics.json").read_text()
+    assert main([*again, "--overwrite"]) == 0
+    assert "base_scored_otherwise" not in (tmp_path / "again" / "metrics.json").read_text()
 
 
 def test_style_breakdown_separates_format_losses_from_knowledge_losses():
@@ -234,3 +240,34 @@ def test_load_for_eval_hands_back_an_eval_mode_model(kind, tiny_model_dir, tmp_p
     loaded, _, config = load_for_eval(**where, dtype="fp32", device="cpu")
     assert not any(m.training for m in loaded.modules())
     assert (config is None) == (kind == "base")
+
+
+def test_an_evaluation_replaces_a_folder_only_when_it_completes(tiny_model_dir, tiny_train_file,
+                                                                 tmp_path, monkeypatch):
+    """A failed evaluation leaves an earlier one in its folder whole (and a fresh folder
+    without a partial one); a completed one replaces the earlier one's files as a set."""
+    import loramoe.evaluate.run as run_module
+
+    eval_file = tiny_train_file.parent / "eval.jsonl"
+    out = tmp_path / "eval"
+    out.mkdir()
+    earlier = {"predictions.jsonl": "earlier\n", "metrics.json": "{}", "router.json": "{}"}
+    for name, text in earlier.items():
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("the user's own")
+
+    def fail(*args, **kwargs):  # after predictions.jsonl and probe.jsonl are written
+        raise RuntimeError("the probe's summary failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "probe_summary", fail)
+        for folder in (out, tmp_path / "fresh"):
+            with pytest.raises(RuntimeError, match="summary failed"):
+                evaluate(eval_file, folder, model=str(tiny_model_dir), progress=False)
+    assert {p.name: p.read_text() for p in out.iterdir()} == \
+        {**earlier, "notes.txt": "the user's own"}
+    assert not any((tmp_path / "fresh").iterdir())
+    metrics = evaluate(eval_file, out, model=str(tiny_model_dir), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["metrics.json", "notes.txt", "predictions.jsonl", "probe.jsonl"]  # no stale router
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))

@@ -75,3 +75,27 @@ def test_a_bad_eval_file_or_run_dir_is_rejected_before_torch_is_imported(tmp_pat
                              ["--eval-file", str(good), *out, "--run", str(tmp_path)])
     assert result == ["2", "False"] and "no train_config.json" in stderr, stderr[-3000:]
     assert not (tmp_path / "o").exists()  # nothing written for a rejected request
+
+
+def test_an_out_folder_holding_an_evaluation_is_refused_before_torch_is_imported(tmp_path):
+    """An earlier evaluation is not replaced unless asked (--overwrite), and the base's
+    evaluation never is (--out the --base folder), each named before anything loads."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"id": "q1", "task": "t", "task_type": "knowledge", "prompt": "Q?", '
+                    '"answers": ["a"], "metric": "exact_match"}\n')
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"knowledge_score": 0.5}')
+    (earlier / "predictions.jsonl").write_text("{}\n")
+    args = ["--eval-file", str(good), "--model", "m"]
+    result, stderr = run_cli("loramoe.evaluate", [*args, "--out", str(earlier)])
+    assert result == ["2", "False"], stderr[-3000:]
+    assert f"--out {earlier} already holds an evaluation (predictions.jsonl, metrics.json)" \
+        in stderr and "--overwrite" in stderr
+    result, stderr = run_cli("loramoe.evaluate", [*args, "--out", str(earlier / "."),
+                                                  "--base", str(earlier), "--overwrite"])
+    assert result == ["2", "False"], stderr[-3000:]
+    assert "--out is the --base folder" in stderr
+    result, stderr = run_cli("loramoe.evaluate", [*args, "--out", str(good)])
+    assert result == ["2", "False"] and f"--out {good}: is a file" in stderr, stderr[-3000:]
+    assert (earlier / "metrics.json").read_text() == '{"knowledge_score": 0.5}'

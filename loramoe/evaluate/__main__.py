@@ -1,10 +1,12 @@
 """Evaluate a base model or a trained run on an eval file.
 
     python -m loramoe.evaluate --eval-file EVAL.jsonl --out DIR (--model NAME | --run RUN_DIR)
-                               [--base DIR_OF_BASE_EVAL]
+                               [--base DIR_OF_BASE_EVAL] [--overwrite]
 
-Writes predictions.jsonl and metrics.json (and router.json/.png for LoRAMoE runs); exit 2 on
-a bad eval file, with column, line and id named, before any model is loaded.
+Writes predictions.jsonl, probe.jsonl and metrics.json (and router.json/.png for LoRAMoE
+runs) into --out, all at once when the evaluation completes; exit 2 on a bad eval file, with
+column, line and id named, or on an --out that already holds an evaluation (unless
+--overwrite) or is the --base folder, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
                         help="frozen weights' dtype (default: the run's, else auto)")
     parser.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: a GPU if any)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an evaluation already in --out (once this one completes)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if problem := out_problem(Path(args.out), args.base, args.overwrite):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from loramoe.progress import whole_lines_off_terminal
 
     whole_lines_off_terminal()
@@ -73,6 +80,23 @@ def main(argv: list[str] | None = None) -> int:
               f"({metrics['base_scored_otherwise']}): its retention and vs_base pair items "
               "scored under different settings", file=sys.stderr)
     return 0
+
+
+def out_problem(out: Path, base: str | None, overwrite: bool) -> str:
+    """Why --out may not take this evaluation ('' if it may): it would replace the base's
+    evaluation it is compared with, or an earlier evaluation the user did not ask to replace."""
+    from loramoe.evaluate.outputs import held_evaluation
+
+    if out.exists() and not out.is_dir():
+        return f"--out {out}: is a file, not a folder"
+    if base is not None and out.resolve() == Path(base).resolve():
+        return (f"--out is the --base folder ({base}): this evaluation would replace the base "
+                "evaluation it is compared with; choose another --out")
+    if (held := held_evaluation(out)) and not overwrite:
+        return (f"--out {out} already holds an evaluation ({', '.join(held)}); choose another "
+                "folder, or pass --overwrite to replace it (replaced only once the new "
+                "evaluation completes)")
+    return ""
 
 
 if __name__ == "__main__":

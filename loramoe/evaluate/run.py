@@ -14,6 +14,7 @@ import torch
 
 from loramoe.evaluate.cache import code_digest, eval_settings, file_digest, scored_otherwise
 from loramoe.evaluate.generation import generate_predictions
+from loramoe.evaluate.outputs import staged
 from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
 from loramoe.evaluate.routing import RouterRecorder, plot_router, router_analysis
 from loramoe.evaluate.scoring import (
@@ -88,9 +89,8 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     frame = generation_subset(full, generate_per_task)
     # the base's predictions and probe, read and checked before the model loads
     base, base_probe = read_base(Path(base_dir)) if base_dir is not None else (None, None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     check_workers(workers, device, run)  # before the model is loaded
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # a path that cannot be one fails here
     hf_model, tokenizer, config = load_for_eval(model, run, dtype, device)
     recorder = None
     if config is not None and config["method"] == "loramoe":
@@ -104,26 +104,29 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
         predictions, probe = answer(hf_model, tokenizer, frame, full, batch_size, recorder,
                                     progress)
     scored = score_predictions(frame, predictions)
-    write_records(scored, out / "predictions.jsonl")
-    metrics = summarize(scored)
-    if base is not None:
-        metrics["retention"] = retention(base, scored)
-        metrics["vs_base"] = compare_with_base(base, scored)
-    if recorder is not None:
-        metrics.update(router_metrics(recorder, scored, config, out, Path(run).name))
-    metrics.update(probe_metrics(probe, full, out, base_probe, untrained_tasks))
-    if base is not None:
-        metrics["style"] = style_breakdown(base, scored, probe)
-    metrics["generated_items"] = int(len(frame))
-    metrics["workers"] = workers  # processes that shared the batches (same outputs as one)
-    # per item, so the comparison step can pair two branches' downstream scores
-    metrics["item_scores"] = {k: scored[k].tolist() for k in ("id", "task", "task_type", "score")}
-    # so scores from another run are paired with these only when they are comparable
-    metrics["scored_by"] = scored_by(Path(eval_file), hf_model, batch_size, generate_per_task)
-    if base_dir is not None and (unlike := scored_otherwise(base_scored_by(Path(base_dir)),
-                                                            metrics["scored_by"])):
-        metrics["base_scored_otherwise"] = unlike  # part of every retention and vs_base number
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with staged(out_dir) as out:  # out_dir's files replaced only once all are written
+        write_records(scored, out / "predictions.jsonl")
+        metrics = summarize(scored)
+        if base is not None:
+            metrics["retention"] = retention(base, scored)
+            metrics["vs_base"] = compare_with_base(base, scored)
+        if recorder is not None:
+            metrics.update(router_metrics(recorder, scored, config, out, Path(run).name))
+        metrics.update(probe_metrics(probe, full, out, base_probe, untrained_tasks))
+        if base is not None:
+            metrics["style"] = style_breakdown(base, scored, probe)
+        metrics["generated_items"] = int(len(frame))
+        metrics["workers"] = workers  # processes that shared the batches (same outputs)
+        # per item, so the comparison step can pair two branches' downstream scores
+        metrics["item_scores"] = {k: scored[k].tolist()
+                                  for k in ("id", "task", "task_type", "score")}
+        # so scores from another run are paired with these only when they are comparable
+        metrics["scored_by"] = scored_by(Path(eval_file), hf_model, batch_size,
+                                         generate_per_task)
+        if base_dir is not None and (unlike := scored_otherwise(
+                base_scored_by(Path(base_dir)), metrics["scored_by"])):
+            metrics["base_scored_otherwise"] = unlike  # part of every retention, vs_base
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
