@@ -567,6 +567,46 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(tiny_model_dir, tiny_trai
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
 
+def test_resume_refuses_other_settings_or_data_before_the_model_loads(
+        tiny_model_dir, tiny_train_file, tmp_path, monkeypatch, capfd):
+    """--resume continues the run with the settings and data it was trained on: another lr,
+    method or LBC weight, or another train file's content, is named (before: trained on
+    silently, or a state-dict traceback after the model loaded) and nothing is touched; a
+    moved copy of the same data, a new length or checkpoint cadence are fine."""
+    import loramoe.train.builders as builders
+
+    out = tmp_path / "run"
+    config = config_for(tiny_model_dir, tiny_train_file, out, max_steps=2, save_every=1)
+    train(config, progress=False)
+    saved = (out / "train_config.json").read_text()
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(tiny_train_file.read_text().splitlines(keepends=True)[:-1]))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builders, "build_model", no_model)
+        for change, message in [
+            ({"lr": 0.5}, r"lr 0\.5 \(was 0\.005\)"),
+            ({"method": "lora"}, r"method 'lora' \(was 'loramoe'\)"),
+            ({"loramoe": {"lbc_beta": 0.0}}, r"loramoe\.lbc_beta 0\.0 \(was 0\.1\)"),
+            ({"train_file": other},
+             r"TrainConfig\.train_file: .*other\.jsonl is not the data .* was trained on"),
+        ]:
+            data = change.pop("train_file", tiny_train_file)
+            changed = config_for(tiny_model_dir, data, out, max_steps=2, save_every=1, **change)
+            with pytest.raises(TrainConfigError, match=message):
+                train(changed, resume=True, progress=False)
+    assert (out / "train_config.json").read_text() == saved
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(tiny_train_file.read_text())
+    longer = config_for(tiny_model_dir, moved, out, max_steps=3, save_every=2)
+    train(longer, resume=True, progress=False)
+    assert "max_steps 2 -> 3" in capfd.readouterr().err  # the cosine schedule's new end
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 3
+
+
 # ---- 8. config values of the wrong type --------------------------------------------------
 
 

@@ -189,6 +189,7 @@ def test_branches_pass_references_not_weights(smoke_run):
                                                         "trained")}
         part = "model" if trained["train_config"]["method"] == "sft" else "adapter"
         assert f"trained/{part}" in logged and "trained/train_config.json" in logged
+        assert "trained/train_data.json" in logged
 
 
 def peak_concurrency(tasks) -> int:

@@ -19,6 +19,7 @@ from loramoe.data.records import read_records, write_records
 from loramoe.pipeline.config import PipelineConfig, branch_name
 from loramoe.pipeline.threads import check_gpus, use_branch_threads
 from loramoe.train.config import RUN_CONFIG, run_part
+from loramoe.train.resume import DATA_RECORD
 
 
 def ingest(config: PipelineConfig, out_dir: Path) -> dict[str, Any]:
@@ -75,7 +76,8 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     if mlflow_run_id:
         set_tag(mlflow_run_id, "train_device", device)
         set_tag(mlflow_run_id, "train_hardware", hardware)
-        files = [run_dir / RUN_CONFIG, run_dir / "metrics.jsonl", run_dir / part]
+        files = [run_dir / RUN_CONFIG, run_dir / DATA_RECORD, run_dir / "metrics.jsonl",
+                 run_dir / part]  # DATA_RECORD: the sha256 of the data it trained on
         store = {"mlflow_run_id": mlflow_run_id,
                  "artifact_path": store_folder(mlflow_run_id, files, TRAINED)}
     else:  # no tracking: the folder stays where it is (same machine only)

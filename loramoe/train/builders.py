@@ -219,7 +219,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     )
 
     from loramoe.backends.attention import use_training_attention
-    from loramoe.train.checkpoints import start_checkpoint
+    from loramoe.train.checkpoints import read_progress, start_checkpoint
+    from loramoe.train.resume import check_resume, data_record, write_data_record
 
     # The first PartialState fixes the process group: it must see ACCELERATE_USE_CPU (which
     # only Accelerator reads by itself), or CPU data-parallel processes each train alone.
@@ -239,7 +240,9 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     set_seed(config.seed)
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     output_dir = Path(config.output_dir)
-    checkpoint = start_checkpoint(accelerator, output_dir, resume)
+    data = data_record(config) if accelerator.is_main_process else {}
+    checkpoint = start_checkpoint(accelerator, output_dir, resume, lambda checkpoint: check_resume(
+        output_dir, config, data, read_progress(checkpoint)["step"]))  # before the model
     lm, tokenizer = build_model(config, dtype)
     use_training_attention(lm, dtype, state.device)  # bf16 on a CPU: fp32 attention product
     dataset = encode_frame(config, frame, tokenizer)
@@ -259,9 +262,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(output_dir, config)
+        write_data_record(output_dir, data)
     if checkpoint is not None:
-        from loramoe.train.checkpoints import read_progress
-
         accelerator.load_state(str(checkpoint))
         training.progress = Progress(**read_progress(checkpoint))
     return training

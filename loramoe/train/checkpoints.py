@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,9 +130,12 @@ def gradients_finite(params: list[torch.nn.Parameter]) -> bool:
     return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
-def start_checkpoint(accelerator, output_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint every process resumes from (the main process chooses), or None."""
-    checkpoint = _choose_start(output_dir, resume) if accelerator.is_main_process else None
+def start_checkpoint(accelerator, output_dir: Path, resume: bool,
+                     check: Callable[[Path], None] = lambda checkpoint: None) -> Path | None:
+    """The checkpoint every process resumes from (the main process chooses), or None.
+    `check(checkpoint)` may refuse the resume before anything in output_dir changes."""
+    checkpoint = (_choose_start(output_dir, resume, check) if accelerator.is_main_process
+                  else None)
     if accelerator.num_processes == 1:
         return checkpoint
     from accelerate.utils import broadcast_object_list
@@ -141,7 +145,8 @@ def start_checkpoint(accelerator, output_dir: Path, resume: bool) -> Path | None
     return Path(chosen[0]) if chosen[0] else None
 
 
-def _choose_start(output_dir: Path, resume: bool) -> Path | None:
+def _choose_start(output_dir: Path, resume: bool, check: Callable[[Path], None]
+                  ) -> Path | None:
     """After checking that a fresh run would not overwrite an earlier one; earlier metrics
     are kept, never deleted."""
     from loramoe.train.config import TrainConfigError
@@ -163,5 +168,6 @@ def _choose_start(output_dir: Path, resume: bool) -> Path | None:
               f"starting from step 0" + (f" (earlier metrics kept in {kept})" if kept else ""),
               file=sys.stderr)
         return None
+    check(checkpoint)
     keep_metrics_until(metrics, read_progress(checkpoint)["step"])
     return checkpoint

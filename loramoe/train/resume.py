@@ -1,0 +1,74 @@
+"""What a resumed run must share with the run it continues: its settings and its data.
+
+`--resume` continues the optimizer, the schedule and the data order of the last checkpoint.
+Under another learning rate, method, LBC weight or other train data it would train on
+silently (and rewrite train_config.json as if the whole run had used them), or fail in a
+state-dict load after the model has loaded. So a run folder records the sha256 of its train
+file (train_data.json) beside its config, and a resume is checked against both before the
+model loads or anything in the folder changes. The data may be a moved copy; the run's
+length and its checkpoint and log cadence may change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loramoe.train.config import RUN_CONFIG, TrainConfig, TrainConfigError
+
+DATA_RECORD = "train_data.json"
+LENGTH = ("max_steps", "epochs")
+MAY_CHANGE = {"output_dir", "train_file", "save_every", "snapshot_steps", "log_every", *LENGTH}
+
+
+def data_record(config: TrainConfig) -> dict[str, str]:
+    from loramoe.evaluate.cache import file_digest
+
+    return {"train_file": config.train_file, "sha256": file_digest(Path(config.train_file))}
+
+
+def write_data_record(output_dir: Path, record: dict[str, str]) -> None:
+    (output_dir / DATA_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def check_resume(output_dir: Path, config: TrainConfig, record: dict[str, str],
+                 step: int) -> None:
+    """TrainConfigError naming every setting that differs from the run's, or its other data;
+    a warning when the run's length changes (the schedule from `step` on is the new one's).
+    A run folder written before these records were kept is not checked."""
+    saved = output_dir / RUN_CONFIG
+    if saved.is_file():
+        then = flat(json.loads(saved.read_text()))
+        now = flat(json.loads(json.dumps(config.to_dict())))  # as it would be saved
+        differ = [key for key in now if key in then and now[key] != then[key]]
+        if changed := [f"{key} {now[key]!r} (was {then[key]!r})" for key in differ
+                       if key not in MAY_CHANGE]:
+            raise TrainConfigError(
+                f"TrainConfig: --resume continues {output_dir} with other settings than it "
+                f"was trained with: {', '.join(changed)}; resume with the run's settings "
+                f"({saved}), or train into a new output_dir")
+        length = [key for key in LENGTH if key in differ
+                  and not (key == "epochs" and now["max_steps"] is not None)]
+        for key in length:
+            print(f"warning: --resume: {key} {then[key]} -> {now[key]}: the learning-rate "
+                  f"schedule from step {step} on is the new length's (warm-up and decay); "
+                  "the steps before followed the old one", file=sys.stderr)
+    data = output_dir / DATA_RECORD
+    if data.is_file() and (earlier := json.loads(data.read_text()))["sha256"] != record["sha256"]:
+        raise TrainConfigError(
+            f"TrainConfig.train_file: {config.train_file} is not the data {output_dir} was "
+            f"trained on (sha256 {record['sha256'][:12]}… vs {earlier['sha256'][:12]}… of "
+            f"{earlier['train_file']}); resume with that data, or train into a new output_dir")
+
+
+def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys: {"loramoe": {"lbc_beta": 0.1}} -> {"loramoe.lbc_beta": 0.1}."""
+    found = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found.update(flat(value, f"{prefix}{key}."))
+        else:
+            found[f"{prefix}{key}"] = value
+    return found
