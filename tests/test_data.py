@@ -195,6 +195,26 @@ def test_build_cli_writes_scales_eval_and_summary(tmp_path, capsys):
     assert load_as_dataset(out / "eval.jsonl").num_rows == len(read_records(out / "eval.jsonl"))
 
 
+def test_build_cli_keeps_an_earlier_mixture_unless_asked(tmp_path, capsys):
+    """A folder holding an earlier build is refused before building (its train files may be
+    what earlier runs trained on); --overwrite replaces it as a set: no train file of a
+    scale the new build lacks stays beside the new manifest. Other files are left alone."""
+    config, out = tmp_path / "mix.json", tmp_path / "out"
+    config.write_text(json.dumps(SMALL))
+    assert data_cli(["build", str(config), str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    config.write_text(json.dumps({**SMALL, "scales": [10]}))
+    capsys.readouterr()
+    assert data_cli(["build", str(config), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a mixture (manifest.json)" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert data_cli(["build", str(config), str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["eval.jsonl", "manifest.json", "notes.txt", "summary.csv", "train_10.jsonl"]
+
+
 def test_eval_only_relations_are_never_trained_and_facts_are_plentiful():
     """The default mixture's knowledge eval: >= 2,000 held-out facts, three relations with
     no training data at all, every fact with a gold choice and 3 same-relation distractors."""

@@ -1,9 +1,10 @@
-"""python -m loramoe.data build CONFIG OUTDIR | python -m loramoe.data list"""
+"""python -m loramoe.data build CONFIG OUTDIR [--overwrite] | python -m loramoe.data list"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from loramoe.data.mixture import (
     MixtureConfig,
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="write train sets per scale, the eval set, a summary")
     build.add_argument("config", help="mixture config (.toml, .yaml or .json)")
     build.add_argument("outdir")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace a mixture already in OUTDIR (its files, as a set)")
     sub.add_parser("list", help="list the registered tasks")
     args = parser.parse_args(argv)
     if args.command == "list":
@@ -29,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task.name:<24} {task.task_type:<11} {task.source:<8} {task.metric:<12} "
                   f"{task.description}")
         return 0
+    if (Path(args.outdir) / "manifest.json").exists() and not args.overwrite:
+        print(f"error: {args.outdir} already holds a mixture (manifest.json); choose another "
+              "folder, or pass --overwrite to replace it (earlier runs may have trained on "
+              "its files)", file=sys.stderr)
+        return 2
     try:
         config = MixtureConfig.from_file(args.config)
     except (MixtureError, OSError) as err:

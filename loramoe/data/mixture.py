@@ -237,9 +237,23 @@ def summary_table(built: BuiltMixture) -> pd.DataFrame:
             .round(1).reset_index())
 
 
+def mixture_files(outdir: Path) -> set[str]:
+    """The files the mixture in outdir (its manifest.json) consists of; none if no manifest."""
+    path = outdir / "manifest.json"
+    if not path.is_file():
+        return set()
+    manifest = json.loads(path.read_text())
+    return {*manifest.get("train_files", {}).values(), manifest.get("eval_file", "eval.jsonl"),
+            "manifest.json", "summary.csv"}
+
+
 def write_mixture(built: BuiltMixture, config: MixtureConfig, outdir: str | Path) -> Path:
+    """Write the train file of every scale, the eval file, manifest.json and summary.csv. An
+    earlier mixture in outdir is replaced as a set: its files this one does not write again
+    (the train file of a scale no longer built) are removed; other files are left alone."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    earlier = mixture_files(outdir)
     for scale, frame in built.train.items():
         write_records(frame, outdir / f"train_{scale}.jsonl")
     write_records(built.eval, outdir / "eval.jsonl")
@@ -252,4 +266,6 @@ def write_mixture(built: BuiltMixture, config: MixtureConfig, outdir: str | Path
     }
     (outdir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     summary_table(built).to_csv(outdir / "summary.csv", index=False)
+    for name in earlier - mixture_files(outdir):
+        (outdir / name).unlink(missing_ok=True)
     return outdir
