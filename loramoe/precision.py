@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -129,6 +130,19 @@ def supported(device: torch.device) -> list[str]:
     if device.type == "cuda":
         return ["bf16", "fp16", "fp32"] if torch.cuda.is_bf16_supported() else ["fp16", "fp32"]
     return ["bf16", "fp32"] if cpu_has_native_bf16() else ["fp32"]
+
+
+def native_or_auto(name: str, device: torch.device, what: str) -> str:
+    """`name` where `device` computes it natively, else "auto", with a warning naming both:
+    for serving, where answering in the precision this machine has beats not answering
+    (evaluation keeps the run's dtype, so that its scores compare)."""
+    if name == "auto" or name in supported(device):
+        return name
+    here = dtype_name(resolve_dtype("auto", device))
+    print(f"warning: {what}: its train dtype {name!r} is not computed natively on this "
+          f"{device.type} (it supports {supported(device)}); its frozen weights load as "
+          f"'auto' = {here!r} here", file=sys.stderr)
+    return "auto"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -261,3 +261,32 @@ def test_eval_gpu_is_checked_and_may_be_zero():
             PipelineConfig.from_dict(data, base_dir=smoke.parent)
     data["resources"]["eval_gpu"] = 0  # train on GPUs, score on CPUs: allowed, alike
     assert PipelineConfig.from_dict(data, base_dir=smoke.parent).eval_gpus == 0
+
+
+def test_a_run_trained_in_bf16_is_served_where_bf16_is_not_native(
+        tiny_model_dir, tiny_train_file, tmp_path, monkeypatch, capfd, cpu_without_bf16):
+    """A run trained with dtype = "bf16" (the paper config, on GPUs) and served from the
+    registry on a CPU host without native bf16: serving loads the frozen weights in what
+    the host computes natively and says so (before: PrecisionError in load_context, so the
+    registered model could not be served there). Evaluation keeps the run's dtype, for
+    comparable scores, and its error says how to choose another."""
+    from types import SimpleNamespace
+
+    from loramoe.evaluate import load_for_eval
+    from loramoe.serving.pyfunc import AnswerModel, stage_run_for_serving
+
+    run = tmp_path / "run"  # where config_for puts it
+    train(config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=1, dtype="fp32"),
+          progress=False)
+    saved = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**saved, "dtype": "bf16"}))
+    staged = stage_run_for_serving(run, tmp_path / "staged")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU serving host
+    served = AnswerModel()
+    served.load_context(SimpleNamespace(artifacts={"run": str(staged)}))
+    assert served.model.dtype == torch.float32
+    assert "its train dtype 'bf16' is not computed natively" in capfd.readouterr().err
+    assert len(served.predict(None, ["What is 2+2?"], {"max_new_tokens": 2})) == 1
+    with pytest.raises(PrecisionError, match=r"the run's dtype .*train_config\.json.*'bf16' "
+                                             r"is not computed natively"):
+        load_for_eval(run=run)

@@ -26,7 +26,7 @@ from loramoe.evaluate.scoring import (
 )
 from loramoe.evaluate.shards import WHOLE, Shard
 from loramoe.precision import default_device, dtype_name, resolve_dtype
-from loramoe.train.config import check_run_weights, read_run_config, run_part
+from loramoe.train.config import RUN_CONFIG, check_run_weights, read_run_config, run_part
 
 
 def load_for_eval(model: str | None = None, run: str | Path | None = None,
@@ -39,7 +39,10 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     device = torch.device(device) if device is not None else default_device()
     config = read_run_config(run) if run else None
     name = dtype or (config or {}).get("dtype", "auto")
-    weights = resolve_dtype(name, device, field="dtype")
+    field = "dtype" if dtype or not config else (
+        f"the run's dtype ({Path(run) / RUN_CONFIG}; evaluate with another dtype, e.g. "
+        "--dtype auto, to override it)")
+    weights = resolve_dtype(name, device, field=field)
     part = Path(run) / run_part(config["method"]) if config else None  # model/ or adapter/
     if config:
         check_run_weights(run, config)  # a broken run fails before the base model loads

@@ -77,9 +77,14 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
         run_dir = Path(context.artifacts["run"])
         from loramoe.cores import cap_threads_to_cores
         from loramoe.evaluate import load_for_eval
+        from loramoe.precision import default_device, native_or_auto
+        from loramoe.train.config import read_run_config
 
         cap_threads_to_cores()  # a serving container's CPU quota, which torch ignores
-        self.model, self.tokenizer, self.config = load_for_eval(run=run_dir)
+        # a run trained in bf16 on GPUs may be served on a CPU host without bf16
+        dtype = native_or_auto(read_run_config(run_dir).get("dtype", "auto"),
+                               default_device(), f"serving {run_dir}")
+        self.model, self.tokenizer, self.config = load_for_eval(run=run_dir, dtype=dtype)
         settings = json.loads((run_dir / "serving.json").read_text())
         self.max_new_tokens = int(settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.batch_size = int(settings.get("batch_size", DEFAULT_BATCH_SIZE))
