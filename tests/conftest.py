@@ -22,9 +22,9 @@ VOCAB = 96
 # (~13 of the suite's minutes on a slow CPU) used to start last, with the other worker idle
 # at the end. xdist's own reordering (files with the most tests first) is switched off so
 # that this order holds.
-LONGEST_FIRST = ["test_pipeline.py", "test_distributed.py", "test_pipeline_runs.py",
-                 "test_bad_input.py", "test_forgetting.py", "test_bare_gpu_machine.py",
-                 "test_progress.py", "test_shards.py"]
+LONGEST_FIRST = ["test_pipeline.py", "test_distributed.py", "test_bad_input.py",
+                 "test_bare_gpu_machine.py", "test_forgetting.py", "test_progress.py",
+                 "test_shards.py", "test_pipeline_runs.py"]
 
 
 def pytest_configure(config):

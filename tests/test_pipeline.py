@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -389,12 +390,60 @@ def test_resume_reruns_from_compare(smoke_run):
     assert second.version == run["register"].task.data.decision["version"]
 
 
-def test_seed_replicates_pool_within_a_run_and_across_runs(smoke_run, tmp_path):
+@pytest.fixture(scope="module")
+def seeds_run_on_a_server(smoke_run, tmp_path_factory):
+    """A second run in the smoke run's workdir: two seeds of two methods, one branch at a
+    time, tracked on a real MLflow server (infra/mlflow/start_server.sh) instead of the
+    local sqlite store. One flow run serves both the server's and the seeds' tests (a flow
+    run is most of a minute of the suite's CPU)."""
+    workdir = smoke_run[0]
+    here = tmp_path_factory.mktemp("server")
+    port = free_port()
+    # The server's log goes to a file: an unread PIPE fills (64 KiB of request lines) and
+    # blocks the server, and with it every client call of the flow (seen: register hung).
+    log = open(here / "server.log", "wb")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(["bash", str(ROOT / "infra" / "mlflow" / "start_server.sh"),
+                               str(port), str(here / "server")],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", server, 90, here / "server.log")
+        uri = f"http://127.0.0.1:{port}"
+        local_runs = len(mlflow_client(workdir).search_runs(
+            [mlflow_client(workdir).get_experiment_by_name("loramoe-smoke").experiment_id]))
+        config = write_config(here / "serial.toml", local_parallel_branches=1)
+        run, _, stderr = run_flow(workdir, config, env={"MLFLOW_TRACKING_URI": uri},
+                                  seeds="1,2", methods="sft,loramoe", scales="16")
+        yield {"run": run, "stderr": stderr, "uri": uri, "workdir": workdir,
+               "local_runs": local_runs}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+        shutil.rmtree(here / "server", ignore_errors=True)  # its artifact store
+
+
+def test_pipeline_against_a_real_tracking_server(seeds_run_on_a_server):
+    import mlflow
+
+    done = seeds_run_on_a_server
+    run, uri = done["run"], done["uri"]
+    assert run.successful, done["stderr"][-3000:]
+    assert peak_concurrency(branch_tasks(run)) == 1  # local_parallel_branches = 1
+    client = mlflow.MlflowClient(tracking_uri=uri)  # not the process-wide default
+    runs = client.search_runs([client.get_experiment_by_name("loramoe-smoke").experiment_id])
+    assert len(runs) == 5  # parent + {sft, loramoe}-16 × seeds 1, 2
+    assert client.get_model_version_by_alias("loramoe-smoke", "champion")
+    local = mlflow_client(done["workdir"])  # nothing went to the local store
+    assert len(local.search_runs([local.get_experiment_by_name("loramoe-smoke")
+                                  .experiment_id])) == done["local_runs"]
+
+
+def test_seed_replicates_pool_within_a_run_and_across_runs(smoke_run, seeds_run_on_a_server,
+                                                           tmp_path):
     """A run with --seeds reports its branches pooled over the seeds; the CLI pools it with
     the smoke run (seed 0, its train.seed) into three seeds a method."""
     workdir, first, _, _ = smoke_run
-    config = write_config(tmp_path / "smoke.toml")
-    run, _, stderr = run_flow(workdir, config, seeds="1,2", methods="sft,loramoe", scales="16")
+    run, stderr = seeds_run_on_a_server["run"], seeds_run_on_a_server["stderr"]
     assert run.successful, stderr[-3000:]
     assert sorted(o["name"] for o in run["join"].task.data.outcomes) == \
         ["loramoe-16-s1", "loramoe-16-s2", "sft-16-s1", "sft-16-s2"]
