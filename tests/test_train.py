@@ -246,6 +246,30 @@ def test_two_process_ddp_run_completes(tiny_model_dir, tiny_train_file, tmp_path
     assert final["hardware"] == cpu_kernels()  # which CPU: bf16 rounds per kind (§3)
 
 
+def test_resume_on_another_number_of_processes_is_refused(tiny_model_dir, tiny_train_file,
+                                                          tmp_path):
+    """Each process counts the batches it has read, so one process's checkpoint resumed on
+    two would skip other data than it read and double the global batch (before: it trained
+    on, silently). Named before the model loads; the run stays as it was."""
+    settings = {"model": str(tiny_model_dir), "train_file": str(tiny_train_file),
+                "output_dir": str(tmp_path / "run"), "max_steps": 2, "save_every": 1,
+                "batch_size": 4, "method": "loramoe"}
+    train(TrainConfig(**settings), progress=False)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    config = tmp_path / "resume.json"
+    config.write_text(json.dumps({**settings, "max_steps": 3}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "loramoe.train", "--config", str(config), "--resume"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode != 0
+    assert "on 2 process(es), but its checkpoint was written by 1" in done.stderr, \
+        done.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize("method", ["lora", "loramoe"])
 def test_adapter_init_depends_on_the_seed_not_on_what_loading_drew(method, tiny_model_dir):
     """A model built the first time (the tiny one, from a config) draws random numbers, one

@@ -5,8 +5,9 @@ Under another learning rate, method, LBC weight or other train data it would tra
 silently (and rewrite train_config.json as if the whole run had used them), or fail in a
 state-dict load after the model has loaded. So a run folder records the sha256 of its train
 file (train_data.json) beside its config, and a resume is checked against both before the
-model loads or anything in the folder changes. The data may be a moved copy; the run's
-length and its checkpoint and log cadence may change.
+model loads or anything in the folder changes; so is the number of data-parallel processes
+(each counts the batches it read: on another count a resume would skip other data). The
+data may be a moved copy; the run's length and its checkpoint and log cadence may change.
 """
 
 from __future__ import annotations
@@ -34,10 +35,20 @@ def write_data_record(output_dir: Path, record: dict[str, str]) -> None:
 
 
 def check_resume(output_dir: Path, config: TrainConfig, record: dict[str, str],
-                 step: int) -> None:
-    """TrainConfigError naming every setting that differs from the run's, or its other data;
-    a warning when the run's length changes (the schedule from `step` on is the new one's).
-    A run folder written before these records were kept is not checked."""
+                 progress: dict[str, int], processes: int) -> None:
+    """TrainConfigError naming every setting that differs from the run's, its other data or
+    another number of data-parallel processes than wrote the checkpoint (`progress`); a
+    warning when the run's length changes (the schedule from the checkpoint's step on is the
+    new one's). What a run folder written before these records were kept lacks is not
+    checked."""
+    if progress.get("processes", processes) not in (0, processes):
+        # each process counts the batches it read: another count would skip other data
+        raise TrainConfigError(
+            f"TrainConfig: --resume continues {output_dir} on {processes} process(es), but "
+            f"its checkpoint was written by {progress['processes']} (the global batch and "
+            f"which samples each process has read depend on it); resume with "
+            f"{progress['processes']} process(es), or train into a new output_dir")
+    step = progress["step"]
     saved = output_dir / RUN_CONFIG
     if saved.is_file():
         then = flat(json.loads(saved.read_text()))
