@@ -540,6 +540,24 @@ def test_kill_during_a_save_falls_back_to_the_last_complete_checkpoint(
     assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 were logged before the crash, not twice
 
 
+def test_keep_checkpoints_keeps_the_newest_and_a_resume_continues_from_them(
+        tiny_model_dir, tiny_train_file, tmp_path):
+    """keep_checkpoints = 2: after each save only the newest two remain (a 7B full-SFT
+    checkpoint holds ~80 GB of optimizer state; before, every one was kept)."""
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path / "run", max_steps=4,
+                        save_every=1, keep_checkpoints=2)
+    train(config, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
+        ["step_3", "step_4"]
+    longer = config_for(tiny_model_dir, tiny_train_file, tmp_path / "run", max_steps=5,
+                        save_every=1, keep_checkpoints=2)
+    train(longer, resume=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
+        ["step_4", "step_5"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
 def test_resume_without_a_checkpoint_says_so_and_keeps_metrics(tiny_model_dir,
                                                                tiny_train_file, tmp_path,
                                                                capfd):

@@ -118,11 +118,15 @@ def diverged(what: str, step: int, output_dir: Path, learning_rate: float,
 
 
 def save_if_finite(accelerator, params: list[torch.nn.Parameter], output_dir: Path,
-                   progress: dict[str, int], learning_rate: float) -> None:
-    """Save a checkpoint only if every trainable weight is finite (never a 'good' NaN one)."""
+                   progress: dict[str, int], learning_rate: float, keep: int = 0) -> None:
+    """Save a checkpoint only if every trainable weight is finite (never a 'good' NaN one);
+    then keep the newest `keep` complete checkpoints (0: all)."""
     if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))):
         raise diverged("non-finite weights", progress["step"], output_dir, learning_rate)
     save_checkpoint(accelerator, output_dir, progress)
+    if keep and accelerator.is_main_process:
+        for older in complete_checkpoints(output_dir)[:-keep]:  # oldest first
+            shutil.rmtree(older)
 
 
 def gradients_finite(params: list[torch.nn.Parameter]) -> bool:

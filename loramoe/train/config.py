@@ -49,6 +49,9 @@ class TrainConfig:
     # where the hardware multiplies it natively, else fp32 (loramoe/precision.py)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
+    # keep the newest N checkpoints, removing older ones after each save (0: keep all; a 7B
+    # full-SFT checkpoint holds ~80 GB of optimizer state)
+    keep_checkpoints: int = 0
     # also write the model/adapter after these optimizer steps, each in
     # output_dir/snapshots/step-NNNNN/ (a folder `python -m loramoe.evaluate --run` reads)
     snapshot_steps: list[int] = field(default_factory=list)
@@ -87,6 +90,7 @@ class TrainConfig:
             ("weight_decay", lambda v: v >= 0, ">= 0"),
             ("max_length", lambda v: v >= 8, ">= 8"),
             ("save_every", lambda v: v >= 0, ">= 0"),
+            ("keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep every checkpoint)"),
             ("snapshot_steps", lambda v: all(isinstance(s, int) and s >= 1 for s in v),
              "a list of optimizer steps >= 1"),
             ("log_every", lambda v: v >= 1, ">= 1"),

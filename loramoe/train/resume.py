@@ -21,7 +21,8 @@ from loramoe.train.config import RUN_CONFIG, TrainConfig, TrainConfigError
 
 DATA_RECORD = "train_data.json"
 LENGTH = ("max_steps", "epochs")
-MAY_CHANGE = {"output_dir", "train_file", "save_every", "snapshot_steps", "log_every", *LENGTH}
+MAY_CHANGE = {"output_dir", "train_file", "save_every", "keep_checkpoints", "snapshot_steps",
+              "log_every", *LENGTH}
 
 
 def data_record(config: TrainConfig) -> dict[str, str]:
