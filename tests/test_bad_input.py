@@ -619,7 +619,8 @@ def test_resume_refuses_other_settings_or_data_before_the_model_loads(
     assert (out / "train_config.json").read_text() == saved
     moved = tmp_path / "moved.jsonl"
     moved.write_text(tiny_train_file.read_text())
-    longer = config_for(tiny_model_dir, moved, out, max_steps=3, save_every=2)
+    longer = config_for(tiny_model_dir, moved, out, max_steps=3, save_every=2,
+                        gradient_checkpointing=True)  # how a step is computed, not what
     train(longer, resume=True, progress=False)
     assert "max_steps 2 -> 3" in capfd.readouterr().err  # the cosine schedule's new end
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 3

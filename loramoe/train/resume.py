@@ -7,7 +7,8 @@ state-dict load after the model has loaded. So a run folder records the sha256 o
 file (train_data.json) beside its config, and a resume is checked against both before the
 model loads or anything in the folder changes; so is the number of data-parallel processes
 (each counts the batches it read: on another count a resume would skip other data). The
-data may be a moved copy; the run's length and its checkpoint and log cadence may change.
+data may be a moved copy; the run's length, its checkpoint and log cadence and how a step is
+computed (activation checkpointing, length pieces) may change.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from loramoe.train.config import RUN_CONFIG, TrainConfig, TrainConfigError
 
 DATA_RECORD = "train_data.json"
 LENGTH = ("max_steps", "epochs")
+# where and how often the run writes, its length, and how a step is computed (not what it
+# computes: activation checkpointing, length pieces), e.g. to continue on a smaller GPU
 MAY_CHANGE = {"output_dir", "train_file", "save_every", "keep_checkpoints", "snapshot_steps",
-              "log_every", *LENGTH}
+              "log_every", "gradient_checkpointing", "split_by_length", *LENGTH}
 
 
 def data_record(config: TrainConfig) -> dict[str, str]:
