@@ -290,3 +290,20 @@ def test_a_run_trained_in_bf16_is_served_where_bf16_is_not_native(
     with pytest.raises(PrecisionError, match=r"the run's dtype .*train_config\.json.*'bf16' "
                                              r"is not computed natively"):
         load_for_eval(run=run)
+
+
+def test_a_resume_in_another_dtype_says_so(tiny_model_dir, tiny_train_file, tmp_path, capfd):
+    """dtype = "auto" resolves per machine: a checkpoint written with bf16 frozen weights
+    (an AMX CPU, a GPU) resumed where auto is fp32 continues, and says from which step its
+    numbers round otherwise (before: silently)."""
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=2, save_every=1,
+                        dtype="fp32")
+    train(config, progress=False)
+    progress = tmp_path / "run" / "checkpoints" / "step_2" / "progress.json"
+    assert json.loads(progress.read_text())["dtype"] == "fp32"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "dtype": "bf16"}))
+    capfd.readouterr()
+    config.max_steps = 3
+    train(config, resume=True, progress=False)
+    assert ("the checkpoint's frozen weights were bf16, here they are fp32 (dtype 'fp32' on "
+            "this machine): the steps from 2 on round otherwise") in capfd.readouterr().err

@@ -159,10 +159,11 @@ class Progress:
     epoch: int = 0
     batches_in_epoch: int = 0  # each process's own count: it means step's data per process
     processes: int = 0  # data-parallel processes that wrote it (0: not recorded, before)
+    dtype: str = ""  # the frozen weights' resolved dtype ("": not recorded, before)
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return {"step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "processes": self.processes}
+                "processes": self.processes, "dtype": self.dtype}
 
 
 @dataclass
@@ -221,6 +222,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     )
 
     from loramoe.backends.attention import use_training_attention
+    from loramoe.precision import dtype_name
     from loramoe.train.checkpoints import read_progress, start_checkpoint
     from loramoe.train.resume import check_resume, data_record, write_data_record
 
@@ -243,9 +245,9 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     output_dir = Path(config.output_dir)
     data = data_record(config) if accelerator.is_main_process else {}
-    processes = accelerator.num_processes
+    made = {"processes": accelerator.num_processes, "dtype": dtype_name(dtype)}
     checkpoint = start_checkpoint(accelerator, output_dir, resume, lambda checkpoint: check_resume(
-        output_dir, config, data, read_progress(checkpoint), processes))  # before the model
+        output_dir, config, data, read_progress(checkpoint), made))  # before the model
     lm, tokenizer = build_model(config, dtype)
     use_training_attention(lm, dtype, state.device)  # bf16 on a CPU: fp32 attention product
     dataset = encode_frame(config, frame, tokenizer)
@@ -261,14 +263,14 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
                                            fused=state.device.type == "cpu")
     model, optimizer, scheduler = accelerator.prepare(ResponseLM(lm), optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
-                        params, total_steps, autocast, Progress(processes=processes))
+                        params, total_steps, autocast, Progress(**made))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(output_dir, config)
         write_data_record(output_dir, data)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        training.progress = Progress(**{**read_progress(checkpoint), "processes": processes})
+        training.progress = Progress(**{**read_progress(checkpoint), **made})
     return training
 
 

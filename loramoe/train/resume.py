@@ -39,12 +39,14 @@ def write_data_record(output_dir: Path, record: dict[str, str]) -> None:
 
 
 def check_resume(output_dir: Path, config: TrainConfig, record: dict[str, str],
-                 progress: dict[str, int], processes: int) -> None:
+                 progress: dict[str, Any], made: dict[str, Any]) -> None:
     """TrainConfigError naming every setting that differs from the run's, its other data or
-    another number of data-parallel processes than wrote the checkpoint (`progress`); a
-    warning when the run's length changes (the schedule from the checkpoint's step on is the
-    new one's). What a run folder written before these records were kept lacks is not
-    checked."""
+    another number of data-parallel processes than wrote the checkpoint (`progress`; `made`:
+    this run's processes and resolved dtype); a warning when the run's length changes (the
+    schedule from the checkpoint's step on is the new one's) or its frozen weights' dtype
+    does (`dtype = "auto"` on another machine). What a run folder written before these
+    records were kept lacks is not checked."""
+    processes = made["processes"]
     if progress.get("processes", processes) not in (0, processes):
         # each process counts the batches it read: another count would skip other data
         raise TrainConfigError(
@@ -53,6 +55,10 @@ def check_resume(output_dir: Path, config: TrainConfig, record: dict[str, str],
             f"which samples each process has read depend on it); resume with "
             f"{progress['processes']} process(es), or train into a new output_dir")
     step = progress["step"]
+    if progress.get("dtype") and progress["dtype"] != made["dtype"]:
+        print(f"warning: --resume: the checkpoint's frozen weights were {progress['dtype']}, "
+              f"here they are {made['dtype']} (dtype {config.dtype!r} on this machine): the "
+              f"steps from {step} on round otherwise", file=sys.stderr)
     saved = output_dir / RUN_CONFIG
     if saved.is_file():
         then = flat(json.loads(saved.read_text()))
