@@ -99,3 +99,20 @@ def test_an_out_folder_holding_an_evaluation_is_refused_before_torch_is_imported
     result, stderr = run_cli("loramoe.evaluate", [*args, "--out", str(good)])
     assert result == ["2", "False"] and f"--out {good}: is a file" in stderr, stderr[-3000:]
     assert (earlier / "metrics.json").read_text() == '{"knowledge_score": 0.5}'
+
+
+def test_one_process_training_imports_no_deepspeed(tiny_model_dir, tiny_train_file, tmp_path):
+    """accelerate's unwrap_model imports DeepSpeed (2-6 s) to ask whether the model is its
+    engine; a one-process run has no wrapper to take off (before: every CPU branch paid it,
+    and its log held DeepSpeed's 'Setting accelerator to CPU' warning)."""
+    code = ("import sys\n"
+            "from loramoe.train import TrainConfig, train\n"
+            f"train(TrainConfig(model={str(tiny_model_dir)!r}, train_file="
+            f"{str(tiny_train_file)!r}, output_dir={str(tmp_path / 'run')!r}, max_steps=1, "
+            "batch_size=4), progress=False)\n"
+            "print('deepspeed' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "False"
+    assert (tmp_path / "run" / "adapter").is_dir()

@@ -190,6 +190,15 @@ def sharded_state(acc, model) -> dict[str, torch.Tensor] | None:
     return {key.removeprefix("lm."): value for key, value in state.items()}
 
 
+def unwrapped(acc, model):
+    """The model inside accelerate's wrappers (DDP, DeepSpeed's engine). One plain process
+    has none, and there accelerate's unwrap_model would import DeepSpeed (2-6 s of every
+    CPU training) only to ask whether the model is its engine."""
+    from accelerate.utils import DistributedType
+
+    return model if acc.distributed_type == DistributedType.NO else acc.unwrap_model(model)
+
+
 def write_artifact(run: Training, folder: Path) -> Path:
     """The adapter (or model) as it is now, in folder/adapter (folder/model), with the run's
     train_config.json beside it: a folder load_for_eval(run=...) reads."""
@@ -201,7 +210,7 @@ def write_artifact(run: Training, folder: Path) -> Path:
     full = sharded_state(acc, run.model)
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        artifact = save_artifact(acc.unwrap_model(run.model).lm, run.tokenizer, config,
+        artifact = save_artifact(unwrapped(acc, run.model).lm, run.tokenizer, config,
                                  folder, full)
         write_run_config(folder, config)
     acc.wait_for_everyone()
