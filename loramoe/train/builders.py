@@ -223,8 +223,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
 
     from loramoe.backends.attention import use_training_attention
     from loramoe.precision import dtype_name
-    from loramoe.train.checkpoints import read_progress, start_checkpoint
-    from loramoe.train.resume import check_resume, data_record, write_data_record
+    from loramoe.train.checkpoints import read_progress
+    from loramoe.train.resume import resume_point, write_data_record
 
     # The first PartialState fixes the process group: it must see ACCELERATE_USE_CPU (which
     # only Accelerator reads by itself), or CPU data-parallel processes each train alone.
@@ -244,10 +244,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     set_seed(config.seed)
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     output_dir = Path(config.output_dir)
-    data = data_record(config) if accelerator.is_main_process else {}
     made = {"processes": accelerator.num_processes, "dtype": dtype_name(dtype)}
-    checkpoint = start_checkpoint(accelerator, output_dir, resume, lambda checkpoint: check_resume(
-        output_dir, config, data, read_progress(checkpoint), made))  # before the model
+    checkpoint, data = resume_point(accelerator, config, resume, made)  # before the model
     lm, tokenizer = build_model(config, dtype)
     use_training_attention(lm, dtype, state.device)  # bf16 on a CPU: fp32 attention product
     dataset = encode_frame(config, frame, tokenizer)

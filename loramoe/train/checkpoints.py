@@ -117,12 +117,13 @@ def diverged(what: str, step: int, output_dir: Path, learning_rate: float,
         f"{kept or 'none yet'}. Lower the learning rate ({learning_rate}) or check the data.")
 
 
-def save_if_finite(accelerator, params: list[torch.nn.Parameter], output_dir: Path,
-                   progress: dict[str, int], learning_rate: float, keep: int = 0) -> None:
-    """Save a checkpoint only if every trainable weight is finite (never a 'good' NaN one);
-    then keep the newest `keep` complete checkpoints (0: all)."""
+def save_if_finite(accelerator, params: list[torch.nn.Parameter], progress: dict[str, int],
+                   config) -> None:
+    """Save a checkpoint under config.output_dir only if every trainable weight is finite
+    (never a 'good' NaN one); then keep the newest config.keep_checkpoints (0: all)."""
+    output_dir, keep = Path(config.output_dir), config.keep_checkpoints
     if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))):
-        raise diverged("non-finite weights", progress["step"], output_dir, learning_rate)
+        raise diverged("non-finite weights", progress["step"], output_dir, config.learning_rate)
     save_checkpoint(accelerator, output_dir, progress)
     if keep and accelerator.is_main_process:
         for older in complete_checkpoints(output_dir)[:-keep]:  # oldest first

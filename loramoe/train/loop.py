@@ -158,8 +158,7 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
         if at.step in config.snapshot_steps:
             write_artifact(run, output_dir / "snapshots" / f"step-{at.step:05d}")
         if config.save_every and at.step % config.save_every == 0:
-            save_if_finite(acc, run.params, output_dir, at.to_dict(), config.learning_rate,
-                           keep=config.keep_checkpoints)
+            save_if_finite(acc, run.params, at.to_dict(), config)
         if at.step >= run.total_steps:
             break
     bar.close()

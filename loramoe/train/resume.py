@@ -38,6 +38,20 @@ def write_data_record(output_dir: Path, record: dict[str, str]) -> None:
     (output_dir / DATA_RECORD).write_text(json.dumps(record, indent=2))
 
 
+def resume_point(accelerator, config: TrainConfig, resume: bool, made: dict[str, Any]
+                 ) -> tuple[Path | None, dict[str, str]]:
+    """The checkpoint to continue from (None: the start), a resume checked against the run's
+    settings, data and `made` (processes, dtype: check_resume), and the record of the
+    train data (on the main process; {} on the others)."""
+    from loramoe.train.checkpoints import read_progress, start_checkpoint
+
+    output_dir = Path(config.output_dir)
+    data = data_record(config) if accelerator.is_main_process else {}
+    checkpoint = start_checkpoint(accelerator, output_dir, resume, lambda checkpoint: check_resume(
+        output_dir, config, data, read_progress(checkpoint), made))
+    return checkpoint, data
+
+
 def check_resume(output_dir: Path, config: TrainConfig, record: dict[str, str],
                  progress: dict[str, Any], made: dict[str, Any]) -> None:
     """TrainConfigError naming every setting that differs from the run's, its other data or
