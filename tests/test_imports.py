@@ -14,15 +14,20 @@ LIGHT = ["loramoe", "loramoe.config", "loramoe.data", "loramoe.tracking",
          "loramoe.pipeline.claims", "loramoe.evaluate.stats"]
 
 
+def python_prints(code: str, timeout: int = 120) -> str:
+    """The last line `code` prints in a fresh interpreter, which must exit 0."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def test_config_and_report_modules_import_without_torch_or_transformers():
     code = ("import importlib, sys\n"
             f"for name in {LIGHT!r}:\n"
             "    importlib.import_module(name)\n"
             "print(sorted(m for m in ('torch', 'transformers', 'mlflow') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "[]"
+    assert python_prints(code) == "[]"
 
 
 def test_public_names_resolve_on_first_use():
@@ -103,16 +108,13 @@ def test_an_out_folder_holding_an_evaluation_is_refused_before_torch_is_imported
 
 def test_one_process_training_imports_no_deepspeed(tiny_model_dir, tiny_train_file, tmp_path):
     """accelerate's unwrap_model imports DeepSpeed (2-6 s) to ask whether the model is its
-    engine; a one-process run has no wrapper to take off (before: every CPU branch paid it,
-    and its log held DeepSpeed's 'Setting accelerator to CPU' warning)."""
+    engine; a one-process run has no wrapper to take off (before: every adapter branch on a
+    CPU paid it, and its log held DeepSpeed's 'Setting accelerator to CPU' warning)."""
     code = ("import sys\n"
             "from loramoe.train import TrainConfig, train\n"
             f"train(TrainConfig(model={str(tiny_model_dir)!r}, train_file="
             f"{str(tiny_train_file)!r}, output_dir={str(tmp_path / 'run')!r}, max_steps=1, "
             "batch_size=4), progress=False)\n"
             "print('deepspeed' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == "False"
+    assert python_prints(code, timeout=300) == "False"
     assert (tmp_path / "run" / "adapter").is_dir()
