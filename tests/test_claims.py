@@ -85,6 +85,18 @@ def test_numbers_are_written_with_their_interval():
     row = pd.Series({"x": 0.5, "x_lo": 0.4, "x_hi": 0.6, "y": -0.01, "y_lo": None})
     assert with_ci(row, "x") == "0.500 [0.400, 0.600]"
     assert with_ci(row, "y", signed=True) == "-0.010"
+    assert with_ci(pd.Series({"x": float("nan")}), "x") == "–"
+
+
+def test_one_way_of_writing_numbers_everywhere():
+    from loramoe.pipeline.numbers import bounds, p_value, score, with_interval
+
+    assert p_value(0.0002) == "0.0002" and p_value(6.1e-05) == "6.1e-05"  # never "0.000"
+    assert p_value(0.0625) == "0.0625" and p_value(None) == "–"
+    assert score(0.8385) == "0.839" and score(0.0, signed=True) == "+0.000"
+    assert bounds(-0.01, 0.03, signed=True) == "[-0.010, +0.030]" and bounds(None, 1) == "–"
+    assert with_interval(0.05, 0.004, 0.1, signed=True) == "+0.050 [+0.004, +0.100]"
+    assert with_interval(0.5, None, None) == "0.500" and with_interval(None, 0, 1) == "–"
 
 
 def test_claims_read_holm_adjusted_p_across_the_table():

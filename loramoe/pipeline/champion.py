@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from loramoe.pipeline.config import PipelineConfig
+from loramoe.pipeline.numbers import bounds, p_value, score
 from loramoe.pipeline.steps import TRAINED, restore_run_dir
 
 SCORED_BY_TAGS = {"records": "eval_records", "code": "eval_code", "settings": "eval_settings"}
@@ -178,29 +179,26 @@ def challenge(best: dict[str, Any], earned_ones: list[dict[str, Any]], champion:
                        f"{champion['why_not']}; it keeps the alias (move it by hand if this "
                        f"adapter should serve)")
     if rule == "best":
-        score, current = best["metrics"]["downstream_score"], champion["score"]
-        if current is None or score > current:
+        mine, current = best["metrics"]["downstream_score"], champion["score"]
+        if current is None or mine > current:
             return True, (f" — beats current champion (version {version}{champion['note']}, "
-                          f"{fmt_opt(current)})")
+                          f"{score(current)})")
         return False, (f" — does not beat current champion (version {version}"
-                       f"{champion['note']}, {current:.4f})")
+                       f"{champion['note']}, {score(current)})")
     tests = [compare_with_base(items, pd.DataFrame(b["metrics"]["item_scores"]))
              .get("downstream") or {} for b in earned_ones]
     adjusted = holm_adjust([t.get("p") for t in tests])
     index = next(i for i, b in enumerate(earned_ones) if b is best)
     test, p_holm = tests[index], adjusted[index]
-    text = (f"downstream {fmt_opt(test.get('diff'))} vs current champion (version {version}"
-            f"{champion['note']}; "
-            f"95% CI {fmt_ci(test.get('ci'))}, Holm p {fmt_opt(p_holm)} over "
+    text = (f"downstream {score(test.get('diff'), signed=True)} vs current champion "
+            f"(version {version}{champion['note']}; 95% CI {diff_bounds(test.get('ci'))}, "
+            f"Holm p {p_value(p_holm)} over "
             f"{len(earned_ones)} tested)")
     if p_holm is not None and p_holm < ALPHA and (test.get("diff") or 0) > 0:
         return True, f" — beats current champion: {text}"
     return False, f" — does not beat current champion significantly: {text}"
 
 
-def fmt_ci(ci) -> str:
-    return "undefined" if not ci else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
-
-
-def fmt_opt(value: float | None) -> str:
-    return "undefined" if value is None else f"{value:.3f}"
+def diff_bounds(ci) -> str:
+    """A difference's 95% interval, [+0.083, +0.267], or "–" without one."""
+    return bounds(*(ci or (None, None)), signed=True)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from loramoe.evaluate.stats import ALPHA, holm_adjust
 from loramoe.pipeline.config import branch_name
+from loramoe.pipeline.numbers import p_value, score, with_interval
 from loramoe.pipeline.paired import difference, replicates_at_shared_seeds
 from loramoe.tracking.runs import flatten
 
@@ -108,7 +109,8 @@ def _ret(test: dict) -> str:
         return "no base-known facts"
     if "per_seed" in test:
         return _ci(test) + _seeds(test)
-    return f"{_interval(test)} (McNemar p = {test['p']:.3g}, Holm p = {test['p_holm']:.3g}; " \
+    return f"{_interval(test)} (McNemar p = {p_value(test['p'])}, " \
+           f"Holm p = {p_value(test['p_holm'])}; " \
            f"{test['only_a']} vs {test['only_b']} discordant of {test['n']})"
 
 
@@ -116,7 +118,7 @@ def _seeds(test: dict) -> str:
     """How a pooled test was made, e.g. "; 2 seeds, each +0.010 / +0.014; 994 items"."""
     if "per_seed" not in test:
         return ""
-    each = " / ".join(f"{v:+.3f}" for v in test["per_seed"])
+    each = " / ".join(score(v, signed=True) for v in test["per_seed"])
     return f"; {test['seeds']} seeds, each {each}; {test['n']} items, crossed bootstrap"
 
 
@@ -124,8 +126,7 @@ def _interval(test: dict, key: str = "diff") -> str:
     """e.g. "+0.005 [+0.000, +0.010]"."""
     if test.get("ci") is None:
         return "no items"
-    lo, hi = test["ci"]
-    return f"{test[key]:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return with_interval(test[key], *test["ci"], signed=True)
 
 
 def _ci(test: dict, key: str = "diff") -> str:
@@ -133,7 +134,7 @@ def _ci(test: dict, key: str = "diff") -> str:
     text = _interval(test, key)
     if test.get("ci") is None or test.get("p_holm") is None:
         return text
-    return f"{text} (Holm p = {test['p_holm']:.3g})"
+    return f"{text} (Holm p = {p_value(test['p_holm'])})"
 
 
 def claim_forgetting(branches) -> Claim:

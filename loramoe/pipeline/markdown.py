@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from loramoe.evaluate.stats import ROUNDS
+from loramoe.pipeline.numbers import bounds, p_value, score, with_interval
 
 
 def cell(value, digits: int = 3) -> str:
@@ -19,23 +20,10 @@ def cell(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _p(value) -> str:
-    """A p-value to 3 significant digits (0.049, 6.1e-05)."""
-    return "–" if value is None or pd.isna(value) else f"{value:.3g}"
-
-
-def _signed(value) -> str:
-    return "–" if value is None or pd.isna(value) else f"{value:+.3f}"
-
-
 def with_ci(row: pd.Series, column: str, signed: bool = False) -> str:
-    value, lo, hi = (row.get(c) for c in (column, f"{column}_lo", f"{column}_hi"))
-    if value is None or pd.isna(value):
-        return "–"
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    if lo is None or pd.isna(lo):
-        return fmt.format(value)
-    return f"{fmt.format(value)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+    """A frame's `column` with its `column`_lo and _hi: 0.839 [0.823, 0.854]."""
+    return with_interval(*(row.get(c) for c in (column, f"{column}_lo", f"{column}_hi")),
+                         signed=signed)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
@@ -117,16 +105,13 @@ def paired_rows(paired: pd.DataFrame) -> list[list[str]]:
     """paired.csv's records as the report prints them (PAIRED_HEADERS): '–' where a test
     has no value (a downstream row has no discordant counts)."""
 
-    def ci(r) -> str:
-        return "–" if r["diff_lo"] is None or pd.isna(r["diff_lo"]) else \
-            f"[{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]"
-
     def discordant(r) -> str:
         return "–" if r["only_a"] is None or pd.isna(r["only_a"]) else \
             f"{int(r['only_a'])} / {int(r['only_b'])}"
 
     return [[r["measure"], r["comparison"], r["a"], r["b"], cell(r["items"]),
-             _signed(r["diff"]), ci(r), discordant(r), _p(r["p"]), _p(r["p_holm"]),
+             score(r["diff"], signed=True), bounds(r["diff_lo"], r["diff_hi"], signed=True),
+             discordant(r), p_value(r["p"]), p_value(r["p_holm"]),
              r["verdict"]] for _, r in paired.iterrows()]
 
 
@@ -157,8 +142,8 @@ def replicates_section(pooled: pd.DataFrame, comparisons: pd.DataFrame) -> str:
              *(f"{with_ci(r, m)} ({r[f'{m}_per_seed']})" for m in measures)]
             for _, r in pooled.iterrows()]
     tests = [[r["measure"], r["comparison"], r["a"], r["b"], r["seeds"], cell(r["items"]),
-              f"{_signed(r['diff'])} [{_signed(r['diff_lo'])}, {_signed(r['diff_hi'])}]",
-              r["per_seed"], _p(r["p"]), _p(r["p_holm"]), r["verdict"]]
+              with_ci(r, "diff", signed=True), r["per_seed"], p_value(r["p"]),
+              p_value(r["p_holm"]), r["verdict"]]
              for _, r in comparisons.iterrows()]
     return ("## Across training seeds\n\nEach (method, scale) trained once per seed; every "
             "score and difference pooled over the seeds with seeds and items resampled "

@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from loramoe.pipeline.numbers import with_interval
+
 
 def comparison_plots(table: pd.DataFrame, branches: list[dict[str, Any]], out: Path
                      ) -> list[Path]:
@@ -109,9 +111,8 @@ def router_types_plot(moe: list[dict[str, Any]], path: Path, plt) -> Path:
                color=["tab:blue" if mine else "tab:orange" for mine in panel["of_type"]])
         ax.axhline(panel["type_blind"], color="grey", linewidth=0.8, linestyle="--")
         sep = panel["separation"]
-        value = f"{sep['value']:+.3f}" if sep.get("value") is not None else "n/a"
-        interval = f" [{sep['ci'][0]:+.3f}, {sep['ci'][1]:+.3f}]" if sep.get("ci") else ""
-        ax.set_title(f"{panel['name']}: separation {value}{interval}", fontsize=9)
+        value = with_interval(sep.get("value"), *(sep.get("ci") or (None, None)), signed=True)
+        ax.set_title(f"{panel['name']}: separation {value}", fontsize=9)
         ax.set_ylabel(f"{panel['type']} experts", fontsize=8)
     shown = [v for p in panels for v in (*p["values"], p["type_blind"])]
     pad = max(0.01, 0.15 * (max(shown) - min(shown)))

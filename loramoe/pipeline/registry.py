@@ -11,13 +11,13 @@ from loramoe.pipeline.champion import (
     SCORED_BY_TAGS,
     challenge,
     current_champion,
-    fmt_ci,
-    fmt_opt,
+    diff_bounds,
     keep_rescore,
     reevaluate_champion,
     scored_by_tags,
 )
 from loramoe.pipeline.config import PipelineConfig
+from loramoe.pipeline.numbers import p_value, score
 from loramoe.pipeline.steps import restore_run_dir
 
 
@@ -44,7 +44,7 @@ def unreachable(measure: dict[str, Any], threshold: float) -> str:
         return ""
     best = wilson_interval(n, n)[0]
     return (f"; unreachable on {n} facts: keeping all of them gives a lower bound of "
-            f"{best:.3f}") if best < threshold else ""
+            f"{score(best)}") if best < threshold else ""
 
 
 def earned(branch: dict[str, Any], threshold: float, rule: str,
@@ -64,18 +64,18 @@ def earned(branch: dict[str, Any], threshold: float, rule: str,
     retention, low, kind = measure["value"], measure["low"], measure["name"]
     if rule == "best":
         ok = threshold == 0 or (retention is not None and retention >= threshold)
-        return ok, f"{name}: {kind} {fmt_opt(retention)} vs threshold {threshold}"
+        return ok, f"{name}: {kind} {score(retention)} vs threshold {threshold}"
     vs_base = branch["metrics"].get("vs_base", {}).get("downstream") or {}
     if p_holm is None or p_holm >= ALPHA or not vs_base.get("diff") or vs_base["diff"] <= 0:
-        return False, (f"{name}: downstream vs base {fmt_opt(vs_base.get('diff'))} "
-                       f"(95% CI {fmt_ci(vs_base.get('ci'))}, Holm p {fmt_opt(p_holm)}) is not "
-                       f"a significant gain")
+        return False, (f"{name}: downstream vs base {score(vs_base.get('diff'), signed=True)}"
+                       f" (95% CI {diff_bounds(vs_base.get('ci'))}, Holm p {p_value(p_holm)})"
+                       f" is not a significant gain")
     if threshold > 0 and (low is None or low < threshold):
-        return False, (f"{name}: {kind} lower bound {fmt_opt(low)} < threshold "
+        return False, (f"{name}: {kind} lower bound {score(low)} < threshold "
                        f"{threshold}{unreachable(measure, threshold)}")
-    return True, (f"{name}: downstream +{vs_base['diff']:.4f} vs base (95% CI "
-                  f"{fmt_ci(vs_base['ci'])}, Holm p {fmt_opt(p_holm)}), {kind} "
-                  f"{fmt_opt(retention)} (lower bound {fmt_opt(low)} >= {threshold})")
+    return True, (f"{name}: downstream {score(vs_base['diff'], signed=True)} vs base (95% CI "
+                  f"{diff_bounds(vs_base['ci'])}, Holm p {p_value(p_holm)}), {kind} "
+                  f"{score(retention)} (lower bound {score(low)} >= {threshold})")
 
 
 def verdicts(branches: list[dict[str, Any]], threshold: float, rule: str
@@ -114,7 +114,7 @@ def choose_among(judged: list[tuple[dict, bool, str]], rule: str) -> tuple[dict 
     optimistic = (f"; the highest of the {len(keeping)} that earned it, so its gain is an "
                   f"optimistic estimate" if len(keeping) > 1 else "")
     return best, (f"{why} (rule {rule}, {tested}; best downstream "
-                  f"{best['metrics']['downstream_score']:.4f}{optimistic})")
+                  f"{score(best['metrics']['downstream_score'])}{optimistic})")
 
 
 def register_champion(config: PipelineConfig, branches: list[dict[str, Any]],

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from loramoe.pipeline.config import branch_name
+from loramoe.pipeline.numbers import score
 
 COLUMNS = ["measure", "comparison", "a", "b", "seeds", "items", "diff", "diff_lo", "diff_hi",
            "per_seed", "p", "p_holm", "verdict"]
@@ -101,8 +102,7 @@ def replicate_table(outcomes: list[dict[str, Any]]) -> pd.DataFrame:
             result = crossed_bootstrap(*measure_matrix(ordered, measure))
             row.update({measure: result["value"], f"{measure}_lo": result["ci"][0],
                         f"{measure}_hi": result["ci"][1],
-                        f"{measure}_per_seed": " / ".join(f"{v:.3f}" for v in
-                                                          result["per_seed"])})
+                        f"{measure}_per_seed": " / ".join(map(score, result["per_seed"]))})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -154,7 +154,7 @@ def replicate_comparisons(outcomes: list[dict[str, Any]]) -> pd.DataFrame:
                   "b": _pooled_name(b), "seeds": ",".join(map(str, seeds)),
                   "items": test["n"], "diff": test["value"], "diff_lo": test["ci"][0],
                   "diff_hi": test["ci"][1],
-                  "per_seed": " / ".join(f"{v:+.3f}" for v in test["per_seed"]),
+                  "per_seed": " / ".join(score(v, signed=True) for v in test["per_seed"]),
                   "p": test["p"], "p_holm": p_holm,
                   "verdict": "significant" if p_holm < ALPHA else "not significant"}
                  for (a, b, kind, seeds, test), p_holm in zip(tests, adjusted, strict=True)]
