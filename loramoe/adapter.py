@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loramoe.config import ConfigError, LoRAMoEConfig
+from loramoe.digest import file_sha256
 from loramoe.injection import apply_loramoe, find_target_modules, loramoe_layers
 from loramoe.layer import ADAPTER_PARAM_NAMES, in_out_features
 
@@ -85,14 +86,6 @@ def base_fingerprint(model: nn.Module, state: dict[str, torch.Tensor] | None = N
     }
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _base_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
@@ -141,7 +134,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "base_fingerprint": base_fingerprint(model, state_dict),
         "layers": [name for name, _ in layers],
         "weights_file": WEIGHTS_NAME,
-        "weights_sha256": _file_sha256(weights_path),
+        "weights_sha256": file_sha256(weights_path),
     }
     _atomic_write(
         out / CONFIG_NAME,
@@ -223,7 +216,7 @@ def check_adapter_files(directory: str | os.PathLike) -> dict[str, Any]:
     path = directory / meta.get("weights_file", WEIGHTS_NAME)
     if not path.is_file():
         raise AdapterError(f"{path} not found")
-    if _file_sha256(path) != meta["weights_sha256"]:
+    if file_sha256(path) != meta["weights_sha256"]:
         raise AdapterError(
             f"{path} does not match the checksum in its adapter config: the file is corrupt or "
             f"was replaced"

@@ -102,7 +102,7 @@ def test_the_thread_count_and_the_cpu_are_settings(monkeypatch):
         f"ATen {aten}; MKL_ENABLE_INSTRUCTIONS=AVX2)")
     monkeypatch.setattr("loramoe.evaluate.cache.model_digest", lambda model: "m")
     monkeypatch.setattr("loramoe.evaluate.cache.code_digest", lambda: "c")
-    monkeypatch.setattr("loramoe.evaluate.cache.file_digest", lambda path: "e")
+    monkeypatch.setattr("loramoe.evaluate.cache.file_sha256", lambda path: "e")
     assert base_eval_key("x", None, one) != base_eval_key("x", None, two)
 
 

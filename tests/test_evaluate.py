@@ -96,7 +96,8 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
     # what scored them, for the registry's champion comparison across runs
     import torch
 
-    from loramoe.evaluate.cache import code_digest, file_digest, rounding
+    from loramoe.digest import file_sha256
+    from loramoe.evaluate.cache import code_digest, rounding
     from loramoe.precision import default_device, resolve_dtype
 
     device = default_device()
@@ -104,7 +105,7 @@ def test_evaluate_run_end_to_end(tiny_model_dir, tiny_train_file, tmp_path):
     hardware = ({"threads": torch.get_num_threads(), "cpu": rounding("cpu")["cpu"]}
                 if device.type == "cpu" else {"gpu": torch.cuda.get_device_name()})
     assert metrics["scored_by"] == base["scored_by"] == {
-        "records": file_digest(eval_file), "code": code_digest(),
+        "records": file_sha256(eval_file), "code": code_digest(),
         "settings": json.dumps({"batch_size": 16, "device": device.type, "dtype": dtype,
                                 "generate_per_task": 0, **hardware}, sort_keys=True)}
 

@@ -23,18 +23,12 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loramoe.digest import file_sha256
+
 if TYPE_CHECKING:
     import torch
 
 OUTPUTS = ("predictions.jsonl", "probe.jsonl", "metrics.json")
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @cache
@@ -43,7 +37,7 @@ def folder_digest(folder: str) -> str:
     digest = hashlib.sha256()
     root = Path(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(root)}\0{file_digest(path)}\n".encode())
+        digest.update(f"{path.relative_to(root)}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -120,7 +114,7 @@ def scored_otherwise(theirs: dict[str, str] | None, ours: dict[str, str] | None)
 
 
 def base_eval_key(model: str, eval_file: Path, settings: dict[str, Any]) -> str:
-    parts = {"model": model_digest(model), "eval": file_digest(eval_file),
+    parts = {"model": model_digest(model), "eval": file_sha256(eval_file),
              "code": code_digest(), **{k: str(v) for k, v in sorted(settings.items())}}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from loramoe.evaluate.cache import code_digest, eval_settings, file_digest, scored_otherwise
+from loramoe.digest import file_sha256
+from loramoe.evaluate.cache import code_digest, eval_settings, scored_otherwise
 from loramoe.evaluate.generation import generate_predictions
 from loramoe.evaluate.outputs import staged
 from loramoe.evaluate.probe import probe_facts, probe_retention, probe_summary
@@ -188,7 +189,7 @@ def scored_by(eval_file: Path, model, batch_size: int, generate_per_task: int
     generate_per_task, and the thread count and CPU or the GPU)."""
     settings = eval_settings(str(model.dtype).removeprefix("torch."), model.device,
                              batch_size, generate_per_task)
-    return {"records": file_digest(eval_file), "code": code_digest(),
+    return {"records": file_sha256(eval_file), "code": code_digest(),
             "settings": json.dumps(settings, sort_keys=True)}
 
 

@@ -29,9 +29,9 @@ MAY_CHANGE = {"output_dir", "train_file", "save_every", "keep_checkpoints", "sna
 
 
 def data_record(config: TrainConfig) -> dict[str, str]:
-    from loramoe.evaluate.cache import file_digest
+    from loramoe.digest import file_sha256
 
-    return {"train_file": config.train_file, "sha256": file_digest(Path(config.train_file))}
+    return {"train_file": config.train_file, "sha256": file_sha256(config.train_file)}
 
 
 def write_data_record(output_dir: Path, record: dict[str, str]) -> None:
