@@ -150,6 +150,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
+def _this(device: torch.device, name: str) -> str:
+    """The device, with why where it is a CPU: bf16 needs one of BF16_CPU_FLAGS, and the
+    product has no fp16 path on CPUs (their fp16 instructions are another matter)."""
+    if device.type == "cuda":
+        return "this CUDA GPU"
+    if name == "bf16":
+        return f"this CPU (none of {'/'.join(BF16_CPU_FLAGS)})"
+    return "a CPU (fp16 is for CUDA GPUs)"
+
+
 def resolve_dtype(name: str, device: torch.device | None = None,
                   field: str = "TrainConfig.dtype") -> torch.dtype:
     """The torch dtype for `name` on `device` (default: the GPU if there is one)."""
@@ -163,8 +173,6 @@ def resolve_dtype(name: str, device: torch.device | None = None,
         raise PrecisionError(f"{field}: must be one of ['auto', 'fp32', 'bf16', 'fp16'], "
                              f"got {name!r}")
     if name not in supported(device):
-        where = (f"this {device.type.upper()}" if device.type == "cuda" else
-                 "this CPU (no avx512_bf16/amx_bf16 flag)")
-        raise PrecisionError(f"{field}: {name!r} is not computed natively on {where}; it "
-                             f"supports {supported(device)} (or 'auto')")
+        raise PrecisionError(f"{field}: {name!r} is not computed natively on "
+                             f"{_this(device, name)}; it supports {supported(device)} (or 'auto')")
     return DTYPES[name]

@@ -122,8 +122,18 @@ def test_bf16_where_it_is_not_native_names_the_field_and_what_is(cpu_without_bf1
     with pytest.raises(PrecisionError, match=r"TrainConfig\.dtype: 'bf16' is not computed "
                                              r"natively on this CPU.*supports \['fp32'\]"):
         resolve_dtype("bf16", CPU)
-    with pytest.raises(PrecisionError, match=r"'fp16' is not computed natively"):
+    with pytest.raises(PrecisionError, match=r"'fp16' is not computed natively on a CPU \(fp16 "
+                                             r"is for CUDA GPUs\)"):
         resolve_dtype("fp16", CPU)
+
+
+def test_fp16_on_a_cpu_with_bf16_is_not_blamed_on_missing_bf16_flags(monkeypatch):
+    # The message said "this CPU (no avx512_bf16/amx_bf16 flag)" for fp16 on an AMX CPU too.
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    with pytest.raises(PrecisionError) as err:
+        resolve_dtype("fp16", CPU)
+    assert "fp16 is for CUDA GPUs" in str(err.value)
+    assert "avx512_bf16" not in str(err.value) and "supports ['bf16', 'fp32']" in str(err.value)
 
 
 def test_the_flags_are_read_from_this_machine():
