@@ -125,6 +125,28 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | torch.device | None, field: str = "device") -> torch.device:
+    """`name` as a device this machine has (None: default_device), or PrecisionError naming
+    `field`, before any model is loaded: torch's own errors for a CUDA device on a machine
+    without one come only once a tensor moves (an AssertionError deep in a traceback)."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise PrecisionError(f"{field}: {name!r} is not a device (e.g. cpu, cuda, cuda:1)"
+                             ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise PrecisionError(f"{field}: {name!r}: loramoe computes on cpu or cuda")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= visible:
+        raise PrecisionError(
+            f"{field}: {name!r}, but torch {torch.__version__} sees {visible} CUDA GPU(s) here "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            f"use cpu{f' or cuda:0..{visible - 1}' if visible else ''}, or leave it out")
+    return device
+
+
 def supported(device: torch.device) -> list[str]:
     """The dtypes this device computes natively, fastest first."""
     if device.type == "cuda":

@@ -217,6 +217,34 @@ def test_the_evaluate_cli_names_broken_run_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="names a device this machine lacks")
+def test_the_evaluate_cli_names_a_device_this_machine_lacks(tmp_path, tiny_model_dir):
+    # Before: torch's "Torch not compiled with CUDA enabled" AssertionError (or, for "tpu",
+    # a RuntimeError listing every device type) as a traceback, once the model had loaded.
+    path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
+    for device, message in [("cuda", r"error: --device: 'cuda', but torch .* sees 0 CUDA "
+                                     r"GPU\(s\) here .*use cpu, or leave it out"),
+                            ("tpu", r"error: --device: 'tpu' is not a device")]:
+        done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
+                   str(tmp_path / "out"), "--model", str(tiny_model_dir), "--device", device)
+        assert_named(done, message)
+        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_device_is_checked_against_the_gpus_torch_sees(monkeypatch):
+    from loramoe.precision import PrecisionError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(PrecisionError, match=r"device: 'cuda:1', but .* sees 1 CUDA GPU\(s\)"
+                                             r".*use cpu or cuda:0..0"):
+        resolve_device("cuda:1")
+    with pytest.raises(PrecisionError, match="loramoe computes on cpu or cuda"):
+        resolve_device("meta")
+
+
 def test_a_run_config_round_trips(tmp_path):
     from loramoe.train.config import read_run_config, write_run_config
 

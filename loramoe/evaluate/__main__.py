@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     from loramoe.cores import cap_threads_to_cores
     from loramoe.evaluate.run import evaluate
     from loramoe.model_paths import ModelNotAvailableError
-    from loramoe.precision import PrecisionError
+    from loramoe.precision import PrecisionError, resolve_device
 
     cap_threads_to_cores()  # a container's CPU quota, which torch's default ignores
     try:
+        resolve_device(args.device, "--device")  # named as the user typed it
         metrics = evaluate(args.eval_file, args.out, model=args.model, run=args.run,
                            base_dir=args.base, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device)

@@ -26,7 +26,7 @@ from loramoe.evaluate.scoring import (
     summarize,
 )
 from loramoe.evaluate.shards import WHOLE, Shard
-from loramoe.precision import default_device, dtype_name, resolve_dtype
+from loramoe.precision import dtype_name, resolve_device, resolve_dtype
 from loramoe.train.config import RUN_CONFIG, check_run_weights, read_run_config, run_part
 
 
@@ -37,7 +37,7 @@ def load_for_eval(model: str | None = None, run: str | Path | None = None,
     the run's train dtype, else "auto"; loramoe/precision.py)."""
     from loramoe.model import load_base_model
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     config = read_run_config(run) if run else None
     name = dtype or (config or {}).get("dtype", "auto")
     field = "dtype" if dtype or not config else (
@@ -93,7 +93,8 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     frame = generation_subset(full, generate_per_task)
     # the base's predictions and probe, read and checked before the model loads
     base, base_probe = read_base(Path(base_dir)) if base_dir is not None else (None, None)
-    check_workers(workers, device, run)  # before the model is loaded
+    device = resolve_device(device)  # a device this machine has, before the model loads
+    check_workers(workers, device, run)
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # a path that cannot be one fails here
     hf_model, tokenizer, config = load_for_eval(model, run, dtype, device)
     recorder = None
@@ -226,7 +227,7 @@ def check_workers(workers: int, device: str | torch.device | None, run) -> None:
         raise ValueError(f"workers: must be >= 1, got {workers}")
     if workers == 1:
         return
-    where = torch.device(device) if device is not None else default_device()
+    where = resolve_device(device)
     if where.type != "cpu":
         raise ValueError(f"workers = {workers}: worker processes share a CPU's cores; on "
                          f"{where} evaluate in one process")
