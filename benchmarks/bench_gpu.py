@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loramoe import LoRAMoEConfig, apply_loramoe
 from loramoe.backends import attach_backend
-from loramoe.precision import resolve_dtype
+from loramoe.precision import PrecisionError, resolve_device, resolve_dtype
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -122,10 +122,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU on "
-                     f"this machine; --device cpu runs the benchmark on the CPU")
+    try:
+        device = resolve_device(args.device, "--device")
+    except PrecisionError as err:
+        parser.error(str(err))
     dtype = resolve_dtype("auto", device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"Train step on {name}, frozen weights {dtype}, batch {args.batch} x {args.seq}, "

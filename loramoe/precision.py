@@ -143,7 +143,7 @@ def resolve_device(name: str | torch.device | None, field: str = "device") -> to
         raise PrecisionError(
             f"{field}: {name!r}, but torch {torch.__version__} sees {visible} CUDA GPU(s) here "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-            f"use cpu{f' or cuda:0..{visible - 1}' if visible else ''}, or leave it out")
+            f"use cpu{f' or cuda:0..{visible - 1}' if visible else ''}")
     return device
 
 

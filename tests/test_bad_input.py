@@ -223,7 +223,7 @@ def test_the_evaluate_cli_names_a_device_this_machine_lacks(tmp_path, tiny_model
     # a RuntimeError listing every device type) as a traceback, once the model had loaded.
     path = write_jsonl(tmp_path / "eval.jsonl", [eval_rows()[1]])
     for device, message in [("cuda", r"error: --device: 'cuda', but torch .* sees 0 CUDA "
-                                     r"GPU\(s\) here .*use cpu, or leave it out"),
+                                     r"GPU\(s\) here .*; use cpu\n"),
                             ("tpu", r"error: --device: 'tpu' is not a device")]:
         done = cli("-m", "loramoe.evaluate", "--eval-file", str(path), "--out",
                    str(tmp_path / "out"), "--model", str(tiny_model_dir), "--device", device)

@@ -96,7 +96,7 @@ def test_the_gpu_benchmark_names_a_missing_gpu():
     done = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--models", "tiny"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "--device cuda: torch" in done.stderr and "sees no CUDA GPU" in done.stderr
+    assert "--device: 'cuda', but torch" in done.stderr and "sees 0 CUDA GPU" in done.stderr
     assert "Traceback" not in done.stderr
 
 
