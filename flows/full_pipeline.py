@@ -96,7 +96,8 @@ class LoRAMoEPipeline(FlowSpec):
                     parser="tomllib.loads")
     scales = Parameter("scales", default="", help="comma list overriding config.mixture.scales")
     methods = Parameter("methods", default="", help="comma list of config.methods to run")
-    max_steps = Parameter("max-steps", default=0, type=int, help="override train.max_steps")
+    max_steps = Parameter("max-steps", default=0, type=int,
+                          help="override train.max_steps (0: the config's)")
     seeds = Parameter("seeds", default="", help="comma list overriding config.seeds (training "
                       "replicates)")
 

@@ -719,6 +719,7 @@ def test_pipeline_config_names_the_field_of_a_wrong_value(change, message):
     ("name = ", [], r"not valid TOML"),
     ("", ["--scales", "64,x"], r"--scales: a comma list of integers, got '64,x'"),
     ("", ["--methods=lora,nope"], r"--methods"),
+    ("", ["--max-steps", "-5"], r"TrainConfig\.max_steps: must be >= 1 or unset, got -5"),
 ])
 def test_the_flow_names_a_broken_config_before_metaflow_starts(tmp_path, first_line, run_args,
                                                                 message):
@@ -765,6 +766,10 @@ def test_the_run_command_is_read_as_metaflow_reads_it(tmp_path):
     assert read_run_command(["f.py", "run"], default, {"METAFLOW_FLOW_CONFIG": "x"}) is None
     # not an integer: left to the command line's parser, which names it itself
     assert read_run_command(["f.py", "run", "--max-steps", "x"], default).overrides == {}
+    # a negative integer is one (it escaped the check as not isdigit(), then failed in the
+    # start step of a Metaflow run)
+    assert read_run_command(["f.py", "run", "--max-steps", "-5"], default).overrides == \
+        {"max_steps": -5}
 
 
 def test_missing_local_model_is_a_missing_path(tmp_path):

@@ -82,9 +82,10 @@ def read_run_command(argv: list[str], default_config: Path,
         if not has_value:
             value = run[i + 1] if i + 1 < len(run) else ""
         if name == "--max-steps":
-            if not value.isdigit():
+            try:  # "-5" too, which Metaflow's parser takes as the integer it is
+                value = int(value)
+            except ValueError:
                 continue  # not an integer: the command line's own parser says so
-            value = int(value)
         command.overrides[RUN_OVERRIDES[name]] = value
     return command
 
