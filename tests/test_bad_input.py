@@ -613,6 +613,25 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(tiny_model_dir, tiny_trai
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
 
+def test_an_output_dir_that_cannot_be_a_run_folder_is_named_before_the_model_loads(
+        tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
+    # Before: a FileExistsError traceback, and an unmakeable folder failed only after the
+    # model had loaded and the data were encoded (the folder was made last).
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the output folder was checked")
+
+    monkeypatch.setattr("loramoe.train.builders.build_model", no_model)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.output_dir: .*a_file is a file"):
+        train(config_for(tiny_model_dir, tiny_train_file, a_file, max_steps=1), progress=False)
+    assert a_file.read_text() == "mine"
+    under_a_file = a_file / "run"
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.output_dir: .* cannot be written"):
+        train(config_for(tiny_model_dir, tiny_train_file, under_a_file, max_steps=1),
+              progress=False)
+
+
 def test_resume_refuses_other_settings_or_data_before_the_model_loads(
         tiny_model_dir, tiny_train_file, tmp_path, monkeypatch, capfd):
     """--resume continues the run with the settings and data it was trained on: another lr,

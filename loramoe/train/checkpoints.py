@@ -92,6 +92,23 @@ def keep_metrics_until(metrics_file: Path, step: int) -> None:
     metrics_file.write_text("".join(line + "\n" for line in kept))
 
 
+def make_run_folder(output_dir: Path) -> None:
+    """The run folder, made and found writable before the model loads (it was made only after
+    the model had loaded and the data were encoded), or TrainConfigError naming the field."""
+    import tempfile
+
+    from loramoe.train.config import TrainConfigError
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainConfigError(f"TrainConfig.output_dir: {output_dir} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as err:
+        raise TrainConfigError(f"TrainConfig.output_dir: {output_dir} cannot be written to "
+                               f"({err.strerror or err})") from None
+
+
 def set_aside(path: Path) -> Path | None:
     """Rename an earlier file to `NAME.previous-K` (first free K) instead of deleting it."""
     if not path.exists():
@@ -156,6 +173,7 @@ def _choose_start(output_dir: Path, resume: bool, check: Callable[[Path], None]
     are kept, never deleted."""
     from loramoe.train.config import TrainConfigError
 
+    make_run_folder(output_dir)
     metrics = output_dir / "metrics.jsonl"
     if not resume:
         earlier = complete_checkpoints(output_dir)
