@@ -164,6 +164,19 @@ def test_data_build_names_an_unreadable_local_task_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_data_build_names_an_outdir_that_cannot_be_one(tmp_path):
+    # Before: FileExistsError / NotADirectoryError tracebacks, after the mixture was built.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    config = ROOT / "flows" / "configs" / "smoke.toml"
+    done = cli("-m", "loramoe.data", "build", str(config), str(a_file))
+    assert_named(done, re.escape(f"error: OUTDIR: {a_file} is a file, not a folder"))
+    done = cli("-m", "loramoe.data", "build", str(config), str(a_file / "out"))
+    assert_named(done, re.escape(f"error: OUTDIR: {a_file / 'out'} cannot be made: {a_file} "
+                                 "is a file"))
+    assert a_file.read_text() == "mine"
+
+
 @pytest.mark.parametrize("method, damage, message", [
     ("loramoe", "no adapter", r"loramoe_config\.json not found: not a LoRAMoE adapter folder"),
     ("loramoe", "weights changed", r"does not match the checksum in its adapter config"),
@@ -627,7 +640,7 @@ def test_an_output_dir_that_cannot_be_a_run_folder_is_named_before_the_model_loa
         train(config_for(tiny_model_dir, tiny_train_file, a_file, max_steps=1), progress=False)
     assert a_file.read_text() == "mine"
     under_a_file = a_file / "run"
-    with pytest.raises(TrainConfigError, match=r"TrainConfig\.output_dir: .* cannot be written"):
+    with pytest.raises(TrainConfigError, match=r"output_dir: .*run cannot be made: .*a_file is a"):
         train(config_for(tiny_model_dir, tiny_train_file, under_a_file, max_steps=1),
               progress=False)
 

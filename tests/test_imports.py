@@ -102,7 +102,11 @@ def test_an_out_folder_holding_an_evaluation_is_refused_before_torch_is_imported
     assert result == ["2", "False"], stderr[-3000:]
     assert "--out is the --base folder" in stderr
     result, stderr = run_cli("loramoe.evaluate", [*args, "--out", str(good)])
-    assert result == ["2", "False"] and f"--out {good}: is a file" in stderr, stderr[-3000:]
+    assert result == ["2", "False"] and f"--out: {good} is a file" in stderr, stderr[-3000:]
+    # a folder under a file: NotADirectoryError's traceback before
+    result, stderr = run_cli("loramoe.evaluate", [*args, "--out", str(good / "sub")])
+    assert result == ["2", "False"], stderr[-3000:]
+    assert f"--out: {good / 'sub'} cannot be made: {good} is a file" in stderr, stderr[-3000:]
     assert (earlier / "metrics.json").read_text() == '{"knowledge_score": 0.5}'
 
 

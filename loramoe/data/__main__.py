@@ -15,6 +15,7 @@ from loramoe.data.mixture import (
 )
 from loramoe.data.records import RecordsError
 from loramoe.data.registry import list_tasks
+from loramoe.folders import folder_problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task.name:<24} {task.task_type:<11} {task.source:<8} {task.metric:<12} "
                   f"{task.description}")
         return 0
+    if problem := folder_problem(args.outdir):
+        print(f"error: OUTDIR: {problem}", file=sys.stderr)
+        return 2
     if (Path(args.outdir) / "manifest.json").exists() and not args.overwrite:
         print(f"error: {args.outdir} already holds a mixture (manifest.json); choose another "
               "folder, or pass --overwrite to replace it (earlier runs may have trained on "

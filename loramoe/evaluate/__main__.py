@@ -92,9 +92,10 @@ def out_problem(out: Path, base: str | None, overwrite: bool) -> str:
     """Why --out may not take this evaluation ('' if it may): it would replace the base's
     evaluation it is compared with, or an earlier evaluation the user did not ask to replace."""
     from loramoe.evaluate.outputs import held_evaluation
+    from loramoe.folders import folder_problem
 
-    if out.exists() and not out.is_dir():
-        return f"--out {out}: is a file, not a folder"
+    if problem := folder_problem(out):
+        return f"--out: {problem}"
     if base is not None and out.resolve() == Path(base).resolve():
         return (f"--out is the --base folder ({base}): this evaluation would replace the base "
                 "evaluation it is compared with; choose another --out")

@@ -93,20 +93,18 @@ def keep_metrics_until(metrics_file: Path, step: int) -> None:
 
 
 def make_run_folder(output_dir: Path) -> None:
-    """The run folder, made and found writable before the model loads (it was made only after
-    the model had loaded and the data were encoded), or TrainConfigError naming the field."""
-    import tempfile
-
+    """The run folder, made before the model loads (it was made only after the model had
+    loaded and the data were encoded), or TrainConfigError naming the field."""
+    from loramoe.folders import folder_problem
     from loramoe.train.config import TrainConfigError
 
-    if output_dir.exists() and not output_dir.is_dir():
-        raise TrainConfigError(f"TrainConfig.output_dir: {output_dir} is a file, not a folder")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as err:
-        raise TrainConfigError(f"TrainConfig.output_dir: {output_dir} cannot be written to "
-                               f"({err.strerror or err})") from None
+        if not (problem := folder_problem(output_dir)):
+            output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what access() cannot tell, e.g. /proc
+        problem = f"{output_dir} cannot be made: {err.strerror or err}"
+    if problem:
+        raise TrainConfigError(f"TrainConfig.output_dir: {problem}")
 
 
 def set_aside(path: Path) -> Path | None:
