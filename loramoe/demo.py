@@ -20,6 +20,7 @@ from loramoe import (
     parameter_summary,
     save_adapter,
 )
+from loramoe.data.collate import encode_example, prompt_ids
 from loramoe.model import contiguous_head_input
 
 # (question, answer, task type): a knowledge fact and a downstream skill.
@@ -30,12 +31,11 @@ EXAMPLES = [
 
 
 def encode(tokenizer, question: str, answer: str | None = None) -> torch.Tensor:
-    messages = [{"role": "user", "content": question}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=answer is None, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    """(1, T) ids as the trainer formats them: the chat template where the model has one, else
+    the question and a newline (a base model, e.g. the paper's Llama-2-7B)."""
+    ids = (prompt_ids(tokenizer, question) if answer is None
+           else encode_example(tokenizer, question, answer, max_length=256)[0])
+    return torch.tensor([ids])  # (1, T)
 
 
 def answer(model, tokenizer, question: str) -> str:

@@ -247,3 +247,19 @@ def test_an_adapter_written_from_a_gathered_state_equals_one_written_from_the_mo
     for a in written:
         b = tmp_path / "from_state" / "adapter" / a.name
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_the_demo_runs_on_a_base_model_without_a_chat_template(tiny_model_dir, tmp_path):
+    # Before: the demo formatted with apply_chat_template itself, so a base model (the paper's
+    # Llama-2-7B, or this tiny one) ended in transformers' "chat_template is not set" error.
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    assert not AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    done = subprocess.run([sys.executable, "-m", "loramoe.demo", "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "adapter"), "--steps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reloaded model answers identically: True" in done.stdout
