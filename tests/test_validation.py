@@ -115,6 +115,30 @@ def test_a_folder_that_build_did_not_write_is_named(tmp_path, capsys):
     assert "lacks key(s) ['train_files', 'eval_file']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--max-chars", "0"], "--max-chars: must be >= 1, got 0"),
+    (["--max-tokens", "5"], "--max-tokens needs --tokenizer"),
+    (["--docs", "{file}/docs"], "--docs: {file}/docs cannot be made: {file} is a file"),
+    (["--json", "{file}/r.json"], "--json: {file}/r.json cannot be written"),
+    (["--tokenizer", "{file}/no-model"], "error: --tokenizer: model '{file}/no-model'"),
+])
+def test_the_cli_names_a_bad_argument_before_validating(tmp_path, capsys, args, message):
+    # Before: --max-chars 0 ran every suite ("1..0 characters"), --max-tokens without a
+    # tokenizer was ignored, and the others ended in tracebacks (--json's after validating).
+    good = tmp_path / "good.jsonl"
+    write_records(pd.DataFrame([GOOD]), good)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    try:  # argparse's usage errors exit 2 themselves
+        code = validation_cli([str(good)] + [a.format(file=a_file) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    out = capsys.readouterr()
+    assert message.format(file=a_file) in out.err and "expectations" not in out.out
+    assert a_file.read_text() == "mine"
+
+
 def test_a_suite_draws_no_progress_bar(capfd):
     """great-expectations' "Calculating Metrics" bar wrote carriage returns into the flow's
     validate task (failed before: tests/test_pipeline.py::test_every_task_writes_whole_lines

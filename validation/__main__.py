@@ -34,14 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--json", help="write the structured result here")
     args = parser.parse_args(argv)
+    if problem := argument_problem(args):
+        parser.error(problem)
 
     kwargs = {"max_chars": args.max_chars, "docs_dir": args.docs}
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         from loramoe.model import resolve_model_path
+        from loramoe.model_paths import ModelNotAvailableError
 
-        kwargs["tokenizer"] = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
+        try:
+            kwargs["tokenizer"] = AutoTokenizer.from_pretrained(
+                resolve_model_path(args.tokenizer))
+        except (ModelNotAvailableError, OSError) as err:
+            print(f"error: --tokenizer: {err}", file=sys.stderr)
+            return 2
         kwargs["max_tokens"] = args.max_tokens or 512
     types = args.types.split(",") if args.types else None
     path = Path(args.path)
@@ -63,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in reports], indent=2))
     return 0 if all(r.success for r in reports) else 1
+
+
+def argument_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the arguments ('' if nothing), told before any file is read."""
+    from loramoe.folders import folder_problem
+
+    if args.max_chars < 1:
+        return f"--max-chars: must be >= 1, got {args.max_chars}"
+    if args.max_tokens is not None and (args.max_tokens < 1 or not args.tokenizer):
+        return (f"--max-tokens: must be >= 1, got {args.max_tokens}" if args.max_tokens < 1
+                else "--max-tokens needs --tokenizer (the tokenizer that counts the tokens)")
+    if args.docs and (problem := folder_problem(args.docs)):
+        return f"--docs: {problem}"
+    if args.json and (problem := folder_problem(Path(args.json).absolute().parent)):
+        return f"--json: {args.json} cannot be written ({problem})"
+    return ""
 
 
 if __name__ == "__main__":
