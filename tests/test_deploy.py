@@ -158,3 +158,26 @@ def test_a_model_folder_only_the_workers_have_is_a_warning(tmp_path, capsys):
                                                 'model = "/models/on-the-worker/llama"', 1))
     check_config(config)  # no error: the start step checks it where it runs
     assert "config.methods.sft.model" in capsys.readouterr().err
+
+
+def test_the_cli_names_what_keeps_it_from_compiling(tmp_path, capsys, monkeypatch):
+    # Before: an --out under a file was found only after Metaflow had compiled (a traceback),
+    # and a compile failure, e.g. no cloud datastore configured, was a DeployCompileError
+    # traceback around Metaflow's message.
+    from loramoe.pipeline.deploy import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit) as stopped:
+        main(["argo", "--config", str(PAPER), "--out", str(a_file / "out")])
+    assert stopped.value.code == 2
+    assert f"--out: {a_file / 'out'} cannot be made: {a_file} is a file" in \
+        capsys.readouterr().err
+    for name in ("METAFLOW_DEFAULT_DATASTORE", "METAFLOW_DATASTORE_SYSROOT_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("METAFLOW_HOME", str(tmp_path / "no-profile"))  # local datastore
+    assert main(["argo", "--config", str(PAPER), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: argo-workflows create --only-json failed") and \
+        "--datastore=s3" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

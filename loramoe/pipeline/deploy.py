@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loramoe.folders import folder_problem
+
 FLOW = Path(__file__).resolve().parents[2] / "flows" / "full_pipeline.py"
 
 
@@ -113,7 +115,7 @@ def check_config(config: Path) -> None:
     check(config, base_dir=FLOW.parent / "configs", workers_elsewhere=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loramoe.pipeline.deploy",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=["argo", "step-functions"])
@@ -122,14 +124,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.config.is_file():
         parser.error(f"--config: no such file {args.config}")
+    if problem := folder_problem(args.out):
+        parser.error(f"--out: {problem}")
     try:
         check_config(args.config)
     except ValueError as err:
         parser.error(f"--config {args.config}: {err}")
     compile_ = compile_argo if args.target == "argo" else compile_step_functions
-    for name, path in compile_(args.config.resolve(), args.out).items():
+    try:
+        written = compile_(args.config.resolve(), args.out)
+    except DeployCompileError as err:  # Metaflow's own message, e.g. the datastore it needs
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for name, path in written.items():
         print(f"{name}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
