@@ -219,6 +219,16 @@ def test_a_run_with_broken_weights_is_named_before_the_model_loads(tmp_path, met
     assert (staged / "kept").exists()  # nothing removed for a run that cannot be served
 
 
+def test_the_evaluate_cli_names_a_missing_eval_file(tmp_path):
+    # Before: a FileNotFoundError traceback (the CLI's early check caught only RecordsError).
+    for missing, says in [(tmp_path / "nope.jsonl", "no such records file"),
+                          (tmp_path, "a folder, not a records file")]:
+        done = cli("-m", "loramoe.evaluate", "--eval-file", str(missing), "--out",
+                   str(tmp_path / "out"), "--model", "m")
+        assert_named(done, re.escape(f"error: --eval-file: {missing}: {says}"))
+        assert not (tmp_path / "out").exists()
+
+
 def test_the_evaluate_cli_names_broken_run_weights(tmp_path):
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

@@ -189,7 +189,8 @@ def read_records(path: Path) -> pd.DataFrame:
     format cannot read is a RecordsError naming it (and, for .jsonl, the first bad line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such records file")
+        raise FileNotFoundError(f"{path}: " + ("a folder, not a records file" if path.is_dir()
+                                               else "no such records file"))
     readers = {".parquet": pd.read_parquet,
                ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
                ".json": lambda p: pd.read_json(p, dtype=False),

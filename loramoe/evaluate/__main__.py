@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the eval file's schema and the run's config, before torch and the model load
         check_records(read_records(Path(args.eval_file)), "eval", args.eval_file)
         run_config = read_run_config(args.run) if args.run else None
-    except (RecordsError, TrainConfigError) as err:
-        where = "--run: " if isinstance(err, TrainConfigError) else ""
+    except (RecordsError, TrainConfigError, FileNotFoundError) as err:
+        where = {TrainConfigError: "--run: ", FileNotFoundError: "--eval-file: "}.get(type(err), "")
         print(f"error: {where}{err}", file=sys.stderr)
         return 2
     from loramoe.adapter import AdapterError  # torch, not yet transformers

@@ -122,7 +122,8 @@ class TrainConfig:
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
-            raise TrainConfigError(f"--config: {path} does not exist")
+            raise TrainConfigError(f"--config: {path} " + ("is a folder, not a config file"
+                                                          if path.is_dir() else "does not exist"))
         text = path.read_text()
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
