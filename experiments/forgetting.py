@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
@@ -44,8 +43,11 @@ from loramoe.evaluate.probe import probe_facts, probe_retention  # noqa: E402
 from loramoe.evaluate.run import load_for_eval  # noqa: E402
 from loramoe.evaluate.scoring import score_predictions  # noqa: E402
 from loramoe.evaluate.stats import stratified_bootstrap  # noqa: E402
+from loramoe.folders import folder_problem  # noqa: E402
 from loramoe.pipeline import PipelineConfig  # noqa: E402
+from loramoe.pipeline.config import PipelineConfigError  # noqa: E402
 from loramoe.pipeline.paired import paired_kept, paired_on  # noqa: E402
+from loramoe.pipeline.precheck import check_config  # noqa: E402
 from loramoe.pipeline.report import score_columns  # noqa: E402
 from loramoe.train import train  # noqa: E402
 
@@ -129,10 +131,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="generation batch size")
     parser.add_argument("--scales", default="", help="comma-separated, replaces the config's")
     args = parser.parse_args()
+    if problem := folder_problem(args.out):
+        parser.error(f"--out: {problem}")
+    if args.batch < 1:
+        parser.error(f"--batch: must be >= 1, got {args.batch}")
     path = Path(args.config)
-    config = PipelineConfig.from_dict(tomllib.loads(path.read_text()), base_dir=path.parent)
-    # the run's own methods and scales, so the report's setup lists what was run
-    config = config.with_overrides(scales=args.scales, methods=args.methods)
+    try:  # the run's own methods and scales, so the report's setup lists what was run
+        config = check_config(path, path.parent, {"scales": args.scales,
+                                                  "methods": args.methods})
+    except PipelineConfigError as err:
+        parser.error(f"config {path}: {err}")
     out = Path(args.out)
     data = write_mixture(build_mixture(config.mixture), config.mixture, out / "data")
     frame = read_records(data / "eval.jsonl")

@@ -121,3 +121,19 @@ def test_narrowed_runs_report_what_they_ran_and_pair_across_runs(tmp_path):
     refused = subprocess.run([sys.executable, str(ROOT / "experiments/pair_runs.py"),
                               str(other), str(out)], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "not comparable" in refused.stderr
+
+
+def test_bad_arguments_are_named_before_any_work(tmp_path):
+    # Before: tracebacks (PipelineConfigError from the config, NotADirectoryError from --out
+    # once the mixture was built); --batch 0 went on to the first generation.
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for args, message in [(["--out", str(a_file / "x")], f"--out: {a_file / 'x'} cannot be made"),
+                          (["--batch", "0"], "--batch: must be >= 1, got 0"),
+                          (["--scales", "0"], "mixture.scales: must be a list of positive"),
+                          (["--methods", "nope"], "--methods: ['nope'] not in config.methods")]:
+        done = subprocess.run([sys.executable, str(ROOT / "experiments/forgetting.py"),
+                               "--out", str(tmp_path / "out"), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
