@@ -88,9 +88,12 @@ def test_an_evaluation_in_two_processes_writes_what_one_writes(tiny_model_dir, e
     assert saved[0] == saved[1]  # scored_by too: the same thread count, hence cache key
 
 
-def test_a_loramoe_run_or_a_gpu_is_not_split_and_nothing_is_loaded(tmp_path, eval_file):
+def test_a_loramoe_run_or_a_gpu_is_not_split_and_nothing_is_loaded(tmp_path, eval_file,
+                                                                    monkeypatch):
     """A LoRAMoE run's router weights are recorded per batch in one process; workers share
     a CPU's cores. Both are refused from the run's config and the device, before loading."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU for cuda:0 to name
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_config.json").write_text(json.dumps({"method": "loramoe", "model": "m"})
