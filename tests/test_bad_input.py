@@ -890,6 +890,11 @@ def test_unwritable_tracking_uri_stops_the_flow_in_start(tmp_path):
                      cwd=tmp_path, env={"METAFLOW_USER": "tester"})
         assert pooled.returncode == 2 and message in pooled.stderr, pooled.stderr[-2000:]
         assert "Traceback" not in pooled.stderr and not (tmp_path / "rep").exists()
+    # an --out under a file, before any run is read (before: a traceback at the end)
+    pooled = cli("-m", "loramoe.pipeline.replicates", run_id, "--out", str(blocker / "rep"),
+                 cwd=tmp_path, env={"METAFLOW_USER": "tester"})
+    assert pooled.returncode == 2, pooled.stderr[-2000:]
+    assert f"--out: {blocker / 'rep'} cannot be made: {blocker} is a file" in pooled.stderr
 
 
 def test_a_broken_base_evaluation_folder_is_named_before_the_model_loads(tmp_path):

@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     from pathlib import Path
 
+    from loramoe.folders import folder_problem
     from loramoe.pipeline.claims import paper_claims
     from loramoe.pipeline.markdown import claims_section
     from loramoe.pipeline.report import write_replicates
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--flow", default="LoRAMoEPipeline")
     args = parser.parse_args(argv)
+    if problem := folder_problem(args.out):  # before the runs' artifacts are read
+        parser.error(f"--out: {problem}")
     try:
         outcomes = run_outcomes(args.run_ids, args.flow)
     except ValueError as err:
