@@ -73,6 +73,28 @@ def test_empty_answers_and_overlap_in_eval(mixture_dir):
     assert "overlap" in report.summary()
 
 
+def test_a_facts_choices_and_ids_are_checked_in_both_twins():
+    """One option scores every model right and a repeated one splits a tie; a repeated id
+    pairs an item with the wrong base item. Before: neither the suites nor the light check
+    looked at choices, and the light check (which the evaluate CLI runs) not at ids."""
+    import pandas as pd
+
+    from loramoe.data.records import RecordsError, check_records
+
+    row = {"id": "e", "task": "t", "task_type": "knowledge", "prompt": "Q?", "answers": ["A"],
+           "metric": "contains", "choices": ["A", "B"]}
+    good = pd.DataFrame([row, {**row, "id": "f", "choices": None}])
+    check_records(good, "eval")
+    assert validate_frame(good, "eval").success
+    for bad, column in [([row, {**row, "id": "f", "choices": ["A"]}], "choices"),
+                        ([row, {**row, "id": "f", "choices": ["A", "A"]}], "choices"),
+                        ([row, {**row, "choices": ["A", "B"]}], "id")]:
+        frame = pd.DataFrame(bad)
+        with pytest.raises(RecordsError, match=f"column '{column}' must be"):
+            check_records(frame, "eval")
+        assert column in {f.column for f in validate_frame(frame, "eval").failures}
+
+
 def test_overlong_in_tokens_given_a_tokenizer():
     import pandas as pd
     from tokenizers import Tokenizer, models, pre_tokenizers

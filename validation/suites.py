@@ -20,6 +20,7 @@ from loramoe.data.records import (
     EVAL_COLUMNS,
     METRICS,
     TRAIN_COLUMNS,
+    choices_ok,
     is_text,
     line_number,
     looks_like_serialized_list,
@@ -118,6 +119,10 @@ def _expectations(frame: pd.DataFrame, kind: str, task_types: list[str], max_cha
         if "answers" in present:
             out.append((gxe.ExpectColumnValuesToBeBetween(column="_n_answers", min_value=1),
                         "answers must be a non-empty list of non-empty strings"))
+        if "choices" in present:
+            out.append((gxe.ExpectColumnValuesToBeInSet(column="_choices_ok", value_set=[True]),
+                        "must be empty or at least two distinct non-empty strings (the gold "
+                        "first)"))
         if check_overlap:
             out.append((gxe.ExpectColumnValuesToBeInSet(column="_in_train", value_set=[False]),
                         "prompt must not appear in the training data (train/eval overlap)"))
@@ -144,6 +149,8 @@ def _with_derived(frame: pd.DataFrame, kind: str, tokenizer, train_prompts: set[
         frame["_serialized_list_response"] = frame["response"].map(looks_like_serialized_list)
     if kind == "eval" and "answers" in frame:
         frame["_n_answers"] = frame["answers"].map(_n_answers)
+    if kind == "eval" and "choices" in frame:
+        frame["_choices_ok"] = frame["choices"].map(choices_ok)
     if kind == "eval" and train_prompts is not None and "prompt" in frame:
         frame["_in_train"] = frame["prompt"].astype(str).map(normalize_text).isin(train_prompts)
     if tokenizer is not None and "prompt" in frame:
@@ -160,7 +167,8 @@ def _shown_column(column: str | None) -> str | None:
     for prefix in ("_is_text_", "_str_", "_serialized_list_"):
         if column.startswith(prefix):
             return column[len(prefix):]
-    return {"_n_answers": "answers", "_in_train": "prompt", "_n_tokens": "prompt"}[column]
+    return {"_n_answers": "answers", "_in_train": "prompt", "_n_tokens": "prompt",
+            "_choices_ok": "choices"}[column]
 
 
 def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None,

@@ -106,6 +106,17 @@ def line_number(index: int, path: Path | str | None) -> int:
     return index + (2 if path is not None and Path(path).suffix == ".csv" else 1)
 
 
+def choices_ok(value: Any) -> bool:
+    """A fact's multiple-choice options: none (not probed), or at least two distinct non-empty
+    strings — one option would score every model right, a repeated one splits a tie."""
+    if value is None or (not isinstance(value, (list, tuple)) and not hasattr(value, "tolist")
+                         and pd.isna(value)):
+        return True
+    options = list(value)
+    return not options or (len(options) >= 2 and all(is_text(o) for o in options)
+                           and len(set(options)) == len(options))
+
+
 def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = None,
                   columns: tuple[str, ...] | None = None) -> None:
     """Raise RecordsError naming columns, lines and ids when records break the schema.
@@ -133,6 +144,13 @@ def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = No
     if "metric" in columns:
         bad = [i for i, v in enumerate(frame["metric"]) if v not in METRICS]
         problems += _describe(frame, bad, "metric", f"must be one of {list(METRICS)}", source)
+    if kind == "eval" and "id" in columns:  # items are paired with the base's by id
+        bad = [i for i, repeated in enumerate(frame["id"].duplicated(keep=False)) if repeated]
+        problems += _describe(frame, bad, "id", "must be unique", source)
+    if kind == "eval" and "choices" in frame.columns:
+        bad = [i for i, v in enumerate(frame["choices"]) if not choices_ok(v)]
+        problems += _describe(frame, bad, "choices", "must be empty or at least two distinct "
+                              "non-empty strings (the gold first)", source)
     if problems:
         raise RecordsError(f"{where}{len(problems)} schema problem(s):\n" + "\n".join(
             f"  - {p}" for p in problems))
