@@ -88,6 +88,10 @@ def test_a_facts_choices_and_ids_are_checked_in_both_twins():
     assert validate_frame(good, "eval").success
     for bad, column in [([row, {**row, "id": "f", "choices": ["A"]}], "choices"),
                         ([row, {**row, "id": "f", "choices": ["A", "A"]}], "choices"),
+                        # text and numbers are not lists of options ("AB" read as ["A", "B"],
+                        # 5 a TypeError, in this check's first version)
+                        ([row, {**row, "id": "f", "choices": "AB"}], "choices"),
+                        ([row, {**row, "id": "f", "choices": 5}], "choices"),
                         ([row, {**row, "choices": ["A", "B"]}], "id")]:
         frame = pd.DataFrame(bad)
         with pytest.raises(RecordsError, match=f"column '{column}' must be"):

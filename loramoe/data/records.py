@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 METRICS = ("exact_match", "f1", "contains", "accuracy", "rouge_l", "chrf")
@@ -107,11 +108,13 @@ def line_number(index: int, path: Path | str | None) -> int:
 
 
 def choices_ok(value: Any) -> bool:
-    """A fact's multiple-choice options: none (not probed), or at least two distinct non-empty
-    strings — one option would score every model right, a repeated one splits a tie."""
-    if value is None or (not isinstance(value, (list, tuple)) and not hasattr(value, "tolist")
-                         and pd.isna(value)):
-        return True
+    """A fact's multiple-choice options: none (not probed: null, "" or []), or a list of at
+    least two distinct non-empty strings — one option would score every model right, a
+    repeated one splits a tie. Text or a number is not a list of options."""
+    if isinstance(value, str):
+        return not value
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        return value is None or bool(pd.isna(value))
     options = list(value)
     return not options or (len(options) >= 2 and all(is_text(o) for o in options)
                            and len(set(options)) == len(options))
