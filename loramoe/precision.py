@@ -172,7 +172,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
-def _this(device: torch.device, name: str) -> str:
+def _where_not_native(device: torch.device, name: str) -> str:
     """The device, with why where it is a CPU: bf16 needs one of BF16_CPU_FLAGS, and the
     product has no fp16 path on CPUs (their fp16 instructions are another matter)."""
     if device.type == "cuda":
@@ -196,5 +196,6 @@ def resolve_dtype(name: str, device: torch.device | None = None,
                              f"got {name!r}")
     if name not in supported(device):
         raise PrecisionError(f"{field}: {name!r} is not computed natively on "
-                             f"{_this(device, name)}; it supports {supported(device)} (or 'auto')")
+                             f"{_where_not_native(device, name)}; it supports "
+                             f"{supported(device)} (or 'auto')")
     return DTYPES[name]

@@ -222,15 +222,14 @@ def answer(model, tokenizer, frame: pd.DataFrame, full: pd.DataFrame, batch_size
     return predictions, probe
 
 
-def check_workers(workers: int, device: str | torch.device | None, run) -> None:
+def check_workers(workers: int, device: torch.device, run) -> None:
     if workers < 1:
         raise ValueError(f"workers: must be >= 1, got {workers}")
     if workers == 1:
         return
-    where = resolve_device(device)
-    if where.type != "cpu":
+    if device.type != "cpu":
         raise ValueError(f"workers = {workers}: worker processes share a CPU's cores; on "
-                         f"{where} evaluate in one process")
+                         f"{device} evaluate in one process")
     if run is not None and read_run_config(run)["method"] == "loramoe":
         raise ValueError(f"workers = {workers}: a LoRAMoE run's router is recorded in one "
                          "process; evaluate it with workers = 1")

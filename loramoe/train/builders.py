@@ -262,8 +262,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     model, optimizer, scheduler = accelerator.prepare(ResponseLM(lm), optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
                         params, total_steps, autocast, Progress(**made))
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:  # resume_point made the folder, before the model loaded
         write_run_config(output_dir, config)
         write_data_record(output_dir, data)
     if checkpoint is not None:
