@@ -123,6 +123,17 @@ def run_method(name: str, config: PipelineConfig, data: Path, out: Path, facts, 
     return rows, as_branches(name, scales, kept)
 
 
+def earlier_run(out: Path) -> str:
+    """Why `out` would lose an earlier run's results ('' if it would not): a second run
+    there rewrote its config.json, data and base probe and then stopped in training on the
+    earlier run's folders."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return ""
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    return f"{out} already holds files ({shown}); choose an empty or new folder"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "flows/configs/forgetting.toml"))
@@ -131,7 +142,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="generation batch size")
     parser.add_argument("--scales", default="", help="comma-separated, replaces the config's")
     args = parser.parse_args()
-    if problem := folder_problem(args.out):
+    if problem := folder_problem(args.out) or earlier_run(Path(args.out)):
         parser.error(f"--out: {problem}")
     if args.batch < 1:
         parser.error(f"--batch: must be >= 1, got {args.batch}")

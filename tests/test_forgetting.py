@@ -137,3 +137,18 @@ def test_bad_arguments_are_named_before_any_work(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_earlier_run_in_out_is_kept(tmp_path):
+    # Before: a second run into the same --out rewrote config.json, data/ and
+    # base_probe.jsonl, measured the base model and then stopped with a traceback when
+    # training met the earlier run's method folder.
+    out = tmp_path / "out"
+    (out / "loramoe").mkdir(parents=True)
+    (out / "report.md").write_text("earlier")
+    done = subprocess.run([sys.executable, str(ROOT / "experiments/forgetting.py"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--out: {out} already holds files (loramoe, report.md)" in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["loramoe", "report.md"]
+    assert (out / "report.md").read_text() == "earlier"
