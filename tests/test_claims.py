@@ -3,6 +3,10 @@ answers, and the markdown report is written from the run's own table."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -170,6 +174,19 @@ def test_old_reports_are_re_read_with_holm(tmp_path):
     # p = 2/2^6 recomputed from the counts; a family of two: Holm p = 0.0625
     assert "| 0 / 6 | 0.0312 | 0.0625 | **not significant** (was significant) |" in out
     assert "1 of 2 verdicts change." in out
+
+
+def test_holm_reread_names_a_bad_argument(tmp_path):
+    # Before: FileNotFoundError, IsADirectoryError and a bare StopIteration tracebacks.
+    script = Path(__file__).resolve().parents[1] / "experiments" / "holm_reread.py"
+    (tmp_path / "notes.md").write_text("# notes\n")
+    for arg, message in [(tmp_path / "none.md", "none.md: no such file"),
+                         (tmp_path, "a folder, not a report"),
+                         (tmp_path / "notes.md", "no '## Paired comparisons' section")]:
+        done = subprocess.run([sys.executable, str(script), str(arg)], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
 
 
 def test_paired_table_compares_downstream_on_the_same_items():

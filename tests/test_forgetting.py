@@ -114,6 +114,15 @@ def test_narrowed_runs_report_what_they_ran_and_pair_across_runs(tmp_path):
     assert value == pytest.approx((kept["sft"] - kept["loramoe"]) / known, abs=5e-4)
     assert lo <= value <= hi and lo < hi  # the difference and its 95% interval
 
+    # folders that are not forgetting.py runs are named, not read into a traceback
+    for bad, message in [(tmp_path / "none", "first: "), (config, "first: "),
+                         (tmp_path, "holds no base_probe.jsonl or results.csv")]:
+        refused = subprocess.run([sys.executable, str(ROOT / "experiments/pair_runs.py"),
+                                  str(bad), str(out)], capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
+
     # runs over different facts (or base answers) are refused, not paired
     base = pd.read_json(other / "base_probe.jsonl", lines=True)
     base.loc[0, "mc_correct"] = not base.loc[0, "mc_correct"]

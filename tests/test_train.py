@@ -174,10 +174,23 @@ def test_snapshot_under_constant_lr_is_the_shorter_run(tiny_model_dir, tiny_trai
     assert config["snapshot_steps"] == [3, 6] and model.training is False
 
 
-def test_snapshot_steps_past_the_run_name_the_field(tiny_model_dir, tiny_train_file, tmp_path):
-    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=4,
-                        snapshot_steps=[2, 9])
-    with pytest.raises(TrainConfigError, match=r"TrainConfig\.snapshot_steps: \[9\]"):
+def test_snapshot_steps_past_the_run_name_the_field(tiny_model_dir, tiny_train_file, tmp_path,
+                                                   monkeypatch):
+    # Before: both were found in train() after the model had loaded and the data were encoded.
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.snapshot_steps: .*<= max_steps "
+                                               r"\(4\)"):
+        config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=4, snapshot_steps=[2, 9])
+    import loramoe.train.builders as builders
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(builders, "build_model", no_model)
+    # 48 rows, batch 8, 2 epochs: at most 12 steps
+    config = config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=None, epochs=2,
+                        snapshot_steps=[2, 13])
+    with pytest.raises(TrainConfigError, match=r"TrainConfig\.snapshot_steps: \[13\] lie past "
+                                               r"the run's at most 12 optimizer steps \(48 "):
         train(config, progress=False)
     assert not (tmp_path / "run" / "snapshots").exists()
     with pytest.raises(TrainConfigError, match=r"TrainConfig\.snapshot_steps"):

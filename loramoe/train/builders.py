@@ -14,7 +14,14 @@ from typing import Any
 import torch
 
 from loramoe.data.collate import Collator
-from loramoe.train.config import TrainConfig, TrainConfigError, run_part, write_run_config
+from loramoe.train.config import (
+    TrainConfig,
+    TrainConfigError,
+    check_snapshots,
+    run_length,
+    run_part,
+    write_run_config,
+)
 from loramoe.train.data import encode_frame, read_train_frame
 from loramoe.train.objective import ResponseLM
 
@@ -243,6 +250,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
         deepspeed_recipe(accelerator.state.deepspeed_plugin.deepspeed_config, config, dtype)
     set_seed(config.seed)
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
+    # encoding only drops rows: snapshots past a run over every row fail before the model too
+    check_snapshots(config, len(frame), accelerator.num_processes, bound="at most ")
     output_dir = Path(config.output_dir)
     made = {"processes": accelerator.num_processes, "dtype": dtype_name(dtype)}
     checkpoint, data = resume_point(accelerator, config, resume, made)  # before the model
@@ -252,9 +261,8 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
                                f"examples (empty, or every response truncated by max_length)")
-    per_epoch = math.ceil(len(dataset) / (config.batch_size * accelerator.num_processes
-                                          * config.grad_accum))
-    total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
+    check_snapshots(config, len(dataset), accelerator.num_processes)
+    total_steps = run_length(config, len(dataset), accelerator.num_processes)
     groups = optimizer_groups(lm, config)
     params = [p for group in groups for p in group["params"]]
     optimizer, scheduler = build_optimizer(groups, config, total_steps,

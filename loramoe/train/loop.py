@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from loramoe.precision import hardware_name
 from loramoe.train.builders import Training, build_training, save_artifact
 from loramoe.train.checkpoints import diverged, gradients_finite, save_if_finite
-from loramoe.train.config import TrainConfig, TrainConfigError, run_part, write_run_config
+from loramoe.train.config import TrainConfig, run_part, write_run_config
 from loramoe.train.objective import (
     gather_samples,
     global_mean,
@@ -109,10 +109,6 @@ def train(config: TrainConfig, sink: MetricsSink | None = None, resume: bool = F
     from loramoe.progress import progress as progress_bar
 
     run = build_training(config, resume)
-    late = [s for s in config.snapshot_steps if s > run.total_steps]
-    if late:
-        raise TrainConfigError(f"TrainConfig.snapshot_steps: {late} lie past the run's "
-                               f"{run.total_steps} optimizer steps")
     acc, model, optimizer, output_dir = run.accelerator, run.model, run.optimizer, \
         Path(config.output_dir)
     sinks = [sink] if sink is not None else []
