@@ -21,10 +21,16 @@ from loramoe.evaluate.stats import ALPHA, holm_adjust, mcnemar_exact
 HEADER = "## Paired comparisons"  # reports since fbf7f10 carry their Holm p already
 
 
+class NotAReport(ValueError):
+    """The file holds no paired-comparisons table to re-read."""
+
+
 def paired_rows(report: Path) -> list[dict[str, str]]:
     """The rows of the report's paired-comparisons table, as header -> cell."""
     lines = report.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(HEADER))
+    start = next((i for i, line in enumerate(lines) if line.startswith(HEADER)), None)
+    if start is None:
+        raise NotAReport(f"{report}: no '{HEADER}' section; not a pipeline report.md")
     end = next((i for i, line in enumerate(lines[start + 1:]) if line.startswith("## ")),
                len(lines))
     table = [line for line in lines[start + 1:start + 1 + end] if line.startswith("|")]
@@ -74,8 +80,16 @@ def reread(report: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path)
-    for report in parser.parse_args().reports:
-        print(reread(report), end="\n\n")
+    reports = parser.parse_args().reports
+    for report in reports:  # every argument checked before the first is read
+        if not report.is_file():
+            parser.error(f"{report}: " + ("a folder, not a report" if report.is_dir()
+                                          else "no such file"))
+    for report in reports:
+        try:
+            print(reread(report), end="\n\n")
+        except NotAReport as err:
+            parser.error(str(err))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,25 @@ def snapshots(out: Path) -> dict[tuple[str, int], pd.Series]:
     return found
 
 
+def run_problem(out: Path) -> str:
+    """Why `out` is not a forgetting.py output folder ('' if it is): the files read here."""
+    if not out.is_dir():
+        return f"{out} is not a folder" if out.exists() else f"{out} does not exist"
+    needed = ["base_probe.jsonl", "results.csv"]
+    if missing := [name for name in needed if not (out / name).is_file()]:
+        return (f"{out} holds no {' or '.join(missing)}: not an experiments/forgetting.py "
+                f"output folder, or a run that stopped before its first method was measured")
+    return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("first", type=Path)
     parser.add_argument("second", type=Path)
     args = parser.parse_args()
+    for name in ("first", "second"):
+        if problem := run_problem(getattr(args, name)):
+            parser.error(f"{name}: {problem}")
     bases = [read_records(out / "base_probe.jsonl").set_index("id")["mc_correct"]
              for out in (args.first, args.second)]
     if not bases[0].sort_index().equals(bases[1].sort_index()):
