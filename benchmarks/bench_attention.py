@@ -20,6 +20,11 @@ import time
 
 import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
 import torch
+from arguments import (
+    TRAINER_METHODS,
+    at_least,
+    listed,
+)
 
 from loramoe.backends.attention import NAME as ATTENTION
 from loramoe.train.objective import ResponseLM
@@ -35,10 +40,10 @@ def make_step(model, config, autocast: torch.dtype | None):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="sft,lora,loramoe")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", type=listed(TRAINER_METHODS), default="sft,lora,loramoe")
+    parser.add_argument("--batches", type=at_least(1), default=4)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipeline, frame = bench_length_pieces.default_train_frame()
@@ -46,7 +51,7 @@ def main() -> None:
           f"{args.rounds} interleaved rounds, torch {torch.__version__}")
     print(f"  {'method':8} {'fp32 s':>7} {'bf16 sdpa s':>11} {'bf16 fp32-attn s':>16} "
           f"{'fp32-attn/sdpa':>14} {'bf16 speed-up (sdpa, fp32-attn)':>32}")
-    for method in args.methods.split(","):
+    for method in args.methods:
         steps, batches = {}, None
         for name, (dtype_name, fp32_attention) in VARIANTS.items():
             model, tokenizer, config, autocast = bench_length_pieces.trainer_model(

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from arguments import at_least
 from train_step import frozen_floor, make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
@@ -52,9 +53,9 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--seq", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=10)
     args = parser.parse_args()
     torch.manual_seed(0)
     base, _ = load_base_model()

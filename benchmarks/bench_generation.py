@@ -18,6 +18,13 @@ import argparse
 import time
 
 import torch
+from arguments import (
+    ADAPTED_METHODS,
+    PRECISIONS,
+    at_least,
+    listed,
+    positive_ints,
+)
 from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
 from loramoe.data import build_mixture
@@ -43,10 +50,10 @@ def with_adapters(model, base_model: str, method: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="16,64")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--methods", default="base")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--batches", type=positive_ints, default="16,64")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="auto")
+    parser.add_argument("--methods", type=listed(ADAPTED_METHODS), default="base")
+    parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,11 +63,11 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype)
     print(f"dtype {dtype}, {torch.get_num_threads()} thread(s); {len(knowledge)} knowledge "
           f"questions, {len(frame)} in all")
-    for method in args.methods.split(","):
+    for method in args.methods:
         model, tokenizer = load_base_model(config.base_model, dtype=dtype)
         model = with_adapters(model, config.base_model, method)
         generate_predictions(model, tokenizer, knowledge.head(8), batch_size=8)  # warm-up
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             for name, part in (("knowledge (short answers)", knowledge), ("whole subset", frame)):
                 start = time.perf_counter()
                 generate_predictions(model, tokenizer, part, batch_size=batch)

@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from arguments import at_least, listed
 from peft import LoraConfig, get_peft_model
 from train_step import frozen_floor, make_step
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -116,11 +117,11 @@ def ratio_line(shape: str, name: str, results: dict, a: str, b: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--models", default="smollm2-135m,llama-1b")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--models", type=listed(SHAPES), default="smollm2-135m,llama-1b")
+    parser.add_argument("--batch", type=at_least(1), default=8)
+    parser.add_argument("--seq", type=at_least(1), default=1024)
+    parser.add_argument("--repeats", type=at_least(1), default=10)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
     args = parser.parse_args()
     try:
         device = resolve_device(args.device, "--device")
@@ -131,7 +132,7 @@ def main() -> None:
     print(f"Train step on {name}, frozen weights {dtype}, batch {args.batch} x {args.seq}, "
           f"torch {torch.__version__}, median of {args.repeats} steps, {args.rounds} rounds")
     print(f"  {'model':<14} {'variant':<17} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>9}")
-    for shape in args.models.split(","):
+    for shape in args.models:
         results = measure(shape, args, device, dtype)
         for variant, rounds in results.items():
             ms = statistics.median(t for t, _ in rounds)

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - Windows
 import copy
 
 import torch
+from arguments import at_least, fraction
 from torch import nn
 
 from loramoe import LoRAMoEConfig
@@ -107,11 +108,11 @@ def measure(variants: dict[str, nn.Module], x, grad, repeats: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--d-in", type=int, default=576)
-    parser.add_argument("--d-out", type=int, default=1536)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--dropout", type=float, default=0.05, help="paper: 0.05")
+    parser.add_argument("--tokens", type=at_least(1), default=2048)
+    parser.add_argument("--d-in", type=at_least(1), default=576)
+    parser.add_argument("--d-out", type=at_least(1), default=1536)
+    parser.add_argument("--repeats", type=at_least(1), default=30)
+    parser.add_argument("--dropout", type=fraction, default=0.05, help="paper: 0.05")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="the frozen weight's and the input's (adapters stay fp32)")
     args = parser.parse_args()

@@ -21,6 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from arguments import (
+    PRECISIONS,
+    TRAINER_METHODS,
+    at_least,
+    listed,
+)
 from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 from train_step import frozen_floor
 
@@ -114,17 +120,17 @@ def steps_on(model, batches: list[dict], config: TrainConfig,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="sft,lora,loramoe")
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--methods", type=listed(TRAINER_METHODS), default="sft,lora,loramoe")
+    parser.add_argument("--batches", type=at_least(1), default=4)
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--dtype", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipeline, frame = default_train_frame()
     print(f"dtype {resolve_dtype(args.dtype)}, {args.threads} thread(s), {args.batches} "
           f"batches, {args.rounds} interleaved rounds")
-    for method in args.methods.split(","):
+    for method in args.methods:
         model, tokenizer, config, autocast = trainer_model(pipeline, method, args.dtype)
         batches = first_batches(config, tokenizer, frame, args.batches)
         real = sum(int(b["attention_mask"].sum()) for b in batches)

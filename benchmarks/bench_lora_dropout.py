@@ -25,6 +25,7 @@ import time
 
 import bench_length_pieces  # sibling scripts: benchmarks/ is on sys.path
 import torch
+from arguments import at_least, listed
 from bench_precision import build
 from torch import nn
 from train_step import make_step
@@ -66,7 +67,7 @@ def random_batch_steps(args) -> dict:
     torch.manual_seed(0)
     ids = torch.randint(100, 49_152, (args.batch, args.seq))
     steps = {}
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes:
         model, _ = build("PEFT LoRA", dtype)
         step = make_step(model, ids, False, lr=1e-5)
         for variant in VARIANTS:
@@ -78,7 +79,7 @@ def trainer_steps(args) -> dict:
     torch.set_num_threads(args.threads)
     pipeline, frame = bench_length_pieces.default_train_frame()
     steps = {}
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in args.dtypes:
         model, tokenizer, config, autocast = bench_length_pieces.trainer_model(
             pipeline, "lora", dtype_name)
         batches = bench_length_pieces.first_batches(config, tokenizer, frame, args.batches)
@@ -105,13 +106,13 @@ def report(title: str, times: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--trainer-rounds", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--seq", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=8)
+    parser.add_argument("--dtypes", type=listed(["bf16", "fp32"]), default="bf16,fp32")
+    parser.add_argument("--trainer-rounds", type=at_least(0), default=4)
+    parser.add_argument("--batches", type=at_least(1), default=4)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     header = f"PEFT LoRA on SmolLM2-135M-Instruct, torch {torch.__version__}"
     if args.repeats:

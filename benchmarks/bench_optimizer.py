@@ -15,6 +15,7 @@ import argparse
 import statistics
 
 import torch
+from arguments import at_least
 from train_step import interleaved, make_step
 
 from loramoe import LoRAMoEConfig, apply_loramoe, load_base_model
@@ -35,10 +36,10 @@ def build(method: str, fused: bool, ids: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=at_least(1), default=8)
+    parser.add_argument("--seq", type=at_least(1), default=96)
+    parser.add_argument("--repeats", type=at_least(1), default=6)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ import time
 
 import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
 import torch
+from arguments import at_least, listed
 from peft import LoraConfig, get_peft_model
 from train_step import frozen_floor, make_step
 
@@ -95,19 +96,20 @@ def trainer_steps(methods: list[str], args) -> tuple[dict, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", choices=["random", "trainer"], default="random")
-    parser.add_argument("--batch", type=int, default=16, help="random workload")
-    parser.add_argument("--seq", type=int, default=64, help="random workload")
-    parser.add_argument("--batches", type=int, default=4, help="trainer workload")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--batch", type=at_least(1), default=16, help="random workload")
+    parser.add_argument("--seq", type=at_least(1), default=64, help="random workload")
+    parser.add_argument("--batches", type=at_least(1), default=4, help="trainer workload")
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="default: torch's (random), 1 (trainer)")
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--methods", default="frozen base,PEFT LoRA,LoRAMoE,sft")
+    parser.add_argument("--repeats", type=at_least(1), default=6)
+    parser.add_argument("--methods", type=listed(TRAINER_METHODS),
+                        default="frozen base,PEFT LoRA,LoRAMoE,sft")
     parser.add_argument("--attention", choices=["trainer", "sdpa"], default="trainer")
     args = parser.parse_args()
     threads = args.threads or (1 if args.workload == "trainer" else None)
     if threads:
         torch.set_num_threads(threads)
-    methods = args.methods.split(",")
+    methods = args.methods
     make = trainer_steps if args.workload == "trainer" else random_steps
     steps, tokens, per_call = make(methods, args)
     for step in steps.values():  # warm-up

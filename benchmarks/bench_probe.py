@@ -22,6 +22,11 @@ import statistics
 import time
 
 import torch
+from arguments import (
+    ADAPTED_METHODS,
+    at_least,
+    listed,
+)
 from bench_generation import with_adapters  # a sibling script: benchmarks/ is on sys.path
 from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
@@ -35,11 +40,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--methods", default="base")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
-    parser.add_argument("--facts", type=int, default=0, help="the first N facts (0: all)")
+    parser.add_argument("--batch", type=at_least(1), default=64)
+    parser.add_argument("--dtypes", type=listed(DTYPES), default="bf16,fp32")
+    parser.add_argument("--methods", type=listed(ADAPTED_METHODS), default="base")
+    parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0: torch's)")
+    parser.add_argument("--facts", type=at_least(0), default=0, help="the first N facts (0: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,8 +52,8 @@ def main() -> None:
     facts = build_mixture(config.mixture).eval
     facts = facts.head(args.facts) if args.facts else facts
     results = {}
-    for name in args.dtypes.split(","):
-        for method in args.methods.split(","):
+    for name in args.dtypes:
+        for method in args.methods:
             model, tokenizer = load_base_model(config.base_model, dtype=DTYPES[name])
             model = with_adapters(model, config.base_model, method)
             start = time.perf_counter()

@@ -19,6 +19,12 @@ import time
 from contextlib import contextmanager
 
 import torch
+from arguments import (
+    ADAPTED_METHODS,
+    PRECISIONS,
+    at_least,
+    listed,
+)
 from bench_generation import with_adapters  # a sibling script: benchmarks/ is on sys.path
 from default_config import default_pipeline  # a sibling script: benchmarks/ is on sys.path
 
@@ -48,11 +54,11 @@ def token_counts(model, tokenizer, facts) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--facts", type=int, default=256)
-    parser.add_argument("--methods", default="base,loramoe")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--facts", type=at_least(1), default=256)
+    parser.add_argument("--methods", type=listed(ADAPTED_METHODS), default="base,loramoe")
+    parser.add_argument("--rounds", type=at_least(1), default=2)
+    parser.add_argument("--threads", type=at_least(0), default=1, help="torch threads (0: torch's)")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="auto")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,7 +66,7 @@ def main() -> None:
     facts = probe.probed_rows(build_mixture(config.mixture).eval)
     facts = facts.sample(min(args.facts, len(facts)), random_state=0)
     dtype = resolve_dtype(args.dtype)
-    for method in args.methods.split(","):
+    for method in args.methods:
         model, tokenizer = load_base_model(config.base_model, dtype=dtype)
         model = with_adapters(model, config.base_model, method)
         total, common = token_counts(model, tokenizer, facts)

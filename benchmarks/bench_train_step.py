@@ -16,6 +16,7 @@ import copy
 import statistics
 
 import torch
+from arguments import at_least
 from peft import LoraConfig, get_peft_model
 from train_step import frozen_floor, interleaved, make_step
 
@@ -38,9 +39,9 @@ def make_variants(base) -> dict[str, torch.nn.Module]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--batch", type=at_least(1), default=16)
+    parser.add_argument("--seq", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=12)
     args = parser.parse_args()
     torch.manual_seed(0)
     base, _ = load_base_model()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import tomllib
 import torch
+from arguments import PRECISIONS, at_least
 from safetensors.torch import load_file
 
 from loramoe.pipeline.config import PipelineConfig
@@ -88,12 +89,13 @@ def check(method: str, strategy: str, processes: int, dtype: str, work: Path,
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     on_gpu = torch.cuda.is_available()
-    parser.add_argument("--processes", type=int, default=max(1, torch.cuda.device_count()))
+    parser.add_argument("--processes", type=at_least(1), default=max(1, torch.cuda.device_count()))
     gpu_runs = "sft:fsdp,loramoe:fsdp,lora:fsdp,loramoe:ddp"
     if importlib.util.find_spec("deepspeed"):  # its wheels: benchmarks/gpu_wheels.sh
         gpu_runs += ",sft:deepspeed_zero3"
     parser.add_argument("--runs", default=gpu_runs if on_gpu else "sft:ddp,loramoe:ddp")
-    parser.add_argument("--dtype", default="auto", help="train.dtype of every run")
+    parser.add_argument("--dtype", choices=PRECISIONS, default="auto",
+                        help="train.dtype of every run")
     args = parser.parse_args()
     print(f"Launched training vs one plain process ({'GPU' if on_gpu else 'CPU'}, "
           f"{args.processes} process(es), dtype {args.dtype}, tiny random Llama, 3 steps, "

@@ -20,6 +20,7 @@ import time
 
 import bench_length_pieces  # a sibling script: benchmarks/ is on sys.path
 import torch
+from arguments import PRECISIONS, at_least
 from torch.profiler import ProfilerActivity, profile
 
 from loramoe.train.objective import ResponseLM
@@ -28,12 +29,12 @@ from loramoe.train.objective import ResponseLM
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="loramoe", choices=["lora", "loramoe", "sft"])
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=PRECISIONS, default="auto")
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--batches", type=at_least(1), default=4)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--shapes", action="store_true")
-    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--top", type=at_least(1), default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipeline, frame = bench_length_pieces.default_train_frame()

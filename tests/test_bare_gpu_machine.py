@@ -105,6 +105,7 @@ def test_the_launch_check_runs_on_the_cpu_without_them(tmp_path):
     processes are ordinary ones: the block guards this one)."""
     code = """
 import runpy
+sys.path.insert(0, "benchmarks")  # as `python benchmarks/gpu_launch_check.py` puts it there
 sys.argv = ["gpu_launch_check.py", "--processes", "1", "--runs", "loramoe:ddp",
             "--dtype", "fp32"]
 try:

@@ -75,3 +75,29 @@ def test_this_environment_has_every_package_of_the_gpu_flow_set():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_flow_summary.py"),
                            "--missing"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
+
+
+def test_benchmark_arguments_are_checked_before_any_model_is_built():
+    # Before: `bench_precision.py --methods nope` timed the base trained in full under the
+    # name "nope" (an unknown method fell through every branch of build()), and `--repeats
+    # 0` ended in a StatisticsError after every model was built.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from arguments import at_least, fraction, listed, positive_ints
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import argparse
+
+    import pytest
+
+    assert at_least(1)("3") == 3 and positive_ints("16, 64") == [16, 64]
+    assert listed(["a b", "c"])("a b,c") == ["a b", "c"] and fraction("0.05") == 0.05
+    for parse, text in [(at_least(1), "0"), (at_least(0), "x"), (positive_ints, "16,"),
+                        (listed(["a"]), "a,b"), (listed(["a"]), ""), (fraction, "1")]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+    for args, message in [(["--methods", "nope"], "argument --methods: ['nope'] not among"),
+                          (["--repeats", "0"], "argument --repeats: must be an integer >= 1")]:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_precision.py"),
+                               *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
