@@ -164,6 +164,19 @@ def test_data_build_names_an_unreadable_local_task_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_data_build_names_a_hub_dataset_it_cannot_reach(tmp_path):
+    # Before: a ConnectionError traceback from inside datasets.load_dataset.
+    config = tmp_path / "mixture.toml"
+    config.write_text('[mixture]\nscales = [16]\neval_size = 3\ntasks = [{ name = "rte" }, '
+                      '{ name = "arithmetic" }]\n')
+    done = cli("-m", "loramoe.data", "build", str(config), str(tmp_path / "out"),
+               env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "HF_DATASETS_CACHE": str(tmp_path / "empty-cache")})
+    assert_named(done, re.escape("error: task 'rte': hub dataset aps/super_glue (rte, split "
+                                 "'train') could not be loaded: "))
+    assert "use a local copy" in done.stderr and not (tmp_path / "out").exists()
+
+
 def test_data_build_names_an_outdir_that_cannot_be_one(tmp_path):
     # Before: FileExistsError / NotADirectoryError tracebacks, after the mixture was built.
     a_file = tmp_path / "a_file"

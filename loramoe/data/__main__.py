@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from loramoe.data.hub import DatasetNotAvailableError
 from loramoe.data.mixture import (
     MixtureConfig,
     MixtureError,
@@ -46,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MixtureError, OSError) as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    try:  # a local task's file: unreadable, or lacking its columns
+    try:  # a local task's file unreadable or lacking its columns, a hub dataset unreachable
         built = build_mixture(config)
-    except (MixtureError, RecordsError) as err:
+    except (MixtureError, RecordsError, DatasetNotAvailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_mixture(built, config, args.outdir)

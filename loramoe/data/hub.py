@@ -183,10 +183,20 @@ def rows_to_eval(spec: HubSpec, rows: Iterable[Row], n: int, seed: int) -> list[
             for i, (prompt, _, answers) in enumerate(_formatted(spec, rows, n, seed))]
 
 
+class DatasetNotAvailableError(RuntimeError):
+    """A hub task's dataset cannot be loaded (no network, a wrong id, config or split)."""
+
+
 def _load(spec: HubSpec, split: str):
     import datasets
 
-    return datasets.load_dataset(spec.path, spec.config, split=split)
+    try:
+        return datasets.load_dataset(spec.path, spec.config, split=split)
+    except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, bad split
+        raise DatasetNotAvailableError(
+            f"task {spec.name!r}: hub dataset {spec.path} ({spec.config or 'default'}, split "
+            f"{split!r}) could not be loaded: {err}. Hub tasks need the network or the "
+            f"datasets cache; without them use a local copy (source = \"local\")") from None
 
 
 def _register(spec: HubSpec) -> None:
