@@ -707,6 +707,9 @@ def test_resume_refuses_other_settings_or_data_before_the_model_loads(
     train(longer, resume=True, progress=False)
     assert "max_steps 2 -> 3" in capfd.readouterr().err  # the cosine schedule's new end
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 3
+    # the settings the first steps ran with are kept (before: overwritten)
+    assert (out / "train_config.json.previous-1").read_text() == saved
+    assert not (out / "train_config.json.previous-2").exists()
 
 
 # ---- 8. config values of the wrong type --------------------------------------------------

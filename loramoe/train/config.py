@@ -164,7 +164,14 @@ def run_part(method: str) -> str:
 
 
 def write_run_config(folder: Path, config: TrainConfig) -> None:
-    (folder / RUN_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+    """The run's config in `folder`; an earlier, different one (a resume that changed the
+    run's length or where it reads and writes) is kept as train_config.json.previous-K."""
+    from loramoe.train.checkpoints import set_aside
+
+    path, text = folder / RUN_CONFIG, json.dumps(config.to_dict(), indent=2)
+    if path.is_file() and path.read_text() != text:
+        set_aside(path)
+    path.write_text(text)
 
 
 def read_run_config(run: str | Path) -> dict[str, Any]:
