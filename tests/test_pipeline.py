@@ -524,6 +524,24 @@ def test_config_errors_name_the_field():
         config.with_overrides(scales="16,abc")
     with pytest.raises(PipelineConfigError, match=r"config\.seeds: .*distinct"):
         PipelineConfig.from_dict({**data, "seeds": [1, 1]})
+    # Before: a registered model name MLflow refuses failed the register step, after every
+    # branch had trained and been evaluated.
+    for bad in ("team/model", "a:b", "", "..x"):
+        with pytest.raises(PipelineConfigError, match=r"config\.registered_model: must be a "
+                                                      r"name MLflow's model registry accepts"):
+            PipelineConfig.from_dict({**data, "registered_model": bad})
+    with pytest.raises(PipelineConfigError, match=r"config\.mlflow_experiment: must be a "
+                                                  r"non-empty"):
+        PipelineConfig.from_dict({**data, "mlflow_experiment": " "})
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    for good in ("loramoe-smoke", "my model v2", "a.b"):  # what MLflow itself accepts
+        _validate_model_name(good)
+        PipelineConfig.from_dict({**data, "registered_model": good})
+    for bad in ("team/model", "a:b", "", "..x"):
+        with pytest.raises(MlflowException):
+            _validate_model_name(bad)
 
 
 def test_seeds_replicate_every_branch_with_its_own_train_seed():

@@ -106,6 +106,11 @@ class PipelineConfig:
             except ValueError as err:
                 found["mixture"] = [f"config.mixture: {p}" for p in problems_of(err)]
         check_fields(self, [
+            ("name", lambda v: bool(v.strip()), "a non-empty name"),
+            ("mlflow_experiment", lambda v: bool(v.strip()), "a non-empty experiment name"),
+            # MLflow refused it only in the register step, after every branch had trained
+            ("registered_model", _model_name_ok, "a name MLflow's model registry accepts (not "
+             "empty, no '/' or ':', not '.' or starting with '..')"),
             ("methods", bool, "at least one method"),
             ("retention_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
             ("champion_rule", lambda v: v in ("significant", "best"), "'significant' or 'best'"),
@@ -261,6 +266,12 @@ def eval_gpus(resources: dict[str, Any]) -> int:
     GPU; 8 held for it, as the paper config's branches hold, would idle 7. The flow's
     decorators call this on the raw config, the steps through PipelineConfig.eval_gpus."""
     return int(resources.get("eval_gpu", min(int(resources.get("gpu", 0)), 1)))
+
+
+def _model_name_ok(name: str) -> bool:
+    """mlflow.utils.validation._validate_model_name's rule, without importing MLflow."""
+    return (bool(name.strip()) and "/" not in name and ":" not in name and name != "."
+            and not name.startswith(".."))
 
 
 def _resources_ok(resources: dict[str, Any]) -> bool:
