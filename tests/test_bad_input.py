@@ -864,6 +864,24 @@ def test_unwritable_tracking_uri_is_named(tmp_path):
         del os.environ["MLFLOW_TRACKING_URI"]
 
 
+def test_a_deleted_experiment_is_named_in_setup(tmp_path, monkeypatch):
+    # Before: setup returned the deleted experiment's id and the start step failed on
+    # MLflow's "must be in the 'active' state" when it made the parent run.
+    import mlflow
+
+    from loramoe.tracking import TrackingError, setup
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = setup("gone", tmp_path)
+    mlflow.delete_experiment(experiment_id)
+    with pytest.raises(TrackingError, match=rf"experiment 'gone' \(id {experiment_id}\) was "
+                                            rf"deleted; restore it \(mlflow experiments restore "
+                                            rf"--experiment-id {experiment_id}\)"):
+        setup("gone", tmp_path)
+    mlflow.restore_experiment(experiment_id)
+    assert setup("gone", tmp_path) == experiment_id
+
+
 def test_a_local_tracking_store_is_refused_on_remote_workers(tmp_path, monkeypatch):
     """With --with kubernetes (or batch, Argo) every step runs on a worker of its own: the
     default sqlite file that start creates is not there for the next step, and the run used

@@ -63,11 +63,17 @@ def setup(experiment: str, workdir: str | Path = ".") -> str:
     mlflow.set_tracking_uri(uri)
     try:
         found = mlflow.get_experiment_by_name(experiment)
-        return found.experiment_id if found else mlflow.create_experiment(experiment)
+        made = found.experiment_id if found else mlflow.create_experiment(experiment)
     except Exception as err:  # sqlalchemy, HTTP and MLflow errors alike
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise TrackingError(f"{_origin(uri)}: the tracking store cannot be used: {first}"
                             ) from None
+    if found and found.lifecycle_stage == "deleted":  # MLflow refuses runs in it
+        raise TrackingError(
+            f"{_origin(uri)}: the MLflow experiment {experiment!r} (id {made}) was deleted; "
+            f"restore it (mlflow experiments restore --experiment-id {made}) or choose "
+            f"another mlflow_experiment in the config")
+    return made
 
 
 def use_store(uri: str) -> None:
