@@ -81,6 +81,16 @@ def find_target_modules(model: nn.Module, config: LoRAMoEConfig) -> list[str]:
             f"LoRAMoEConfig.target_modules: {targets} match no nn.Linear/Conv1D module. "
             f"Modules seen: {_linear_suffixes(model)}"
         )
+    # a name the user listed that matches nothing is a typo, not a choice: the others would
+    # otherwise be adapted alone, silently
+    supported = [name for name, module in model.named_modules() if is_supported_base(module)]
+    unmatched = [t for t in config.target_modules or []
+                 if not any(_matches(name, t) for name in supported)]
+    if unmatched:
+        raise ConfigError(
+            f"LoRAMoEConfig.target_modules: {unmatched} match no nn.Linear/Conv1D module "
+            f"(of {targets}). Modules seen: {_linear_suffixes(model)}"
+        )
     return names
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from loramoe.model_paths import ModelNotAvailableError, cache_root, check_local_path
 
@@ -176,6 +176,18 @@ def load_base_model(
     if name_or_path.lower() in EMBEDDED_MODELS:
         model.config._name_or_path = name_or_path.lower()
     return model, tokenizer
+
+
+def architecture(name_or_path: str) -> PreTrainedModel:
+    """The model's modules on the meta device: its architecture, no weights read. Built with
+    its class, not from_config, which under DeepSpeed ZeRO-3 partitions the new model."""
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
+        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
+                                     ) from None
+    with torch.device("meta"):
+        return transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
 
 def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -448,6 +448,38 @@ def test_train_file_with_unknown_task_type_fails_before_loading_the_model(
         train(config_for(tiny_model_dir, path, tmp_path / "sft", method="sft"), progress=False)
 
 
+def test_target_modules_the_model_lacks_fail_before_it_loads(tiny_model_dir, tiny_train_file,
+                                                             tmp_path, monkeypatch):
+    # Before: found by apply_loramoe (or PEFT) once the model had loaded; in a pipeline, in
+    # every branch of the method, after the base evaluation (the flow went on without it).
+    import tomllib
+
+    import loramoe.train.builders as builders
+    from loramoe.pipeline import PipelineConfig, PipelineConfigError
+    from loramoe.pipeline.steps import check_method_targets
+
+    def no_model(config, dtype):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(builders, "build_model", no_model)
+    for method in ("loramoe", "lora"):
+        bad = config_for(tiny_model_dir, tiny_train_file, tmp_path / method, method=method,
+                         loramoe={"target_modules": ["gate_projj"]})
+        with pytest.raises(TrainConfigError, match=r"TrainConfig\.loramoe: LoRAMoEConfig\."
+                                                   r"target_modules: \['gate_projj'\] match no "
+                                                   r".*'mlp\.gate_proj'"):
+            train(bad, progress=False)
+    data = tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text())
+    check_method_targets(PipelineConfig.from_dict(data))  # the shipped targets exist
+    # Before: a typo beside a good name matched nothing and was dropped, silently (the
+    # adapters went on the other modules only)
+    for targets in (["gate_projj"], ["up_proj", "gate_projj"]):
+        data["methods"]["loramoe"]["loramoe"] = {"target_modules": targets}
+        with pytest.raises(PipelineConfigError, match=r"config\.methods\.loramoe: TrainConfig"
+                                                      r"\.loramoe: .*\['gate_projj'\] match no"):
+            check_method_targets(PipelineConfig.from_dict(data))
+
+
 # ---- 5. non-text responses ---------------------------------------------------------------
 
 

@@ -123,6 +123,11 @@ def test_unmatched_targets_name_the_modules_seen(tiny_llama):
     with pytest.raises(ConfigError, match=r"target_modules.*match no.*mlp\.gate_proj"):
         apply_loramoe(tiny_llama, LoRAMoEConfig(target_modules=["w_in"]))
     assert not loramoe_layers(tiny_llama)
+    # a typo beside a name that matches: before, up_proj alone was wrapped, silently
+    with pytest.raises(ConfigError, match=r"target_modules: \['gate_projj'\] match no .*\(of "
+                                          r"\['up_proj', 'gate_projj'\]\)"):
+        apply_loramoe(tiny_llama, LoRAMoEConfig(target_modules=["up_proj", "gate_projj"]))
+    assert not loramoe_layers(tiny_llama)
 
 
 def test_unknown_architecture_needs_explicit_targets():

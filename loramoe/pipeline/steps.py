@@ -16,7 +16,7 @@ import pandas as pd
 from loramoe.cores import available_cores
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
-from loramoe.pipeline.config import PipelineConfig, branch_name
+from loramoe.pipeline.config import PipelineConfig, PipelineConfigError, branch_name
 from loramoe.pipeline.threads import check_gpus, use_branch_threads
 from loramoe.train.config import RUN_CONFIG, run_part
 from loramoe.train.resume import DATA_RECORD
@@ -129,6 +129,20 @@ def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:
     return fetch_folder(store["mlflow_run_id"], store["artifact_path"], path)
 
 
+def check_method_targets(config: PipelineConfig) -> None:
+    """Every adapter method's target modules exist in the base model (its architecture,
+    no weights), before the base evaluation: a wrong name failed each of that method's
+    branches in its train step, after this step's work."""
+    from loramoe.train.config import TrainConfigError
+    from loramoe.train.preflight import check_targets
+
+    for name, train in config.methods.items():
+        try:
+            check_targets(train)
+        except TrainConfigError as err:
+            raise PipelineConfigError(f"config.methods.{name}: {err}") from None
+
+
 def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path,
                         mlflow_run_id: str | None = None) -> dict[str, Any]:
     """The base model's generation metrics and probe on the eval set; reused from the cache
@@ -139,6 +153,7 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
     from loramoe.precision import default_device, resolve_dtype
 
     check_gpus(config, evaluation=True)  # else scored on that worker's CPU
+    check_method_targets(config)
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     # a branch's thread count, as the branches and the champion are evaluated: in bf16
     # another count rounds differently and its scores are not like for like (cache.rounding);

@@ -14,16 +14,10 @@ from typing import Any
 import torch
 
 from loramoe.data.collate import Collator
-from loramoe.train.config import (
-    TrainConfig,
-    TrainConfigError,
-    check_snapshots,
-    run_length,
-    run_part,
-    write_run_config,
-)
+from loramoe.train.config import TrainConfig, TrainConfigError, run_part, write_run_config
 from loramoe.train.data import encode_frame, read_train_frame
 from loramoe.train.objective import ResponseLM
+from loramoe.train.preflight import check_snapshots, check_targets, run_length
 
 
 def build_model(config: TrainConfig, dtype: torch.dtype = torch.float32):
@@ -252,6 +246,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     frame = read_train_frame(config)  # bad rows fail here, before the model is loaded
     # encoding only drops rows: snapshots past a run over every row fail before the model too
     check_snapshots(config, len(frame), accelerator.num_processes, bound="at most ")
+    check_targets(config)  # on the architecture alone: a 7B model is not loaded to learn it
     output_dir = Path(config.output_dir)
     made = {"processes": accelerator.num_processes, "dtype": dtype_name(dtype)}
     checkpoint, data = resume_point(accelerator, config, resume, made)  # before the model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -198,25 +197,6 @@ def read_run_config(run: str | Path) -> dict[str, Any]:
         raise TrainConfigError(f"{path}: model must name the base model the {method} adapter "
                                f"was trained on, got {config.get('model')!r}")
     return config
-
-
-def run_length(config: TrainConfig, examples: int, processes: int) -> int:
-    """The run's optimizer steps over `examples` samples on `processes` processes."""
-    if config.max_steps:
-        return config.max_steps
-    per_epoch = math.ceil(examples / (config.batch_size * processes * config.grad_accum))
-    return max(1, math.ceil(per_epoch * config.epochs))
-
-
-def check_snapshots(config: TrainConfig, examples: int, processes: int, bound: str = "") -> None:
-    """TrainConfigError for snapshot steps past the run's end; `bound` says the end is an
-    upper bound (the rows read, before encoding drops any)."""
-    steps = run_length(config, examples, processes)
-    if late := [s for s in config.snapshot_steps if s > steps]:
-        raise TrainConfigError(
-            f"TrainConfig.snapshot_steps: {late} lie past the run's {bound}{steps} optimizer "
-            f"steps ({examples} examples, epochs {config.epochs}, batch_size "
-            f"{config.batch_size} x grad_accum {config.grad_accum} x {processes} process(es))")
 
 
 def check_run_weights(run: str | Path, config: dict[str, Any]) -> None:
