@@ -288,11 +288,14 @@ class LoRAMoEPipeline(FlowSpec):
 
     @step
     def end(self):
-        """Close the MLflow parent run."""
+        """Close the MLflow parent run; a run in which no branch trained fails here, after
+        its report, card and MLflow runs are written."""
+        from loramoe.pipeline import check_some_trained
         from loramoe.tracking import end_run, use_store
 
         use_store(self.tracking_uri)
         end_run(self.parent_run_id, "FINISHED" if not self.failed_branches else "FAILED")
+        check_some_trained(self.results)
 
 
 @contextmanager

@@ -274,6 +274,23 @@ def test_failed_branch_is_reported_and_others_kept(smoke_run):
     assert sorted(run["compare"].task.data.failed_branches) == ["lora-16", "lora-32"]
 
 
+def test_a_run_where_every_branch_failed_exits_non_zero(tmp_path):
+    """Before: it ended "successfully" (exit 0), a scheduled retraining showing green with
+    nothing trained. Now its end step fails, after the report and the MLflow runs."""
+    methods = {"lora": {"method": "lora", "lr": 1e30}}  # diverges at step 1, for real
+    config = write_config(tmp_path / "smoke.toml", methods=methods)
+    done = subprocess.run([sys.executable, str(FLOW), "--config", "config", str(config), "run",
+                           "--scales", "16"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "METAFLOW_USER": "tester",
+                                             "LORAMOE_WORKDIR": str(tmp_path)})
+    text = done.stdout + done.stderr
+    assert done.returncode != 0, text[-3000:]
+    assert "NothingTrained: every branch failed (1 of 1), e.g. lora-16: " in text, text[-3000:]
+    assert "non-finite loss" in text and "/end/" in text.split("NothingTrained")[0]
+    reports = list((tmp_path / "outputs" / "reports").glob("*/report.md"))
+    assert len(reports) == 1 and "lora-16" in reports[0].read_text()
+
+
 def test_card_renders(smoke_run):
     from metaflow.cards import get_cards
 

@@ -123,6 +123,23 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
 
 
+class NothingTrained(RuntimeError):
+    """Every branch of the run failed: the run has nothing to compare or register."""
+
+
+def check_some_trained(rows: list[dict[str, Any]]) -> None:
+    """NothingTrained when no branch trained and was scored (`rows`: compare's results
+    table), so that such a run exits non-zero once its report and MLflow runs are written:
+    it used to end "successfully", a scheduled retraining showing green with nothing
+    trained."""
+    tuned = [r for r in rows if r["method"] != "base"]
+    if tuned and all(r["status"] != "ok" for r in tuned):
+        first = "; ".join(f"{r['branch']}: {r['status'].removeprefix('failed: ')[:200]}"
+                          for r in tuned[:3])
+        raise NothingTrained(f"every branch failed ({len(tuned)} of {len(tuned)}), e.g. "
+                             f"{first}. The report and each branch's log say more")
+
+
 def write_replicates(outcomes: list[dict[str, Any]], out: Path) -> str:
     """When a (method, scale) trained with several seeds: the pooled scores and comparisons
     (replicates.csv, replicate_tests.csv) and their report section; else nothing."""
