@@ -373,3 +373,25 @@ def test_router_lr_scale_moves_only_the_routers_faster(tiny_model_dir, tiny_trai
     assert moved[1.0]["router_weight"] > 0 and moved[1.0]["lora_B"] > 0
     assert moved[10.0]["router_weight"] / moved[1.0]["router_weight"] == pytest.approx(10, rel=1e-3)
     assert moved[10.0]["lora_B"] == pytest.approx(moved[1.0]["lora_B"], rel=1e-5)
+
+
+def test_examples_cut_away_by_max_length_are_counted_and_said(tiny_model_dir, tiny_train_file,
+                                                              tmp_path, capfd):
+    # Before: dropped silently, so a branch labelled with its scale trained on fewer.
+    from transformers import AutoTokenizer
+
+    from loramoe.data.collate import prompt_ids
+    from loramoe.data.records import read_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    frame = read_records(tiny_train_file)
+    lengths = sorted(len(prompt_ids(tokenizer, p)) for p in frame["prompt"])
+    max_length = lengths[len(lengths) // 2]  # rows whose prompt fills it keep no response
+    dropped = sum(n >= max_length for n in lengths)
+    assert 0 < dropped < len(frame)
+    result = train(config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=1,
+                              max_length=max_length), progress=False)
+    final = json.loads((result.output_dir / "final_metrics.json").read_text())
+    assert (final["examples"], final["examples_dropped"]) == (len(frame) - dropped, dropped)
+    assert (f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
+            f"max_length ({max_length}) tokens") in capfd.readouterr().err

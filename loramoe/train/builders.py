@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,7 @@ class Training:
     total_steps: int
     autocast_dtype: torch.dtype | None = None  # full SFT in bf16: fp32 weights, bf16 compute
     progress: Progress = field(default_factory=Progress)
+    rows_read: int = 0  # the train file's rows; encoding drops those max_length cuts away
 
     def autocast(self):
         """The context the forward runs in: bf16 autocast for full SFT in bf16, else none."""
@@ -256,6 +258,9 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
                                f"examples (empty, or every response truncated by max_length)")
+    if dropped := len(frame) - len(dataset):  # the branch trains on fewer than its scale
+        print(f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
+              f"max_length ({config.max_length}) tokens", file=sys.stderr)
     check_snapshots(config, len(dataset), accelerator.num_processes)
     total_steps = run_length(config, len(dataset), accelerator.num_processes)
     groups = optimizer_groups(lm, config)
@@ -264,7 +269,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
                                            fused=state.device.type == "cpu")
     model, optimizer, scheduler = accelerator.prepare(ResponseLM(lm), optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
-                        params, total_steps, autocast, Progress(**made))
+                        params, total_steps, autocast, Progress(**made), len(frame))
     if accelerator.is_main_process:  # resume_point made the folder, before the model loaded
         write_run_config(output_dir, config)
         write_data_record(output_dir, data)

@@ -220,7 +220,8 @@ def finish(run: Training, last: dict[str, float]) -> TrainResult:
         (output_dir / "final_metrics.json").write_text(
             json.dumps({"steps": run.progress.step, "processes": acc.num_processes,
                         "device": acc.device.type, "hardware": hardware_name(acc.device),
-                        **last}))
+                        "examples": len(run.dataset),
+                        "examples_dropped": run.rows_read - len(run.dataset), **last}))
     acc.wait_for_everyone()
     return TrainResult(output_dir, run.progress.step, last, artifact,
                        last.get("tokens_per_s", 0.0))
