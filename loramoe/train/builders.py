@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,13 +253,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
     checkpoint, data = resume_point(accelerator, config, resume, made)  # before the model
     lm, tokenizer = build_model(config, dtype)
     use_training_attention(lm, dtype, state.device)  # bf16 on a CPU: fp32 attention product
-    dataset = encode_frame(config, frame, tokenizer)
-    if len(dataset) == 0:
-        raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
-                               f"examples (empty, or every response truncated by max_length)")
-    if dropped := len(frame) - len(dataset):  # the branch trains on fewer than its scale
-        print(f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
-              f"max_length ({config.max_length}) tokens", file=sys.stderr)
+    dataset = encode_frame(config, frame, tokenizer)  # none usable: TrainConfigError
     check_snapshots(config, len(dataset), accelerator.num_processes)
     total_steps = run_length(config, len(dataset), accelerator.num_processes)
     groups = optimizer_groups(lm, config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from loramoe.data.collate import encode_records
@@ -36,6 +37,15 @@ def read_train_frame(config: TrainConfig):
 
 
 def encode_frame(config: TrainConfig, frame, tokenizer):
-    return encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
-                          frame["task_type"].tolist(), config.loramoe.type_names,
-                          config.max_length)
+    """The rows encoded; a warning counting those whose response lies past max_length (the
+    run trains on fewer than its rows), TrainConfigError when none is left."""
+    dataset = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
+                             frame["task_type"].tolist(), config.loramoe.type_names,
+                             config.max_length)
+    if len(dataset) == 0:
+        raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
+                               f"examples (empty, or every response truncated by max_length)")
+    if dropped := len(frame) - len(dataset):
+        print(f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
+              f"max_length ({config.max_length}) tokens", file=sys.stderr)
+    return dataset
