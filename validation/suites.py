@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from loramoe.data.records import (
+    CHOICES_RULE,
     EVAL_COLUMNS,
     METRICS,
     TRAIN_COLUMNS,
@@ -121,8 +122,7 @@ def _expectations(frame: pd.DataFrame, kind: str, task_types: list[str], max_cha
                         "answers must be a non-empty list of non-empty strings"))
         if "choices" in present:
             out.append((gxe.ExpectColumnValuesToBeInSet(column="_choices_ok", value_set=[True]),
-                        "must be empty or at least two distinct non-empty strings (the gold "
-                        "first)"))
+                        CHOICES_RULE))
         if check_overlap:
             out.append((gxe.ExpectColumnValuesToBeInSet(column="_in_train", value_set=[False]),
                         "prompt must not appear in the training data (train/eval overlap)"))

@@ -107,6 +107,9 @@ def line_number(index: int, path: Path | str | None) -> int:
     return index + (2 if path is not None and Path(path).suffix == ".csv" else 1)
 
 
+CHOICES_RULE = "must be empty or at least two distinct non-empty strings (the gold first)"
+
+
 def choices_ok(value: Any) -> bool:
     """A fact's multiple-choice options: none (not probed: null, "" or []), or a list of at
     least two distinct non-empty strings — one option would score every model right, a
@@ -152,8 +155,7 @@ def check_records(frame: pd.DataFrame, kind: str, source: Path | str | None = No
         problems += _describe(frame, bad, "id", "must be unique", source)
     if kind == "eval" and "choices" in frame.columns:
         bad = [i for i, v in enumerate(frame["choices"]) if not choices_ok(v)]
-        problems += _describe(frame, bad, "choices", "must be empty or at least two distinct "
-                              "non-empty strings (the gold first)", source)
+        problems += _describe(frame, bad, "choices", CHOICES_RULE, source)
     if problems:
         raise RecordsError(f"{where}{len(problems)} schema problem(s):\n" + "\n".join(
             f"  - {p}" for p in problems))
