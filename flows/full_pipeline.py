@@ -168,14 +168,15 @@ class LoRAMoEPipeline(FlowSpec):
     def evaluate_base(self):
         """Evaluate the base model once, for every branch's retention and "vs base" scores, on
         the workers the branches are evaluated on (a CPU worker would load a 7B model there,
-        in another dtype, and round otherwise)."""
+        in another dtype, and round otherwise). First, what every branch needs: its target
+        modules in the model, its max_length leaving each train set examples."""
         from loramoe.pipeline import evaluate_base_model
         from loramoe.tracking import use_store
 
         use_store(self.tracking_uri)
         with scratch("base") as workdir:
             base = evaluate_base_model(self.pipeline_config, self.eval_set, workdir,
-                                       self.parent_run_id)
+                                       self.parent_run_id, self.train_sets)
         self.base_metrics, self.base_predictions = base["metrics"], base["predictions"]
         self.base_probe = base["probe"]  # likelihood probe of every fact, for retention
         cached = self.base_metrics.get("cache", {})

@@ -164,18 +164,29 @@ def load_base_model(
 
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
-    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **from_pretrained_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path),
+                                                     dtype=dtype, **from_pretrained_kwargs)
+    except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
+        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
+                                     ) from None
+    if name_or_path.lower() in EMBEDDED_MODELS:
+        model.config._name_or_path = name_or_path.lower()
+    return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> transformers.PreTrainedTokenizerBase:
+    """The model's tokenizer alone (no weights read), with a pad token (the EOS token when
+    the model defines none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
         raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
                                      ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if name_or_path.lower() in EMBEDDED_MODELS:
-        model.config._name_or_path = name_or_path.lower()
-    return model, tokenizer
+    return tokenizer
 
 
 def architecture(name_or_path: str) -> PreTrainedModel:

@@ -480,6 +480,42 @@ def test_target_modules_the_model_lacks_fail_before_it_loads(tiny_model_dir, tin
             check_method_targets(PipelineConfig.from_dict(data))
 
 
+
+def test_a_max_length_that_leaves_no_example_fails_before_the_base_evaluation(
+        tiny_train_file, tmp_path, monkeypatch, capsys):
+    # Before: each branch of the method failed in its train step ("no usable examples"),
+    # after the base evaluation; a partial cut was said only in each branch's log.
+    import tomllib
+
+    import loramoe.evaluate
+    from loramoe.data.collate import encode_records
+    from loramoe.data.records import read_records
+    from loramoe.model import load_tokenizer
+    from loramoe.pipeline import PipelineConfig, PipelineConfigError
+    from loramoe.pipeline.steps import evaluate_base_model
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the base model was evaluated")
+
+    monkeypatch.setattr(loramoe.evaluate, "evaluate", no_evaluation)
+    frame = read_records(tiny_train_file)  # 48 rows, prompts of 30-61 characters
+    train_sets = {16: frame.head(16), 48: frame}
+    data = tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text())
+    data["methods"]["lora"]["max_length"] = 30  # the chat-less char tokenizer: 1 per char
+    with pytest.raises(PipelineConfigError, match=r"config\.methods\.lora\.max_length: 30 "
+                                                  r"tokens leave no example at scale 16: each "
+                                                  r"of 16 rows has a prompt that long"):
+        evaluate_base_model(PipelineConfig.from_dict(data), frame, tmp_path, None, train_sets)
+    data["methods"]["lora"]["max_length"] = 40  # cuts some, leaves some: a warning
+    kept = encode_records(load_tokenizer("tiny-random-llama"), frame["prompt"].tolist(),
+                          frame["response"].tolist(), frame["task_type"].tolist(), [], 40)
+    assert 0 < len(kept) < len(frame)
+    with pytest.raises(AssertionError, match="base model was evaluated"):
+        evaluate_base_model(PipelineConfig.from_dict(data), frame, tmp_path, None, train_sets)
+    assert (f"warning: config.methods.lora.max_length 40 cuts {len(frame) - len(kept)} of 48 "
+            f"rows at scale 48 away") in capsys.readouterr().err
+
+
 # ---- 5. non-text responses ---------------------------------------------------------------
 
 

@@ -433,3 +433,32 @@ def test_the_report_says_where_the_branches_ran_not_where_compare_runs():
     cpu = {**scored_by, "settings": json.dumps({"dtype": "float32", "device": "cpu",
                                                 "threads": 1, "cpu": "Some CPU (avx2)"})}
     assert "(= float32 on Some CPU (avx2))" in setup_section(config, None, None, cpu)
+
+
+def test_the_report_counts_the_examples_max_length_cut_from_a_branch():
+    """A branch labelled 256 that trained on 190 examples (the rest cut by max_length) was
+    reported as 256, the count only in its final_metrics.json."""
+    from pathlib import Path
+
+    import tomllib
+
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.markdown import setup_section
+    from loramoe.pipeline.report import cut_by_length
+
+    configs = Path(__file__).resolve().parents[1] / "flows" / "configs"
+    config = PipelineConfig.from_dict(tomllib.loads((configs / "default.toml").read_text()),
+                                      base_dir=configs)
+    outcomes = [
+        {"name": "loramoe-256", "error": None,
+         "trained": {"final": {"examples": 190, "examples_dropped": 66}}},
+        {"name": "lora-256", "error": None,
+         "trained": {"final": {"examples": 256, "examples_dropped": 0}}},
+        {"name": "sft-256", "error": "boom"},  # failed: nothing trained, nothing to count
+        {"name": "lora-64", "error": None, "trained": {"final": {"examples": 64}}},  # older run
+    ]
+    cut = cut_by_length(outcomes)
+    assert cut == {"loramoe-256": (66, 256)}
+    text = setup_section(config, None, None, None, None, cut)
+    assert "**Cut by max_length**" in text and "loramoe-256 66 of 256" in text
+    assert "Cut by max_length" not in setup_section(config, None, None, None, None, {})

@@ -194,7 +194,8 @@ def scored_where(config, base_scored_by: dict[str, str] | None) -> str:
 def setup_section(config, wall_seconds: float | None,
                   shortfall: dict[str, int] | None = None,
                   base_scored_by: dict[str, str] | None = None,
-                  trained_on: list[str] | None = None) -> str:
+                  trained_on: list[str] | None = None,
+                  cut: dict[str, tuple[int, int]] | None = None) -> str:
     mixture = config.mixture
     methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
                                                  f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
@@ -217,6 +218,10 @@ def setup_section(config, wall_seconds: float | None,
         short = ", ".join(f"{task} {n:,}" for task, n in sorted(shortfall.items()))
         lines.append(f"- **Short of data**: records a task could not supply at the largest "
                      f"scale ({short}); its branches trained on what there was")
+    if cut:  # likewise a branch's label, when max_length cut examples away
+        lost = ", ".join(f"{branch} {n:,} of {rows:,}" for branch, (n, rows) in cut.items())
+        lines.append(f"- **Cut by max_length** (prompt that long or longer, response wholly "
+                     f"past it; trained without them): {lost}")
     if wall_seconds is not None:
         lines.append(f"- Wall time to the compare step: {wall_seconds:,.0f} s")
     return "## Setup\n\n" + "\n".join(lines)
@@ -227,10 +232,11 @@ def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame
                  wall_seconds: float | None = None,
                  shortfall: dict[str, int] | None = None, replicates: str = "",
                  base_scored_by: dict[str, str] | None = None,
-                 trained_on: list[str] | None = None) -> Path:
+                 trained_on: list[str] | None = None,
+                 cut: dict[str, tuple[int, int]] | None = None) -> Path:
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
     parts = [f"# {title}",
-             setup_section(config, wall_seconds, shortfall, base_scored_by, trained_on),
+             setup_section(config, wall_seconds, shortfall, base_scored_by, trained_on, cut),
              results_section(results), replicates,
              claims_section(claims), paired_section(paired), "## Figures\n\n" + figures]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")

@@ -110,7 +110,8 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
                              if not o["error"] and "hardware" in o.get("trained", {})})
         files.append(write_report(out / "report.md", config, table, paired, claims, plots,
                                   f"LoRAMoE study: {config.name}", wall_seconds, shortfall,
-                                  replicates, base_metrics.get("scored_by"), trained_on))
+                                  replicates, base_metrics.get("scored_by"), trained_on,
+                                  cut_by_length(outcomes)))
     store_folder(parent_run_id, files, "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
@@ -121,6 +122,17 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "claims": claims.to_dict(orient="records"),
             "report": out / "report.md" if config is not None else None,
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
+
+
+def cut_by_length(outcomes: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """branch -> (examples max_length cut away, rows read), for the branches that lost any:
+    a branch labelled with its scale trained on fewer examples than the label says."""
+    cut = {}
+    for o in outcomes:
+        final = o.get("trained", {}).get("final", {})  # none on a failed branch
+        if dropped := final.get("examples_dropped", 0):
+            cut[o["name"]] = (dropped, final["examples"] + dropped)
+    return cut
 
 
 class NothingTrained(RuntimeError):

@@ -143,17 +143,53 @@ def check_method_targets(config: PipelineConfig) -> None:
             raise PipelineConfigError(f"config.methods.{name}: {err}") from None
 
 
+def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFrame]) -> None:
+    """Every method's max_length leaves each train set examples to learn from (its
+    tokenizer alone, no weights), before the base evaluation: a train set cut away whole
+    failed each of its branches after this step's work. Rows cut from a set are counted in a
+    warning; the report counts each branch's."""
+    import sys
+
+    from loramoe.model import load_tokenizer
+    from loramoe.train.preflight import count_cut
+
+    tokenizers, counted = {}, {}
+    for name, train in config.methods.items():
+        if train.model not in tokenizers:
+            tokenizers[train.model] = load_tokenizer(train.model)
+        for scale, frame in sorted(train_sets.items()):
+            key = (train.model, train.max_length, scale)
+            if key not in counted:
+                counted[key] = count_cut(tokenizers[train.model], frame, train.max_length)
+            cut, checked = counted[key]
+            rows = f"{checked} rows" if checked == len(frame) else \
+                f"the first {checked} of {len(frame)} rows"
+            if cut == checked:
+                raise PipelineConfigError(
+                    f"config.methods.{name}.max_length: {train.max_length} tokens leave no "
+                    f"example at scale {scale}: each of {rows} has a prompt that long or "
+                    f"longer (chat template included); raise max_length")
+            if cut:
+                print(f"warning: config.methods.{name}.max_length {train.max_length} cuts "
+                      f"{cut} of {rows} at scale {scale} away; its branches train without "
+                      f"them", file=sys.stderr)
+
+
 def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path,
-                        mlflow_run_id: str | None = None) -> dict[str, Any]:
+                        mlflow_run_id: str | None = None,
+                        train_sets: dict[int, pd.DataFrame] | None = None) -> dict[str, Any]:
     """The base model's generation metrics and probe on the eval set; reused from the cache
     when this model, eval set, dtype, settings and evaluation code were evaluated before.
-    mlflow_run_id (the parent run): tagged `base_eval_settings`, where and how it was scored."""
+    mlflow_run_id (the parent run): tagged `base_eval_settings`, where and how it was scored.
+    train_sets (scale -> rows): checked against every method's max_length first."""
     from loramoe.evaluate import evaluate
     from loramoe.evaluate.cache import cached_base_evaluation, eval_settings
     from loramoe.precision import default_device, resolve_dtype
 
     check_gpus(config, evaluation=True)  # else scored on that worker's CPU
     check_method_targets(config)
+    if train_sets is not None:
+        check_train_lengths(config, train_sets)
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     # a branch's thread count, as the branches and the champion are evaluated: in bf16
     # another count rounds differently and its scores are not like for like (cache.rounding);

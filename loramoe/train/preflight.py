@@ -1,5 +1,6 @@
 """What a training needs, checked before any model is loaded: its length against its
-snapshot steps, and its adapters' target modules against the base model's architecture."""
+snapshot steps, its adapters' target modules against the base model's architecture, and
+its rows against max_length."""
 
 from __future__ import annotations
 
@@ -42,3 +43,18 @@ def check_targets(config: TrainConfig) -> None:
         find_target_modules(architecture(config.model), config.loramoe)
     except ConfigError as err:
         raise TrainConfigError(f"TrainConfig.loramoe: {err} (model {config.model!r})") from None
+
+
+LENGTH_CHECK_ROWS = 10_000  # rows encoded per train set: every row up to it, a sample beyond
+
+
+def count_cut(tokenizer, frame, max_length: int, limit: int = LENGTH_CHECK_ROWS
+              ) -> tuple[int, int]:
+    """(rows cut away, rows checked) among the first `limit` rows of `frame`: those whose
+    response lies wholly past max_length, which training drops (encode_records)."""
+    from loramoe.data.collate import encode_records
+
+    head = frame.head(limit)
+    kept = encode_records(tokenizer, head["prompt"].tolist(), head["response"].tolist(),
+                          head["task_type"].tolist(), [], max_length)
+    return len(head) - len(kept), len(head)
