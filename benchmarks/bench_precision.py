@@ -37,7 +37,7 @@ from loramoe.train.objective import ResponseLM
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TRAINER_METHODS = {"frozen base": "frozen", "PEFT LoRA": "lora", "LoRAMoE": "loramoe",
+AS_TRAINER_NAMES = {"frozen base": "frozen", "PEFT LoRA": "lora", "LoRAMoE": "loramoe",
                    "sft": "sft"}  # this script's names -> the trainer's
 
 
@@ -82,7 +82,7 @@ def trainer_steps(methods: list[str], args) -> tuple[dict, int, int]:
     for method in methods:
         for dtype in DTYPES:
             model, tokenizer, config, autocast = bench_length_pieces.trainer_model(
-                pipeline, TRAINER_METHODS[method], dtype, args.attention == "trainer")
+                pipeline, AS_TRAINER_NAMES[method], dtype, args.attention == "trainer")
             batches = batches or bench_length_pieces.first_batches(config, tokenizer, frame,
                                                                    args.batches)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=at_least(1), default=None,
                         help="default: torch's (random), 1 (trainer)")
     parser.add_argument("--repeats", type=at_least(1), default=6)
-    parser.add_argument("--methods", type=listed(TRAINER_METHODS),
+    parser.add_argument("--methods", type=listed(AS_TRAINER_NAMES),
                         default="frozen base,PEFT LoRA,LoRAMoE,sft")
     parser.add_argument("--attention", choices=["trainer", "sdpa"], default="trainer")
     args = parser.parse_args()
