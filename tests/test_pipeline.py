@@ -124,6 +124,9 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
         assert [m.step for m in history] == [1, 2, 3]
         assert child.data.tags["train_device"] == "cpu"  # where it trained ("cuda" on a GPU)
         assert child.data.tags["train_hardware"] == cpu_kernels()  # which CPU, flags, caps
+        scale = int(child.info.run_name.split("-")[1])  # none cut at the smoke max_length
+        assert child.data.metrics["train/examples"] == scale
+        assert child.data.metrics["train/examples_dropped"] == 0
     assert "loramoe-32/downstream_score" in parent.data.metrics
     assert any(k.startswith("system/") for c in ok for k in c.data.metrics)  # psutil present
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}

@@ -53,7 +53,7 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
                         workdir: Path, mlflow_run_id: str | None) -> dict[str, Any]:
     """Train one (method, scale) branch; metrics stream to its MLflow child run, and the
     trained folder goes to that run under `trained/`. Returns a small reference to it."""
-    from loramoe.tracking import log_params, set_tag, store_folder, system_metrics
+    from loramoe.tracking import log_metrics, log_params, set_tag, store_folder, system_metrics
 
     check_gpus(config)
     name = branch_name(branch)
@@ -76,6 +76,9 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     if mlflow_run_id:
         set_tag(mlflow_run_id, "train_device", device)
         set_tag(mlflow_run_id, "train_hardware", hardware)
+        # what it trained on: the scale's rows, less those max_length cut away
+        log_metrics(mlflow_run_id, {f"train/{k}": final[k]
+                                    for k in ("examples", "examples_dropped") if k in final})
         files = [run_dir / RUN_CONFIG, run_dir / DATA_RECORD, run_dir / "metrics.jsonl",
                  run_dir / part]  # DATA_RECORD: the sha256 of the data it trained on
         store = {"mlflow_run_id": mlflow_run_id,
