@@ -493,6 +493,7 @@ def test_a_max_length_that_leaves_no_example_fails_before_the_base_evaluation(
     from loramoe.model import load_tokenizer
     from loramoe.pipeline import PipelineConfig, PipelineConfigError
     from loramoe.pipeline.steps import evaluate_base_model
+    from loramoe.train.preflight import count_cut
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the base model was evaluated")
@@ -503,11 +504,13 @@ def test_a_max_length_that_leaves_no_example_fails_before_the_base_evaluation(
     data = tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text())
     data["methods"]["lora"]["max_length"] = 30  # the chat-less char tokenizer: 1 per char
     with pytest.raises(PipelineConfigError, match=r"config\.methods\.lora\.max_length: 30 "
-                                                  r"tokens leave no example at scale 16: each "
-                                                  r"of 16 rows has a prompt that long"):
+                                                  r"tokens cut away every one of 16 rows at "
+                                                  r"scale 16 \(each prompt is that long"):
         evaluate_base_model(PipelineConfig.from_dict(data), frame, tmp_path, None, train_sets)
+    tokenizer = load_tokenizer("tiny-random-llama")
+    assert count_cut(tokenizer, frame, 30, limit=10) == (10, 10)  # a sample of a long set
     data["methods"]["lora"]["max_length"] = 40  # cuts some, leaves some: a warning
-    kept = encode_records(load_tokenizer("tiny-random-llama"), frame["prompt"].tolist(),
+    kept = encode_records(tokenizer, frame["prompt"].tolist(),
                           frame["response"].tolist(), frame["task_type"].tolist(), [], 40)
     assert 0 < len(kept) < len(frame)
     with pytest.raises(AssertionError, match="base model was evaluated"):

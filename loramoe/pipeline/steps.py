@@ -169,9 +169,9 @@ def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFra
                 f"the first {checked} of {len(frame)} rows"
             if cut == checked:
                 raise PipelineConfigError(
-                    f"config.methods.{name}.max_length: {train.max_length} tokens leave no "
-                    f"example at scale {scale}: each of {rows} has a prompt that long or "
-                    f"longer (chat template included); raise max_length")
+                    f"config.methods.{name}.max_length: {train.max_length} tokens cut away "
+                    f"every one of {rows} at scale {scale} (each prompt is that long or "
+                    f"longer, chat template included); raise max_length")
             if cut:
                 print(f"warning: config.methods.{name}.max_length {train.max_length} cuts "
                       f"{cut} of {rows} at scale {scale} away; its branches train without "
