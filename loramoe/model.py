@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -155,6 +157,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+@contextmanager
+def _named_when_missing(name_or_path: str) -> Iterator[None]:
+    """from_pretrained's OSError (a hub id neither cached nor reachable, a folder missing
+    files) as a ModelNotAvailableError naming the model."""
+    try:
+        yield
+    except OSError as err:
+        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
+                                     ) from None
+
+
 def load_base_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
@@ -165,12 +178,9 @@ def load_base_model(
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     tokenizer = load_tokenizer(name_or_path)
-    try:
+    with _named_when_missing(name_or_path):
         model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path),
                                                      dtype=dtype, **from_pretrained_kwargs)
-    except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
-        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
-                                     ) from None
     if name_or_path.lower() in EMBEDDED_MODELS:
         model.config._name_or_path = name_or_path.lower()
     return model, tokenizer
@@ -179,11 +189,8 @@ def load_base_model(
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> transformers.PreTrainedTokenizerBase:
     """The model's tokenizer alone (no weights read), with a pad token (the EOS token when
     the model defines none)."""
-    try:
+    with _named_when_missing(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
-        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
-                                     ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -192,11 +199,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> transformers.PreTrained
 def architecture(name_or_path: str) -> PreTrainedModel:
     """The model's modules on the meta device: its architecture, no weights read. Built with
     its class, not from_config, which under DeepSpeed ZeRO-3 partitions the new model."""
-    try:
+    with _named_when_missing(name_or_path):
         config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-    except OSError as err:  # a hub id neither cached nor reachable, a folder missing files
-        raise ModelNotAvailableError(f"model {name_or_path!r} could not be loaded: {err}"
-                                     ) from None
     with torch.device("meta"):
         return transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
 
