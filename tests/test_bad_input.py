@@ -508,15 +508,19 @@ def test_a_max_length_that_leaves_no_example_fails_before_the_base_evaluation(
                                                   r"scale 16 \(each prompt is that long"):
         evaluate_base_model(PipelineConfig.from_dict(data), frame, tmp_path, None, train_sets)
     tokenizer = load_tokenizer("tiny-random-llama")
-    assert count_cut(tokenizer, frame, 30, limit=10) == (10, 10)  # a sample of a long set
+    assert count_cut(tokenizer, frame, 30, limit=10) == (10, 0, 10)  # a sample of a long set
     data["methods"]["lora"]["max_length"] = 40  # cuts some, leaves some: a warning
     kept = encode_records(tokenizer, frame["prompt"].tolist(),
                           frame["response"].tolist(), frame["task_type"].tolist(), [], 40)
-    assert 0 < len(kept) < len(frame)
+    assert 0 < len(kept) < len(frame) and kept.truncated > 0
     with pytest.raises(AssertionError, match="base model was evaluated"):
         evaluate_base_model(PipelineConfig.from_dict(data), frame, tmp_path, None, train_sets)
+    err = capsys.readouterr().err
     assert (f"warning: config.methods.lora.max_length 40 cuts {len(frame) - len(kept)} of 48 "
-            f"rows at scale 48 away") in capsys.readouterr().err
+            f"rows at scale 48 away") in err
+    assert (f"warning: config.methods.lora.max_length 40 cuts the response of "
+            f"{kept.truncated} of 48 rows at scale 48 short; its branches train on them "
+            f"without their end-of-turn marker") in err
 
 
 # ---- 5. non-text responses ---------------------------------------------------------------

@@ -451,14 +451,21 @@ def test_the_report_counts_the_examples_max_length_cut_from_a_branch():
                                       base_dir=configs)
     outcomes = [
         {"name": "loramoe-256", "error": None,
-         "trained": {"final": {"examples": 190, "examples_dropped": 66}}},
+         "trained": {"final": {"examples": 190, "examples_dropped": 66,
+                               "examples_truncated": 12}}},
         {"name": "lora-256", "error": None,
-         "trained": {"final": {"examples": 256, "examples_dropped": 0}}},
+         "trained": {"final": {"examples": 256, "examples_dropped": 0,
+                               "examples_truncated": 0}}},
         {"name": "sft-256", "error": "boom"},  # failed: nothing trained, nothing to count
         {"name": "lora-64", "error": None, "trained": {"final": {"examples": 64}}},  # older run
+        # kept every row but cut 3 responses short (before: not reported)
+        {"name": "sft-64", "error": None,
+         "trained": {"final": {"examples": 64, "examples_dropped": 0,
+                               "examples_truncated": 3}}},
     ]
     cut = cut_by_length(outcomes)
-    assert cut == {"loramoe-256": (66, 256)}
+    assert cut == {"loramoe-256": (66, 12, 256), "sft-64": (0, 3, 64)}
     text = setup_section(config, None, None, None, None, cut)
-    assert "**Cut by max_length**" in text and "loramoe-256 66 of 256" in text
+    assert "**Cut by max_length**" in text
+    assert "loramoe-256 66 of 256 cut away, 12 cut short; sft-64 3 cut short" in text
     assert "Cut by max_length" not in setup_section(config, None, None, None, None, {})

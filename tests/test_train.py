@@ -385,13 +385,23 @@ def test_examples_cut_away_by_max_length_are_counted_and_said(tiny_model_dir, ti
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     frame = read_records(tiny_train_file)
-    lengths = sorted(len(prompt_ids(tokenizer, p)) for p in frame["prompt"])
-    max_length = lengths[len(lengths) // 2]  # rows whose prompt fills it keep no response
-    dropped = sum(n >= max_length for n in lengths)
+    prompts = [len(prompt_ids(tokenizer, p)) for p in frame["prompt"]]
+    whole = [len(encode_example(tokenizer, p, r, 10**6)[0])  # uncut
+             for p, r in zip(frame["prompt"], frame["response"], strict=True)]
+    max_length = sorted(whole)[len(whole) // 4]  # a quarter of the rows fit whole
+    dropped = sum(n >= max_length for n in prompts)  # their prompt fills it: no response
     assert 0 < dropped < len(frame)
+    # kept rows cut short: trained without their end-of-turn marker (before: not counted)
+    short = sum(p < max_length < n for p, n in zip(prompts, whole, strict=True))
+    assert 0 < short < len(frame) - dropped
     result = train(config_for(tiny_model_dir, tiny_train_file, tmp_path, max_steps=1,
                               max_length=max_length), progress=False)
     final = json.loads((result.output_dir / "final_metrics.json").read_text())
-    assert (final["examples"], final["examples_dropped"]) == (len(frame) - dropped, dropped)
+    assert (final["examples"], final["examples_dropped"], final["examples_truncated"]) == (
+        len(frame) - dropped, dropped, short)
+    err = capfd.readouterr().err
     assert (f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
-            f"max_length ({max_length}) tokens") in capfd.readouterr().err
+            f"max_length ({max_length}) tokens") in err
+    assert (f"warning: {short} of {len(frame) - dropped} examples lose their response's end to "
+            f"max_length ({max_length}) tokens: they train without their end-of-turn "
+            f"marker") in err

@@ -44,9 +44,8 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return _apply_template(tokenizer, [{"role": "user", "content": prompt}], True)
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int
-                   ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) with labels = IGNORE_INDEX on the prompt; truncated to max_length."""
+def _conversation_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """The whole example's ids, its end-of-turn marker last, and the prompt's length."""
     prefix = prompt_ids(tokenizer, prompt)
     full = _apply_template(tokenizer, [{"role": "user", "content": prompt},
                                        {"role": "assistant", "content": response}], False)
@@ -57,9 +56,19 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int
     # Drop trailing newline tokens after the end-of-turn marker: they carry no signal.
     while len(full) > len(prefix) + 1 and tokenizer.decode(full[-1:]).strip() == "":
         full = full[:-1]
+    return full, len(prefix)
+
+
+def _cut(full: list[int], prompt_length: int, max_length: int) -> tuple[list[int], list[int]]:
     full = full[:max_length]
-    labels = [IGNORE_INDEX] * min(len(prefix), len(full)) + full[len(prefix):]
+    labels = [IGNORE_INDEX] * min(prompt_length, len(full)) + full[prompt_length:]
     return full, labels
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int
+                   ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with labels = IGNORE_INDEX on the prompt; truncated to max_length."""
+    return _cut(*_conversation_ids(tokenizer, prompt, response), max_length)
 
 
 @dataclass
@@ -67,6 +76,9 @@ class EncodedDataset(torch.utils.data.Dataset):
     input_ids: list[list[int]]
     labels: list[list[int]]
     sample_types: list[int]
+    # kept examples whose response max_length cut short: they train without their end-of-turn
+    # marker, i.e. on answers that never stop
+    truncated: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -79,15 +91,18 @@ class EncodedDataset(torch.utils.data.Dataset):
 def encode_records(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                    task_types: Sequence[str], type_names: Sequence[str], max_length: int
                    ) -> EncodedDataset:
-    """Encode records; examples whose response is truncated away entirely are dropped."""
-    ids, labels, types = [], [], []
+    """Encode records; examples whose response is truncated away entirely are dropped, those
+    cut short are kept and counted (`truncated`)."""
+    ids, labels, types, truncated = [], [], [], 0
     for prompt, response, task_type in zip(prompts, responses, task_types, strict=True):
-        x, y = encode_example(tokenizer, prompt, response, max_length)
+        full, prompt_length = _conversation_ids(tokenizer, prompt, response)
+        x, y = _cut(full, prompt_length, max_length)
         if any(label != IGNORE_INDEX for label in y):
             ids.append(x)
             labels.append(y)
             types.append(type_names.index(task_type) if task_type in type_names else -1)
-    return EncodedDataset(ids, labels, types)
+            truncated += len(full) > max_length
+    return EncodedDataset(ids, labels, types, truncated)
 
 
 @dataclass

@@ -191,11 +191,21 @@ def scored_where(config, base_scored_by: dict[str, str] | None) -> str:
     return f"{dtype} on {hardware_name(device)} (this machine; the base did not say)"
 
 
+def _cut_counts(cut: dict[str, tuple[int, int, int]]) -> str:
+    """'loramoe-256 66 of 256 cut away, 12 cut short; lora-256 3 cut short'"""
+    counts = []
+    for branch, (away, short, rows) in cut.items():
+        said = ([f"{away:,} of {rows:,} cut away"] if away else []) + (
+            [f"{short:,} cut short"] if short else [])
+        counts.append(f"{branch} {', '.join(said)}")
+    return "; ".join(counts)
+
+
 def setup_section(config, wall_seconds: float | None,
                   shortfall: dict[str, int] | None = None,
                   base_scored_by: dict[str, str] | None = None,
                   trained_on: list[str] | None = None,
-                  cut: dict[str, tuple[int, int]] | None = None) -> str:
+                  cut: dict[str, tuple[int, int, int]] | None = None) -> str:
     mixture = config.mixture
     methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
                                                  f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
@@ -218,10 +228,10 @@ def setup_section(config, wall_seconds: float | None,
         short = ", ".join(f"{task} {n:,}" for task, n in sorted(shortfall.items()))
         lines.append(f"- **Short of data**: records a task could not supply at the largest "
                      f"scale ({short}); its branches trained on what there was")
-    if cut:  # likewise a branch's label, when max_length cut examples away
-        lost = ", ".join(f"{branch} {n:,} of {rows:,}" for branch, (n, rows) in cut.items())
-        lines.append(f"- **Cut by max_length** (prompt that long or longer, response wholly "
-                     f"past it; trained without them): {lost}")
+    if cut:  # likewise a branch's label, when max_length cut examples away or short
+        lines.append(f"- **Cut by max_length** (cut away: prompt that long or longer, trained "
+                     f"without them; cut short: trained without their end-of-turn marker): "
+                     f"{_cut_counts(cut)}")
     if wall_seconds is not None:
         lines.append(f"- Wall time to the compare step: {wall_seconds:,.0f} s")
     return "## Setup\n\n" + "\n".join(lines)

@@ -124,14 +124,16 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
 
 
-def cut_by_length(outcomes: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    """branch -> (examples max_length cut away, rows read), for the branches that lost any:
-    a branch labelled with its scale trained on fewer examples than the label says."""
+def cut_by_length(outcomes: list[dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
+    """branch -> (examples max_length cut away, examples it cut short, rows read), for the
+    branches it touched: a branch labelled with its scale trained on fewer examples than the
+    label says, or on responses that never reach their end-of-turn marker."""
     cut = {}
     for o in outcomes:
         final = o.get("trained", {}).get("final", {})  # none on a failed branch
-        if dropped := final.get("examples_dropped", 0):
-            cut[o["name"]] = (dropped, final["examples"] + dropped)
+        dropped, short = final.get("examples_dropped", 0), final.get("examples_truncated", 0)
+        if dropped or short:
+            cut[o["name"]] = (dropped, short, final["examples"] + dropped)
     return cut
 
 

@@ -76,9 +76,10 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     if mlflow_run_id:
         set_tag(mlflow_run_id, "train_device", device)
         set_tag(mlflow_run_id, "train_hardware", hardware)
-        # what it trained on: the scale's rows, less those max_length cut away
-        log_metrics(mlflow_run_id, {f"train/{k}": final[k]
-                                    for k in ("examples", "examples_dropped") if k in final})
+        # what it trained on: the scale's rows, less those max_length cut away, and how many
+        # of them it cut short
+        log_metrics(mlflow_run_id, {f"train/{k}": final[k] for k in (
+            "examples", "examples_dropped", "examples_truncated") if k in final})
         files = [run_dir / RUN_CONFIG, run_dir / DATA_RECORD, run_dir / "metrics.jsonl",
                  run_dir / part]  # DATA_RECORD: the sha256 of the data it trained on
         store = {"mlflow_run_id": mlflow_run_id,
@@ -149,8 +150,8 @@ def check_method_targets(config: PipelineConfig) -> None:
 def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFrame]) -> None:
     """Every method's max_length leaves each train set examples to learn from (its
     tokenizer alone, no weights), before the base evaluation: a train set cut away whole
-    failed each of its branches after this step's work. Rows cut from a set are counted in a
-    warning; the report counts each branch's."""
+    failed each of its branches after this step's work. Rows cut from a set, and rows whose
+    response it cuts short, are counted in warnings; the report counts each branch's."""
     import sys
 
     from loramoe.model import load_tokenizer
@@ -164,7 +165,7 @@ def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFra
             key = (train.model, train.max_length, scale)
             if key not in counted:
                 counted[key] = count_cut(tokenizers[train.model], frame, train.max_length)
-            cut, checked = counted[key]
+            cut, short, checked = counted[key]
             rows = f"{checked} rows" if checked == len(frame) else \
                 f"the first {checked} of {len(frame)} rows"
             if cut == checked:
@@ -176,6 +177,11 @@ def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFra
                 print(f"warning: config.methods.{name}.max_length {train.max_length} cuts "
                       f"{cut} of {rows} at scale {scale} away; its branches train without "
                       f"them", file=sys.stderr)
+            if short:
+                print(f"warning: config.methods.{name}.max_length {train.max_length} cuts "
+                      f"the response of {short} of {rows} at scale {scale} short; its "
+                      f"branches train on them without their end-of-turn marker",
+                      file=sys.stderr)
 
 
 def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path,

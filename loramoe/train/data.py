@@ -38,7 +38,8 @@ def read_train_frame(config: TrainConfig):
 
 def encode_frame(config: TrainConfig, frame, tokenizer):
     """The rows encoded; a warning counting those whose response lies past max_length (the
-    run trains on fewer than its rows), TrainConfigError when none is left."""
+    run trains on fewer than its rows) and one counting those it cuts short (they train
+    without their end-of-turn marker), TrainConfigError when none is left."""
     dataset = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
                              frame["task_type"].tolist(), config.loramoe.type_names,
                              config.max_length)
@@ -48,4 +49,8 @@ def encode_frame(config: TrainConfig, frame, tokenizer):
     if dropped := len(frame) - len(dataset):
         print(f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
               f"max_length ({config.max_length}) tokens", file=sys.stderr)
+    if dataset.truncated:
+        print(f"warning: {dataset.truncated} of {len(dataset)} examples lose their response's "
+              f"end to max_length ({config.max_length}) tokens: they train without their "
+              f"end-of-turn marker", file=sys.stderr)
     return dataset

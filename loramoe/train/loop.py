@@ -221,7 +221,8 @@ def finish(run: Training, last: dict[str, float]) -> TrainResult:
             json.dumps({"steps": run.progress.step, "processes": acc.num_processes,
                         "device": acc.device.type, "hardware": hardware_name(acc.device),
                         "examples": len(run.dataset),
-                        "examples_dropped": run.rows_read - len(run.dataset), **last}))
+                        "examples_dropped": run.rows_read - len(run.dataset),
+                        "examples_truncated": run.dataset.truncated, **last}))
     acc.wait_for_everyone()
     return TrainResult(output_dir, run.progress.step, last, artifact,
                        last.get("tokens_per_s", 0.0))

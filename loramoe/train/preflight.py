@@ -5,6 +5,7 @@ its rows against max_length."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from loramoe.train.config import TrainConfig, TrainConfigError
 
@@ -48,13 +49,18 @@ def check_targets(config: TrainConfig) -> None:
 LENGTH_CHECK_ROWS = 10_000  # rows encoded per train set: every row up to it, a sample beyond
 
 
-def count_cut(tokenizer, frame, max_length: int, limit: int = LENGTH_CHECK_ROWS
-              ) -> tuple[int, int]:
-    """(rows cut away, rows checked) among the first `limit` rows of `frame`: those whose
-    response lies wholly past max_length, which training drops (encode_records)."""
+class LengthCut(NamedTuple):
+    away: int  # rows whose response lies wholly past max_length: training drops them
+    short: int  # rows whose response it cuts short: they train without their end
+    checked: int
+
+
+def count_cut(tokenizer, frame, max_length: int, limit: int = LENGTH_CHECK_ROWS) -> LengthCut:
+    """What max_length does to the first `limit` rows of `frame`, as training encodes them
+    (encode_records)."""
     from loramoe.data.collate import encode_records
 
     head = frame.head(limit)
     kept = encode_records(tokenizer, head["prompt"].tolist(), head["response"].tolist(),
                           head["task_type"].tolist(), [], max_length)
-    return len(head) - len(kept), len(head)
+    return LengthCut(len(head) - len(kept), kept.truncated, len(head))
