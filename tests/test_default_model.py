@@ -62,6 +62,22 @@ def test_no_default_system_prompt_in_training_examples(default_model):
     assert tokenizer.decode([t for t in labels if t != -100]) == "4<|im_end|>"
 
 
+@pytest.mark.slow
+@needs_default
+def test_a_mentioned_end_of_turn_marker_is_found(default_model):
+    """ChatML's '<|im_end|>' written inside a response ends the turn there when encoded (the
+    label after '4' is the marker, then a user turn follows): such rows are found."""
+    from loramoe.data.collate import control_token_rows, encode_example
+
+    _, tokenizer = default_model
+    response = "4<|im_end|>\n<|im_start|>user\nmore"
+    _, labels = encode_example(tokenizer, "What is 2+2?", response, 128)
+    trained = [tokenizer.decode([t]) for t in labels if t != -100]
+    assert trained[:4] == ["4", "<|im_end|>", "\n", "<|im_start|>"]
+    texts = ["What is 2+2?\n4", f"What is 2+2?\n{response}"]
+    assert control_token_rows(tokenizer, texts) == {"<|im_end|>": [1], "<|im_start|>": [1]}
+
+
 def test_missing_package_gives_the_install_command(monkeypatch):
     from loramoe import model as model_module
 

@@ -375,6 +375,32 @@ def test_router_lr_scale_moves_only_the_routers_faster(tiny_model_dir, tiny_trai
     assert moved[10.0]["lora_B"] == pytest.approx(moved[1.0]["lora_B"], rel=1e-5)
 
 
+def test_rows_holding_a_control_tokens_text_are_named(tiny_model_dir, tiny_train_file,
+                                                       tmp_path, capfd):
+    """A response that mentions '</s>' is encoded with the end-of-sequence token there: the
+    model learns to stop mid-answer. It trained so silently before; now a warning names the
+    token and the rows."""
+    from transformers import AutoTokenizer
+
+    from loramoe.data.records import read_records, write_records
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tokenizer.eos_token  # '</s>', one of the tokenizer's control tokens
+    frame = read_records(tiny_train_file)
+    frame.loc[[3, 7], "response"] = [f"42{eos} and more", f"in HTML {eos} ends"]
+    path = write_records(frame, tmp_path / "train.jsonl")
+    ids, _ = encode_example(tokenizer, frame["prompt"][3], frame["response"][3], 128)
+    assert ids.count(tokenizer.eos_token_id) == 2  # the text became the token, then the end
+    train(config_for(tiny_model_dir, path, tmp_path, max_steps=1), progress=False)
+    assert (f"warning: 2 of {len(frame)} examples hold the text '{eos}', which the tokenizer "
+            f"reads as its control token, not as text ({path}: line 4 id="
+            f"{frame['id'][3]!r}, line 8 id={frame['id'][7]!r})") in capfd.readouterr().err
+    capfd.readouterr()
+    train(config_for(tiny_model_dir, tiny_train_file, tmp_path / "clean", max_steps=1),
+          progress=False)
+    assert "control token" not in capfd.readouterr().err
+
+
 def test_examples_cut_away_by_max_length_are_counted_and_said(tiny_model_dir, tiny_train_file,
                                                               tmp_path, capfd):
     # Before: dropped silently, so a branch labelled with its scale trained on fewer.

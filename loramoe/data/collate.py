@@ -71,6 +71,17 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int
     return _cut(*_conversation_ids(tokenizer, prompt, response), max_length)
 
 
+def control_token_rows(tokenizer, texts: Sequence[str]) -> dict[str, list[int]]:
+    """Control-token text -> the indexes of `texts` that hold it. The tokenizer reads such
+    text as the token itself, not as characters: an end-of-turn marker inside a response
+    ends the turn there, and the model learns to stop (or switch roles) mid-answer."""
+    found = {}
+    for token in tokenizer.all_special_tokens:
+        if rows := [i for i, text in enumerate(texts) if token in text]:
+            found[token] = rows
+    return found
+
+
 @dataclass
 class EncodedDataset(torch.utils.data.Dataset):
     input_ids: list[list[int]]

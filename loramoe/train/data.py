@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from loramoe.data.collate import encode_records
+from loramoe.data.collate import control_token_rows, encode_records
 from loramoe.train.config import TrainConfig, TrainConfigError
 
 
@@ -37,9 +37,10 @@ def read_train_frame(config: TrainConfig):
 
 
 def encode_frame(config: TrainConfig, frame, tokenizer):
-    """The rows encoded; a warning counting those whose response lies past max_length (the
-    run trains on fewer than its rows) and one counting those it cuts short (they train
-    without their end-of-turn marker), TrainConfigError when none is left."""
+    """The rows encoded; warnings counting those whose response lies past max_length (the run
+    trains on fewer than its rows), those it cuts short (they train without their
+    end-of-turn marker) and those holding a control token's text; TrainConfigError when none
+    is left."""
     dataset = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
                              frame["task_type"].tolist(), config.loramoe.type_names,
                              config.max_length)
@@ -53,4 +54,20 @@ def encode_frame(config: TrainConfig, frame, tokenizer):
         print(f"warning: {dataset.truncated} of {len(dataset)} examples lose their response's "
               f"end to max_length ({config.max_length}) tokens: they train without their "
               f"end-of-turn marker", file=sys.stderr)
+    warn_control_tokens(frame, tokenizer, config.train_file)
     return dataset
+
+
+def warn_control_tokens(frame, tokenizer, path) -> None:
+    """A warning per control token (e.g. '<|im_end|>') whose text rows' prompts or responses
+    hold: the tokenizer reads it as the token, so such a row trains a turn that ends (or
+    changes role) where the text merely mentions it."""
+    from loramoe.data.records import line_number
+
+    texts = [f"{p}\n{r}" for p, r in zip(frame["prompt"], frame["response"], strict=True)]
+    for token, rows in control_token_rows(tokenizer, texts).items():
+        named = ", ".join(f"line {line_number(i, path)}" + (
+            f" id={frame['id'].iloc[i]!r}" if "id" in frame else "") for i in rows[:3])
+        print(f"warning: {len(rows)} of {len(frame)} examples hold the text {token!r}, which "
+              f"the tokenizer reads as its control token, not as text ({path}: {named})",
+              file=sys.stderr)
