@@ -456,7 +456,7 @@ def test_target_modules_the_model_lacks_fail_before_it_loads(tiny_model_dir, tin
 
     import loramoe.train.builders as builders
     from loramoe.pipeline import PipelineConfig, PipelineConfigError
-    from loramoe.pipeline.steps import check_method_targets
+    from loramoe.pipeline.preflight import check_method_targets
 
     def no_model(config, dtype):
         raise AssertionError("the model was loaded")
@@ -521,6 +521,39 @@ def test_a_max_length_that_leaves_no_example_fails_before_the_base_evaluation(
     assert (f"warning: config.methods.lora.max_length 40 cuts the response of "
             f"{kept.truncated} of 48 rows at scale 48 short; its branches train on them "
             f"without their end-of-turn marker") in err
+
+
+def test_control_token_text_in_the_pipelines_train_sets_is_named_before_the_base_evaluation(
+        tiny_train_file, monkeypatch, tmp_path, capsys):
+    # Before: said only by each branch's train step, after the base evaluation.
+    import tomllib
+
+    import loramoe.evaluate
+    from loramoe.data.records import read_records
+    from loramoe.pipeline import PipelineConfig
+    from loramoe.pipeline.steps import evaluate_base_model
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the base model was evaluated")
+
+    monkeypatch.setattr(loramoe.evaluate, "evaluate", no_evaluation)
+    frame = read_records(tiny_train_file)
+    frame.loc[[2, 40], "response"] = ["a </s> b", "</s>"]  # the tiny tokenizer's EOS
+    frame.loc[5, "prompt"] = "what is <unk>?"
+    train_sets = {16: frame.head(16), 48: frame}  # nested: rows 2 and 5 in both, said once
+    config = PipelineConfig.from_dict(
+        tomllib.loads((ROOT / "flows" / "configs" / "smoke.toml").read_text()))
+    with pytest.raises(AssertionError, match="base model was evaluated"):  # not refused
+        evaluate_base_model(config, frame, tmp_path, None, train_sets)
+    err = capsys.readouterr().err
+    assert (f"warning: 2 of 48 rows of the train sets (model 'tiny-random-llama') hold the text "
+            f"'</s>', which the tokenizer reads as its control token, not as text (e.g. "
+            f"id={frame['id'][2]!r}, id={frame['id'][40]!r})") in err
+    assert ("warning: 1 of 48 rows of the train sets (model 'tiny-random-llama') hold the text "
+            "'<unk>'") in err
+    with pytest.raises(AssertionError, match="base model was evaluated"):
+        evaluate_base_model(config, frame, tmp_path, None, {48: read_records(tiny_train_file)})
+    assert "control token" not in capsys.readouterr().err
 
 
 # ---- 5. non-text responses ---------------------------------------------------------------

@@ -437,14 +437,15 @@ def test_the_report_says_where_the_branches_ran_not_where_compare_runs():
 
 def test_the_report_counts_the_examples_max_length_cut_from_a_branch():
     """A branch labelled 256 that trained on 190 examples (the rest cut by max_length) was
-    reported as 256, the count only in its final_metrics.json."""
+    reported as 256, the count only in its final_metrics.json. Rows holding a control token's
+    text are counted likewise (before: only in the train step's log)."""
     from pathlib import Path
 
     import tomllib
 
     from loramoe.pipeline import PipelineConfig
     from loramoe.pipeline.markdown import setup_section
-    from loramoe.pipeline.report import cut_by_length
+    from loramoe.pipeline.report import row_caveats
 
     configs = Path(__file__).resolve().parents[1] / "flows" / "configs"
     config = PipelineConfig.from_dict(tomllib.loads((configs / "default.toml").read_text()),
@@ -461,11 +462,22 @@ def test_the_report_counts_the_examples_max_length_cut_from_a_branch():
         # kept every row but cut 3 responses short (before: not reported)
         {"name": "sft-64", "error": None,
          "trained": {"final": {"examples": 64, "examples_dropped": 0,
-                               "examples_truncated": 3}}},
+                               "examples_truncated": 3, "examples_with_control_text": 2}}},
+        {"name": "loramoe-64", "error": None,  # nothing cut, control text alone
+         "trained": {"final": {"examples": 64, "examples_dropped": 0,
+                               "examples_truncated": 0, "examples_with_control_text": 1}}},
     ]
-    cut = cut_by_length(outcomes)
-    assert cut == {"loramoe-256": (66, 12, 256), "sft-64": (0, 3, 64)}
-    text = setup_section(config, None, None, None, None, cut)
+    caveats = row_caveats(outcomes)
+    assert caveats == {"loramoe-256": (66, 12, 0, 256), "sft-64": (0, 3, 2, 64),
+                       "loramoe-64": (0, 0, 1, 64)}
+    text = setup_section(config, None, None, None, None, caveats)
     assert "**Cut by max_length**" in text
-    assert "loramoe-256 66 of 256 cut away, 12 cut short; sft-64 3 cut short" in text
+    assert "loramoe-256 66 of 256 cut away, 12 cut short; sft-64 3 cut short)" not in text
+    assert ": loramoe-256 66 of 256 cut away, 12 cut short; sft-64 3 cut short\n" in text
+    assert ("**Control-token text in training rows** (e.g. '<|im_end|>' in a response: the "
+            "tokenizer reads it as the token, and the row trains a turn that ends there; the "
+            "train step's log names the rows): sft-64 2 of 64; loramoe-64 1 of 64") in text
     assert "Cut by max_length" not in setup_section(config, None, None, None, None, {})
+    only_control = setup_section(config, None, None, None, None,
+                                 {"loramoe-64": caveats["loramoe-64"]})
+    assert "Control-token text" in only_control and "Cut by max_length" not in only_control

@@ -138,6 +138,26 @@ def test_a_base_scored_otherwise_is_named_beside_retention(tiny_model_dir, tiny_
     assert "base_scored_otherwise" not in (tmp_path / "again" / "metrics.json").read_text()
 
 
+def test_eval_items_holding_a_control_tokens_text_are_named(tiny_model_dir, tiny_train_file,
+                                                             tmp_path, capfd):
+    """A question or answer that mentions '</s>' is prompted or probed with the end token in
+    its place, silently before; the evaluation names the items (and still scores them)."""
+    from loramoe.data.records import read_records, write_records
+
+    frame = read_records(tiny_train_file.parent / "eval.jsonl").head(6)
+    frame.at[1, "prompt"] = "What does </s> close?"
+    frame.at[4, "answers"] = ["x", "y </s>"]
+    eval_file = write_records(frame, tmp_path / "eval.jsonl")
+    metrics = evaluate(eval_file, tmp_path / "out", model=str(tiny_model_dir), progress=False)
+    assert metrics["generated_items"] == 6
+    assert (f"warning: 2 of 6 eval items hold the text '</s>', which the tokenizer reads as "
+            f"its control token, not as text ({eval_file}: line 2 id={frame['id'][1]!r}, line 5 "
+            f"id={frame['id'][4]!r})") in capfd.readouterr().err
+    evaluate(tiny_train_file.parent / "eval.jsonl", tmp_path / "clean",
+             model=str(tiny_model_dir), progress=False)
+    assert "control token" not in capfd.readouterr().err
+
+
 def test_style_breakdown_separates_format_losses_from_knowledge_losses():
     import pandas as pd
 

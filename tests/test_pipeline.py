@@ -128,6 +128,7 @@ def test_smoke_flow_succeeds_with_mlflow_runs(smoke_run):
         assert child.data.metrics["train/examples"] == scale
         assert child.data.metrics["train/examples_dropped"] == 0
         assert child.data.metrics["train/examples_truncated"] == 0
+        assert child.data.metrics["train/examples_with_control_text"] == 0
     assert "loramoe-32/downstream_score" in parent.data.metrics
     assert any(k.startswith("system/") for c in ok for k in c.data.metrics)  # psutil present
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}

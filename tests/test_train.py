@@ -388,17 +388,24 @@ def test_rows_holding_a_control_tokens_text_are_named(tiny_model_dir, tiny_train
     eos = tokenizer.eos_token  # '</s>', one of the tokenizer's control tokens
     frame = read_records(tiny_train_file)
     frame.loc[[3, 7], "response"] = [f"42{eos} and more", f"in HTML {eos} ends"]
-    path = write_records(frame, tmp_path / "train.jsonl")
     ids, _ = encode_example(tokenizer, frame["prompt"][3], frame["response"][3], 128)
     assert ids.count(tokenizer.eos_token_id) == 2  # the text became the token, then the end
-    train(config_for(tiny_model_dir, path, tmp_path, max_steps=1), progress=False)
+    frame.loc[9, "prompt"] = f"What does {tokenizer.unk_token} mean?"  # another token
+    path = write_records(frame, tmp_path / "train.jsonl")
+    result = train(config_for(tiny_model_dir, path, tmp_path, max_steps=1), progress=False)
+    err = capfd.readouterr().err
     assert (f"warning: 2 of {len(frame)} examples hold the text '{eos}', which the tokenizer "
             f"reads as its control token, not as text ({path}: line 4 id="
-            f"{frame['id'][3]!r}, line 8 id={frame['id'][7]!r})") in capfd.readouterr().err
-    capfd.readouterr()
-    train(config_for(tiny_model_dir, tiny_train_file, tmp_path / "clean", max_steps=1),
-          progress=False)
+            f"{frame['id'][3]!r}, line 8 id={frame['id'][7]!r})") in err
+    assert f"warning: 1 of {len(frame)} examples hold the text '{tokenizer.unk_token}'" in err
+    # counted for the report and MLflow: rows, not tokens (before: in the log alone)
+    final = json.loads((result.output_dir / "final_metrics.json").read_text())
+    assert final["examples_with_control_text"] == 3
+    clean = train(config_for(tiny_model_dir, tiny_train_file, tmp_path / "clean", max_steps=1),
+                  progress=False)
     assert "control token" not in capfd.readouterr().err
+    final = json.loads((clean.output_dir / "final_metrics.json").read_text())
+    assert final["examples_with_control_text"] == 0
 
 
 def test_examples_cut_away_by_max_length_are_counted_and_said(tiny_model_dir, tiny_train_file,

@@ -82,6 +82,42 @@ def control_token_rows(tokenizer, texts: Sequence[str]) -> dict[str, list[int]]:
     return found
 
 
+def warn_control_text(tokenizer, frame, columns: Sequence[str], what: str,
+                      path=None) -> set[int]:
+    """A warning per control token whose text the rows of `frame` hold in `columns` (those
+    present; lists such as answers read item by item), naming how many of the `what` (e.g.
+    "examples") and the first rows: by line and id in `path`, else by id. Returns the rows."""
+    import sys
+
+    present = [frame[c].tolist() for c in columns if c in frame]
+    texts = ["\n".join(str(v) for cell in cells for v in _items(cell))
+             for cells in zip(*present, strict=True)]
+    found = control_token_rows(tokenizer, texts)
+    for token, rows in found.items():
+        named = ", ".join(_row_name(frame, i, path) for i in rows[:3])
+        named = f"{path}: {named}" if path is not None else f"e.g. {named}"
+        print(f"warning: {len(rows)} of {len(frame)} {what} hold the text {token!r}, which "
+              f"the tokenizer reads as its control token, not as text ({named})",
+              file=sys.stderr)
+    return {i for rows in found.values() for i in rows}
+
+
+def _row_name(frame, index: int, path) -> str:
+    """'line 4 id='a'' in a file, 'id='a'' (or 'row 3') in a frame."""
+    from loramoe.data.records import line_number
+
+    ident = f"id={frame['id'].iloc[index]!r}" if "id" in frame else ""
+    if path is None:
+        return ident or f"row {index}"
+    return f"line {line_number(index, path)} {ident}".rstrip()
+
+
+def _items(cell) -> list:
+    if isinstance(cell, str) or not hasattr(cell, "__iter__"):
+        return [cell]
+    return list(cell)
+
+
 @dataclass
 class EncodedDataset(torch.utils.data.Dataset):
     input_ids: list[list[int]]
@@ -90,6 +126,10 @@ class EncodedDataset(torch.utils.data.Dataset):
     # kept examples whose response max_length cut short: they train without their end-of-turn
     # marker, i.e. on answers that never stop
     truncated: int = 0
+    dropped: int = 0  # records whose response lies wholly past max_length: not kept
+    # records whose text holds a control token's text (control_token_rows), counted by the
+    # trainer: they train a turn that ends or changes role where the text mentions it
+    control_text: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -102,8 +142,8 @@ class EncodedDataset(torch.utils.data.Dataset):
 def encode_records(tokenizer, prompts: Sequence[str], responses: Sequence[str],
                    task_types: Sequence[str], type_names: Sequence[str], max_length: int
                    ) -> EncodedDataset:
-    """Encode records; examples whose response is truncated away entirely are dropped, those
-    cut short are kept and counted (`truncated`)."""
+    """Encode records; examples whose response is truncated away entirely are dropped and
+    counted (`dropped`), those cut short are kept and counted (`truncated`)."""
     ids, labels, types, truncated = [], [], [], 0
     for prompt, response, task_type in zip(prompts, responses, task_types, strict=True):
         full, prompt_length = _conversation_ids(tokenizer, prompt, response)
@@ -113,7 +153,7 @@ def encode_records(tokenizer, prompts: Sequence[str], responses: Sequence[str],
             labels.append(y)
             types.append(type_names.index(task_type) if task_type in type_names else -1)
             truncated += len(full) > max_length
-    return EncodedDataset(ids, labels, types, truncated)
+    return EncodedDataset(ids, labels, types, truncated, len(prompts) - len(ids))
 
 
 @dataclass

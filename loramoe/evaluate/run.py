@@ -86,6 +86,7 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     the builders shuffle each task's items). workers: processes that share the batches on a
     CPU, each at this process's thread count (shards.py; not for a LoRAMoE run, whose router
     is recorded in one process)."""
+    from loramoe.data.collate import warn_control_text
     from loramoe.data.records import check_records, read_records, write_records
 
     full = read_records(Path(eval_file)).reset_index(drop=True)
@@ -97,17 +98,17 @@ def evaluate(eval_file: str | Path, out_dir: str | Path, model: str | None = Non
     check_workers(workers, device, run)
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # a path that cannot be one fails here
     hf_model, tokenizer, config = load_for_eval(model, run, dtype, device)
+    # such an item is prompted or probed with the token where its text says it
+    warn_control_text(tokenizer, full, ("prompt", "answers", "choices"), "eval items", eval_file)
     recorder = None
     if config is not None and config["method"] == "loramoe":
         recorder = RouterRecorder().attach(hf_model)
-    if workers > 1:
-        load = {"model": model, "run": run, "dtype": dtype_name(hf_model.dtype),
-                "device": str(hf_model.device)}
-        predictions, probe = answer_in_workers(hf_model, tokenizer, frame, full, batch_size,
-                                               workers, load, progress)
-    else:
-        predictions, probe = answer(hf_model, tokenizer, frame, full, batch_size, recorder,
-                                    progress)
+    load = {"model": model, "run": run, "dtype": dtype_name(hf_model.dtype),
+            "device": str(hf_model.device)}  # how a worker process loads it again
+    predictions, probe = (
+        answer_in_workers(hf_model, tokenizer, frame, full, batch_size, workers, load, progress)
+        if workers > 1 else
+        answer(hf_model, tokenizer, frame, full, batch_size, recorder, progress))
     scored = score_predictions(frame, predictions)
     with staged(out_dir) as out:  # out_dir's files replaced only once all are written
         write_records(scored, out / "predictions.jsonl")

@@ -191,21 +191,37 @@ def scored_where(config, base_scored_by: dict[str, str] | None) -> str:
     return f"{dtype} on {hardware_name(device)} (this machine; the base did not say)"
 
 
-def _cut_counts(cut: dict[str, tuple[int, int, int]]) -> str:
+def _cut_counts(cut: dict[str, tuple[int, int, int, int]]) -> str:
     """'loramoe-256 66 of 256 cut away, 12 cut short; lora-256 3 cut short'"""
     counts = []
-    for branch, (away, short, rows) in cut.items():
+    for branch, (away, short, _, rows) in cut.items():
         said = ([f"{away:,} of {rows:,} cut away"] if away else []) + (
             [f"{short:,} cut short"] if short else [])
-        counts.append(f"{branch} {', '.join(said)}")
+        if said:
+            counts.append(f"{branch} {', '.join(said)}")
     return "; ".join(counts)
+
+
+def _caveat_lines(caveats: dict[str, tuple[int, int, int, int]]) -> list[str]:
+    """The setup lines for rows a branch did not train on as they read (report.row_caveats)."""
+    lines = []
+    if cut := _cut_counts(caveats):  # a branch's label, when max_length cut rows away or short
+        lines.append(f"- **Cut by max_length** (cut away: prompt that long or longer, trained "
+                     f"without them; cut short: trained without their end-of-turn marker): "
+                     f"{cut}")
+    if control := "; ".join(f"{branch} {c:,} of {rows:,}"
+                            for branch, (_, _, c, rows) in caveats.items() if c):
+        lines.append(f"- **Control-token text in training rows** (e.g. '<|im_end|>' in a "
+                     f"response: the tokenizer reads it as the token, and the row trains a turn "
+                     f"that ends there; the train step's log names the rows): {control}")
+    return lines
 
 
 def setup_section(config, wall_seconds: float | None,
                   shortfall: dict[str, int] | None = None,
                   base_scored_by: dict[str, str] | None = None,
                   trained_on: list[str] | None = None,
-                  cut: dict[str, tuple[int, int, int]] | None = None) -> str:
+                  caveats: dict[str, tuple[int, int, int, int]] | None = None) -> str:
     mixture = config.mixture
     methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
                                                  f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
@@ -228,10 +244,7 @@ def setup_section(config, wall_seconds: float | None,
         short = ", ".join(f"{task} {n:,}" for task, n in sorted(shortfall.items()))
         lines.append(f"- **Short of data**: records a task could not supply at the largest "
                      f"scale ({short}); its branches trained on what there was")
-    if cut:  # likewise a branch's label, when max_length cut examples away or short
-        lines.append(f"- **Cut by max_length** (cut away: prompt that long or longer, trained "
-                     f"without them; cut short: trained without their end-of-turn marker): "
-                     f"{_cut_counts(cut)}")
+    lines += _caveat_lines(caveats or {})  # rows a branch's label does not say
     if wall_seconds is not None:
         lines.append(f"- Wall time to the compare step: {wall_seconds:,.0f} s")
     return "## Setup\n\n" + "\n".join(lines)
@@ -243,10 +256,10 @@ def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame
                  shortfall: dict[str, int] | None = None, replicates: str = "",
                  base_scored_by: dict[str, str] | None = None,
                  trained_on: list[str] | None = None,
-                 cut: dict[str, tuple[int, int]] | None = None) -> Path:
+                 caveats: dict[str, tuple[int, int, int, int]] | None = None) -> Path:
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
     parts = [f"# {title}",
-             setup_section(config, wall_seconds, shortfall, base_scored_by, trained_on, cut),
+             setup_section(config, wall_seconds, shortfall, base_scored_by, trained_on, caveats),
              results_section(results), replicates,
              claims_section(claims), paired_section(paired), "## Figures\n\n" + figures]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")

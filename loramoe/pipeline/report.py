@@ -111,7 +111,7 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
         files.append(write_report(out / "report.md", config, table, paired, claims, plots,
                                   f"LoRAMoE study: {config.name}", wall_seconds, shortfall,
                                   replicates, base_metrics.get("scored_by"), trained_on,
-                                  cut_by_length(outcomes)))
+                                  row_caveats(outcomes)))
     store_folder(parent_run_id, files, "compare")
     rows = table.to_dict(orient="records")
     tuned = [r for r in rows if r["status"] == "ok" and r["method"] != "base"]
@@ -124,16 +124,18 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
 
 
-def cut_by_length(outcomes: list[dict[str, Any]]) -> dict[str, tuple[int, int, int]]:
-    """branch -> (examples max_length cut away, examples it cut short, rows read), for the
-    branches it touched: a branch labelled with its scale trained on fewer examples than the
-    label says, or on responses that never reach their end-of-turn marker."""
+def row_caveats(outcomes: list[dict[str, Any]]) -> dict[str, tuple[int, int, int, int]]:
+    """branch -> (examples max_length cut away, examples it cut short, rows holding a control
+    token's text, rows read), for the branches where any is not 0: a branch labelled with its
+    scale trained on fewer examples than the label says, on responses that never reach their
+    end-of-turn marker, or on turns that end where a text mentions the marker."""
     cut = {}
     for o in outcomes:
         final = o.get("trained", {}).get("final", {})  # none on a failed branch
         dropped, short = final.get("examples_dropped", 0), final.get("examples_truncated", 0)
-        if dropped or short:
-            cut[o["name"]] = (dropped, short, final["examples"] + dropped)
+        control = final.get("examples_with_control_text", 0)
+        if dropped or short or control:
+            cut[o["name"]] = (dropped, short, control, final["examples"] + dropped)
     return cut
 
 

@@ -16,7 +16,8 @@ import pandas as pd
 from loramoe.cores import available_cores
 from loramoe.data import build_mixture, write_mixture
 from loramoe.data.records import read_records, write_records
-from loramoe.pipeline.config import PipelineConfig, PipelineConfigError, branch_name
+from loramoe.pipeline.config import PipelineConfig, branch_name
+from loramoe.pipeline.preflight import check_method_targets, check_rows
 from loramoe.pipeline.threads import check_gpus, use_branch_threads
 from loramoe.train.config import RUN_CONFIG, run_part
 from loramoe.train.resume import DATA_RECORD
@@ -76,10 +77,11 @@ def run_branch_training(config: PipelineConfig, branch: dict[str, Any], train_fr
     if mlflow_run_id:
         set_tag(mlflow_run_id, "train_device", device)
         set_tag(mlflow_run_id, "train_hardware", hardware)
-        # what it trained on: the scale's rows, less those max_length cut away, and how many
-        # of them it cut short
+        # what it trained on: the scale's rows, less those max_length cut away, how many of
+        # them it cut short, and how many hold a control token's text
         log_metrics(mlflow_run_id, {f"train/{k}": final[k] for k in (
-            "examples", "examples_dropped", "examples_truncated") if k in final})
+            "examples", "examples_dropped", "examples_truncated", "examples_with_control_text")
+            if k in final})
         files = [run_dir / RUN_CONFIG, run_dir / DATA_RECORD, run_dir / "metrics.jsonl",
                  run_dir / part]  # DATA_RECORD: the sha256 of the data it trained on
         store = {"mlflow_run_id": mlflow_run_id,
@@ -133,57 +135,6 @@ def restore_run_dir(trained: dict[str, Any], path: Path) -> Path:
     return fetch_folder(store["mlflow_run_id"], store["artifact_path"], path)
 
 
-def check_method_targets(config: PipelineConfig) -> None:
-    """Every adapter method's target modules exist in the base model (its architecture,
-    no weights), before the base evaluation: a wrong name failed each of that method's
-    branches in its train step, after this step's work."""
-    from loramoe.train.config import TrainConfigError
-    from loramoe.train.preflight import check_targets
-
-    for name, train in config.methods.items():
-        try:
-            check_targets(train)
-        except TrainConfigError as err:
-            raise PipelineConfigError(f"config.methods.{name}: {err}") from None
-
-
-def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFrame]) -> None:
-    """Every method's max_length leaves each train set examples to learn from (its
-    tokenizer alone, no weights), before the base evaluation: a train set cut away whole
-    failed each of its branches after this step's work. Rows cut from a set, and rows whose
-    response it cuts short, are counted in warnings; the report counts each branch's."""
-    import sys
-
-    from loramoe.model import load_tokenizer
-    from loramoe.train.preflight import count_cut
-
-    tokenizers, counted = {}, {}
-    for name, train in config.methods.items():
-        if train.model not in tokenizers:
-            tokenizers[train.model] = load_tokenizer(train.model)
-        for scale, frame in sorted(train_sets.items()):
-            key = (train.model, train.max_length, scale)
-            if key not in counted:
-                counted[key] = count_cut(tokenizers[train.model], frame, train.max_length)
-            cut, short, checked = counted[key]
-            rows = f"{checked} rows" if checked == len(frame) else \
-                f"the first {checked} of {len(frame)} rows"
-            if cut == checked:
-                raise PipelineConfigError(
-                    f"config.methods.{name}.max_length: {train.max_length} tokens cut away "
-                    f"every one of {rows} at scale {scale} (each prompt is that long or "
-                    f"longer, chat template included); raise max_length")
-            if cut:
-                print(f"warning: config.methods.{name}.max_length {train.max_length} cuts "
-                      f"{cut} of {rows} at scale {scale} away; its branches train without "
-                      f"them", file=sys.stderr)
-            if short:
-                print(f"warning: config.methods.{name}.max_length {train.max_length} cuts "
-                      f"the response of {short} of {rows} at scale {scale} short; its "
-                      f"branches train on them without their end-of-turn marker",
-                      file=sys.stderr)
-
-
 def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdir: Path,
                         mlflow_run_id: str | None = None,
                         train_sets: dict[int, pd.DataFrame] | None = None) -> dict[str, Any]:
@@ -197,8 +148,7 @@ def evaluate_base_model(config: PipelineConfig, eval_frame: pd.DataFrame, workdi
 
     check_gpus(config, evaluation=True)  # else scored on that worker's CPU
     check_method_targets(config)
-    if train_sets is not None:
-        check_train_lengths(config, train_sets)
+    check_rows(config, train_sets)  # max_length and control-token text in the train sets
     eval_file = write_records(eval_frame, workdir / "eval.jsonl")
     # a branch's thread count, as the branches and the champion are evaluated: in bf16
     # another count rounds differently and its scores are not like for like (cache.rounding);

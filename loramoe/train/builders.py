@@ -182,7 +182,6 @@ class Training:
     total_steps: int
     autocast_dtype: torch.dtype | None = None  # full SFT in bf16: fp32 weights, bf16 compute
     progress: Progress = field(default_factory=Progress)
-    rows_read: int = 0  # the train file's rows; encoding drops those max_length cuts away
 
     def autocast(self):
         """The context the forward runs in: bf16 autocast for full SFT in bf16, else none."""
@@ -262,7 +261,7 @@ def build_training(config: TrainConfig, resume: bool) -> Training:
                                            fused=state.device.type == "cpu")
     model, optimizer, scheduler = accelerator.prepare(ResponseLM(lm), optimizer, scheduler)
     training = Training(config, accelerator, model, tokenizer, dataset, optimizer, scheduler,
-                        params, total_steps, autocast, Progress(**made), len(frame))
+                        params, total_steps, autocast, Progress(**made))
     if accelerator.is_main_process:  # resume_point made the folder, before the model loaded
         write_run_config(output_dir, config)
         write_data_record(output_dir, data)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-from loramoe.data.collate import control_token_rows, encode_records
+from loramoe.data.collate import encode_records, warn_control_text
 from loramoe.train.config import TrainConfig, TrainConfigError
 
 
@@ -39,35 +40,21 @@ def read_train_frame(config: TrainConfig):
 def encode_frame(config: TrainConfig, frame, tokenizer):
     """The rows encoded; warnings counting those whose response lies past max_length (the run
     trains on fewer than its rows), those it cuts short (they train without their
-    end-of-turn marker) and those holding a control token's text; TrainConfigError when none
-    is left."""
+    end-of-turn marker) and those holding a control token's text (counted in the dataset's
+    `control_text`); TrainConfigError when none is left."""
     dataset = encode_records(tokenizer, frame["prompt"].tolist(), frame["response"].tolist(),
                              frame["task_type"].tolist(), config.loramoe.type_names,
                              config.max_length)
     if len(dataset) == 0:
         raise TrainConfigError(f"TrainConfig.train_file: {config.train_file} has no usable "
                                f"examples (empty, or every response truncated by max_length)")
-    if dropped := len(frame) - len(dataset):
-        print(f"warning: {dropped} of {len(frame)} examples dropped: their response lies past "
-              f"max_length ({config.max_length}) tokens", file=sys.stderr)
+    if dataset.dropped:
+        print(f"warning: {dataset.dropped} of {len(frame)} examples dropped: their response "
+              f"lies past max_length ({config.max_length}) tokens", file=sys.stderr)
     if dataset.truncated:
         print(f"warning: {dataset.truncated} of {len(dataset)} examples lose their response's "
               f"end to max_length ({config.max_length}) tokens: they train without their "
               f"end-of-turn marker", file=sys.stderr)
-    warn_control_tokens(frame, tokenizer, config.train_file)
-    return dataset
-
-
-def warn_control_tokens(frame, tokenizer, path) -> None:
-    """A warning per control token (e.g. '<|im_end|>') whose text rows' prompts or responses
-    hold: the tokenizer reads it as the token, so such a row trains a turn that ends (or
-    changes role) where the text merely mentions it."""
-    from loramoe.data.records import line_number
-
-    texts = [f"{p}\n{r}" for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-    for token, rows in control_token_rows(tokenizer, texts).items():
-        named = ", ".join(f"line {line_number(i, path)}" + (
-            f" id={frame['id'].iloc[i]!r}" if "id" in frame else "") for i in rows[:3])
-        print(f"warning: {len(rows)} of {len(frame)} examples hold the text {token!r}, which "
-              f"the tokenizer reads as its control token, not as text ({path}: {named})",
-              file=sys.stderr)
+    rows = warn_control_text(tokenizer, frame, ("prompt", "response"), "examples",
+                             config.train_file)
+    return dataclasses.replace(dataset, control_text=len(rows))

@@ -221,8 +221,9 @@ def finish(run: Training, last: dict[str, float]) -> TrainResult:
             json.dumps({"steps": run.progress.step, "processes": acc.num_processes,
                         "device": acc.device.type, "hardware": hardware_name(acc.device),
                         "examples": len(run.dataset),
-                        "examples_dropped": run.rows_read - len(run.dataset),
-                        "examples_truncated": run.dataset.truncated, **last}))
+                        "examples_dropped": run.dataset.dropped,
+                        "examples_truncated": run.dataset.truncated,
+                        "examples_with_control_text": run.dataset.control_text, **last}))
     acc.wait_for_everyone()
     return TrainResult(output_dir, run.progress.step, last, artifact,
                        last.get("tokens_per_s", 0.0))

@@ -63,4 +63,4 @@ def count_cut(tokenizer, frame, max_length: int, limit: int = LENGTH_CHECK_ROWS)
     head = frame.head(limit)
     kept = encode_records(tokenizer, head["prompt"].tolist(), head["response"].tolist(),
                           head["task_type"].tolist(), [], max_length)
-    return LengthCut(len(head) - len(kept), kept.truncated, len(head))
+    return LengthCut(kept.dropped, kept.truncated, len(head))
