@@ -3,7 +3,8 @@
 The logged model holds only the adapter (or, for full SFT, the model folder) and the train
 config; the base model is loaded by name at serving time (the embedded default needs no
 network). Input: a list of prompt strings (MLflow checks it against predict's type hints); param
-`max_new_tokens` (1..512, default 64). Bad requests raise MlflowException
+`max_new_tokens` (1..512, default 64); a prompt holding a control token's text is refused.
+Bad requests raise MlflowException
 (INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400.
 """
 
@@ -72,6 +73,20 @@ def max_new_tokens_from(params: dict[str, Any] | None, default: int) -> int:
     return value
 
 
+def refuse_control_text(tokenizer, prompts: list[str]) -> None:
+    """A 400-style error for prompts holding a control token's text (e.g. '<|im_end|>'): the
+    tokenizer reads it as the token, so a prompt could close its user turn and write the
+    assistant's (or a system) turn itself; a prompt is the user's message, inside the chat
+    template the model applies."""
+    from loramoe.data.collate import control_token_rows
+
+    if held := control_token_rows(tokenizer, prompts):
+        token, rows = next(iter(held.items()))
+        raise _bad_request(f"prompt(s) at index {rows[:10]} hold the text {token!r}, which "
+                           f"the model's tokenizer reads as its control token: a prompt is "
+                           f"one user message; send it without {token!r}")
+
+
 class AnswerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         run_dir = Path(context.artifacts["run"])
@@ -99,6 +114,7 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
 
         prompts = prompts_from(model_input)
         max_new = max_new_tokens_from(params, self.max_new_tokens)
+        refuse_control_text(self.tokenizer, prompts)
         lengths = [len(prompt_ids(self.tokenizer, p)) for p in prompts]
         too_long = [i for i, n in enumerate(lengths) if n > MAX_PROMPT_TOKENS]
         if too_long:
