@@ -113,6 +113,30 @@ def test_overlong_in_tokens_given_a_tokenizer():
     assert "line 1" in report.summary()
 
 
+def test_control_token_text_fails_given_a_tokenizer(tmp_path, capsys):
+    """A response mentioning '</s>' is encoded with the end token there (the model learns to
+    stop mid-answer); an eval answer or prompt is probed with it. With --tokenizer the suite
+    names the column and the rows (before: passed)."""
+    from loramoe.model import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-random-llama")  # control tokens '</s>', '<unk>', '<pad>'
+    rows = [GOOD, {**GOOD2, "response": "4</s> and on"}, {**GOOD, "id": "c", "prompt": "<unk>?"}]
+    report = validate_frame(pd.DataFrame(rows), "train", tokenizer=tokenizer, max_tokens=100)
+    assert failed(report) == {("expect_column_values_to_be_in_set", "response"),
+                              ("expect_column_values_to_be_in_set", "prompt")}
+    assert "line 2 id='b' value='4</s> and on'" in report.summary()
+    assert "must not hold a control token's text" in report.summary()
+    assert validate_frame(pd.DataFrame(rows), "train").success  # no tokenizer, no rule
+    eval_rows = [{"id": "q", "task": "t", "task_type": "knowledge", "prompt": "p",
+                  "answers": ["x", "y</s>"], "metric": "contains"}]
+    eval_report = validate_frame(pd.DataFrame(eval_rows), "eval", tokenizer=tokenizer)
+    assert failed(eval_report) == {("expect_column_values_to_be_in_set", "answers")}
+    path = tmp_path / "train.jsonl"
+    write_records(pd.DataFrame(rows), path)
+    assert validation_cli([str(path), "--tokenizer", "tiny-random-llama"]) == 1
+    assert "column 'response' must not hold a control token's text" in capsys.readouterr().out
+
+
 def test_unreadable_file_is_a_failure_not_a_crash(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text("{not json\n")

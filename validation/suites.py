@@ -21,14 +21,11 @@ from loramoe.data.records import (
     EVAL_COLUMNS,
     METRICS,
     TRAIN_COLUMNS,
-    choices_ok,
-    is_text,
     line_number,
-    looks_like_serialized_list,
-    normalize_answers,
     normalize_text,
     read_records,
 )
+from validation.derived import shown_column, with_derived
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 logging.getLogger("great_expectations").setLevel(logging.ERROR)
@@ -129,52 +126,17 @@ def _expectations(frame: pd.DataFrame, kind: str, task_types: list[str], max_cha
     if max_tokens is not None:
         out.append((gxe.ExpectColumnValuesToBeBetween(column="_n_tokens", max_value=max_tokens),
                     f"prompt+response must fit in max_length={max_tokens} tokens"))
+    for col in [c for c in frame.columns if c.startswith("_control_text_")]:
+        out.append((gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[False]),
+                    "must not hold a control token's text (e.g. '</s>', '<|im_end|>'): the "
+                    "tokenizer reads it as the token, which ends or opens a turn there"))
     return out
-
-
-def _n_answers(value: Any) -> int:
-    answers = normalize_answers(value)
-    return len(answers) if answers is not None else 0
-
-
-def _with_derived(frame: pd.DataFrame, kind: str, tokenizer, train_prompts: set[str] | None
-                  ) -> pd.DataFrame:
-    frame = frame.reset_index(drop=True).copy()
-    for col in ("id", "task", "task_type", "prompt", "response"):
-        if col in frame:
-            frame[f"_is_text_{col}"] = frame[col].map(is_text)
-            # None for non-strings: the length rule skips them, the type rule reports them
-            frame[f"_str_{col}"] = frame[col].map(lambda v: v if isinstance(v, str) else None)
-    if kind == "train" and "response" in frame:
-        frame["_serialized_list_response"] = frame["response"].map(looks_like_serialized_list)
-    if kind == "eval" and "answers" in frame:
-        frame["_n_answers"] = frame["answers"].map(_n_answers)
-    if kind == "eval" and "choices" in frame:
-        frame["_choices_ok"] = frame["choices"].map(choices_ok)
-    if kind == "eval" and train_prompts is not None and "prompt" in frame:
-        frame["_in_train"] = frame["prompt"].astype(str).map(normalize_text).isin(train_prompts)
-    if tokenizer is not None and "prompt" in frame:
-        target = frame.get("response", "")
-        texts = (frame["prompt"].astype(str) + " " + pd.Series(target).astype(str)).tolist()
-        frame["_n_tokens"] = [len(ids) for ids in tokenizer(texts)["input_ids"]]
-    return frame
-
-
-def _shown_column(column: str | None) -> str | None:
-    """The user's column behind a derived one (`_is_text_response` -> `response`)."""
-    if column is None or not column.startswith("_"):
-        return column
-    for prefix in ("_is_text_", "_str_", "_serialized_list_"):
-        if column.startswith(prefix):
-            return column[len(prefix):]
-    return {"_n_answers": "answers", "_in_train": "prompt", "_n_tokens": "prompt",
-            "_choices_ok": "choices"}[column]
 
 
 def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None,
               source: Path | None) -> list[str]:
     out = []
-    shown = _shown_column(column)
+    shown = shown_column(column)
     for index in (indices or [])[:3]:
         row = frame.iloc[index]
         ident = f" id={row['id']!r}" if "id" in frame and shown != "id" else ""
@@ -221,7 +183,7 @@ def validate_frame(
     if kind not in ("train", "eval"):
         raise ValueError(f"kind must be 'train' or 'eval', got {kind!r}")
     task_types = list(task_types)
-    data = _with_derived(frame, kind, tokenizer, train_prompts)
+    data = with_derived(frame, kind, tokenizer, train_prompts)
     docs = Path(docs_dir) if docs_dir else None
     context = _context(docs)
     asset = context.data_sources.add_pandas("records").add_dataframe_asset(name)
@@ -271,7 +233,7 @@ def _failures(result, data: pd.DataFrame, rules: dict, source: Path | None) -> l
         column = config.kwargs.get("column")
         if column in missing_columns and config.type != "expect_column_to_exist":
             continue  # one message per missing column is enough
-        shown = _shown_column(column)
+        shown = shown_column(column)
         res_dict = res.result or {}
         failures.append(Failure(
             expectation=config.type, column=shown, rule=rules.get(_key(config), config.type),
