@@ -73,8 +73,6 @@ def check_train_lengths(config: PipelineConfig, train_sets: dict[int, pd.DataFra
                       file=sys.stderr)
 
 
-
-
 def check_control_text(tokenizers: dict, train_sets: dict[int, pd.DataFrame]) -> None:
     """A warning per model (-> tokenizer in `tokenizers`) and control token whose text the
     train sets' rows hold, with the first rows' ids, once for all scales (the trainer says
