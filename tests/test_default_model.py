@@ -76,6 +76,9 @@ def test_a_mentioned_end_of_turn_marker_is_found(default_model):
     assert trained[:4] == ["4", "<|im_end|>", "\n", "<|im_start|>"]
     texts = ["What is 2+2?\n4", f"What is 2+2?\n{response}"]
     assert control_token_rows(tokenizer, texts) == {"<|im_end|>": [1], "<|im_start|>": [1]}
+    # its other special added tokens too (transformers 5.17's all_special_tokens lacks even
+    # '<|im_end|>': the rehearsal of the GPU machine's versions found it missed)
+    assert control_token_rows(tokenizer, ["in <filename> x", "a"]) == {"<filename>": [0]}
 
 
 def test_missing_package_gives_the_install_command(monkeypatch):

@@ -408,6 +408,32 @@ def test_rows_holding_a_control_tokens_text_are_named(tiny_model_dir, tiny_train
     assert final["examples_with_control_text"] == 0
 
 
+def test_control_text_is_what_this_tokenizer_reads_as_the_token(tiny_model_dir):
+    """A tokenizer told to split special tokens reads '</s>' as characters: nothing to warn
+    of (before: every such row was named). A special token whose text is empty would have
+    matched every row."""
+    from transformers import AutoTokenizer
+
+    from loramoe.data.collate import control_token_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["plain", "ends</s> here", "<unk>"]
+    assert control_token_rows(tokenizer, texts) == {"</s>": [1], "<unk>": [2]}
+    tokenizer.split_special_tokens = True
+    assert control_token_rows(tokenizer, texts) == {}
+
+    class EmptyToken:  # a special token whose text is '' encodes to no id
+        all_special_tokens = [""]
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": []}
+
+        def convert_tokens_to_ids(self, token):
+            return 0
+
+    assert control_token_rows(EmptyToken(), texts) == {}
+
+
 def test_examples_cut_away_by_max_length_are_counted_and_said(tiny_model_dir, tiny_train_file,
                                                               tmp_path, capfd):
     # Before: dropped silently, so a branch labelled with its scale trained on fewer.

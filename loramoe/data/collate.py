@@ -76,10 +76,21 @@ def control_token_rows(tokenizer, texts: Sequence[str]) -> dict[str, list[int]]:
     text as the token itself, not as characters: an end-of-turn marker inside a response
     ends the turn there, and the model learns to stop (or switch roles) mid-answer."""
     found = {}
-    for token in tokenizer.all_special_tokens:
+    for token in control_tokens(tokenizer):
         if rows := [i for i, text in enumerate(texts) if token in text]:
             found[token] = rows
     return found
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The texts this tokenizer reads as one special token: its special tokens and its special
+    added tokens (transformers 5.17 leaves ChatML's '<|im_end|>' out of all_special_tokens;
+    SmolLM2 also has '<filename>', '<file_sep>', ...), less those it reads as characters
+    (split_special_tokens) or whose text is empty."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    names = dict.fromkeys([*tokenizer.all_special_tokens, *(t.content for t in added if t.special)])
+    return [t for t in names if tokenizer(t, add_special_tokens=False)["input_ids"]
+            == [tokenizer.convert_tokens_to_ids(t)]]
 
 
 def warn_control_text(tokenizer, frame, columns: Sequence[str], what: str,
