@@ -40,11 +40,11 @@ def with_derived(frame: pd.DataFrame, kind: str, tokenizer, train_prompts: set[s
     if kind == "eval" and train_prompts is not None and "prompt" in frame:
         frame["_in_train"] = frame["prompt"].astype(str).map(normalize_text).isin(train_prompts)
     if tokenizer is not None:  # text the tokenizer reads as a control token, per column
-        from loramoe.data.collate import control_token_rows
+        from loramoe.data.collate import cell_text, control_token_rows
 
         for col in ("prompt", "response", "answers", "choices"):
             if col in frame:
-                held = control_token_rows(tokenizer, frame[col].map(_joined).tolist())
+                held = control_token_rows(tokenizer, frame[col].map(cell_text).tolist())
                 rows = {i for found in held.values() for i in found}
                 frame[f"_control_text_{col}"] = [i in rows for i in range(len(frame))]
     if tokenizer is not None and "prompt" in frame:
@@ -52,13 +52,6 @@ def with_derived(frame: pd.DataFrame, kind: str, tokenizer, train_prompts: set[s
         texts = (frame["prompt"].astype(str) + " " + pd.Series(target).astype(str)).tolist()
         frame["_n_tokens"] = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     return frame
-
-
-def _joined(value: Any) -> str:
-    """A cell's text; a list's (answers, choices) items joined."""
-    if isinstance(value, str) or not hasattr(value, "__iter__"):
-        return str(value)
-    return "\n".join(map(str, value))
 
 
 def shown_column(column: str | None) -> str | None:

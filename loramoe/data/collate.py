@@ -101,8 +101,7 @@ def warn_control_text(tokenizer, frame, columns: Sequence[str], what: str,
     import sys
 
     present = [frame[c].tolist() for c in columns if c in frame]
-    texts = ["\n".join(str(v) for cell in cells for v in _items(cell))
-             for cells in zip(*present, strict=True)]
+    texts = ["\n".join(map(cell_text, cells)) for cells in zip(*present, strict=True)]
     found = control_token_rows(tokenizer, texts)
     for token, rows in found.items():
         named = ", ".join(_row_name(frame, i, path) for i in rows[:3])
@@ -123,10 +122,11 @@ def _row_name(frame, index: int, path) -> str:
     return f"line {line_number(index, path)} {ident}".rstrip()
 
 
-def _items(cell) -> list:
+def cell_text(cell) -> str:
+    """A record cell's text, a list's items (answers, choices) one per line."""
     if isinstance(cell, str) or not hasattr(cell, "__iter__"):
-        return [cell]
-    return list(cell)
+        return str(cell)
+    return "\n".join(map(str, cell))
 
 
 @dataclass
