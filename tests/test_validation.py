@@ -110,7 +110,8 @@ def test_overlong_in_tokens_given_a_tokenizer():
     rows = [{**GOOD, "prompt": "w " * 50}, GOOD2]
     report = validate_frame(pd.DataFrame(rows), "train", tokenizer=tokenizer, max_tokens=20)
     assert ("expect_column_values_to_be_between", "prompt") in failed(report)
-    assert "line 1" in report.summary()
+    # a frame from memory has no lines: its rows are named by id (before: "line 1")
+    assert "e.g. id='a' value=" in report.summary() and "line" not in report.summary()
 
 
 def test_control_token_text_fails_given_a_tokenizer(tmp_path, capsys):
@@ -124,7 +125,7 @@ def test_control_token_text_fails_given_a_tokenizer(tmp_path, capsys):
     report = validate_frame(pd.DataFrame(rows), "train", tokenizer=tokenizer, max_tokens=100)
     assert failed(report) == {("expect_column_values_to_be_in_set", "response"),
                               ("expect_column_values_to_be_in_set", "prompt")}
-    assert "line 2 id='b' value='4</s> and on'" in report.summary()
+    assert "e.g. id='b' value='4</s> and on'" in report.summary()  # a frame: no lines
     assert "must not hold a control token's text" in report.summary()
     assert validate_frame(pd.DataFrame(rows), "train").success  # no tokenizer, no rule
     eval_rows = [{"id": "q", "task": "t", "task_type": "knowledge", "prompt": "p",
@@ -134,7 +135,9 @@ def test_control_token_text_fails_given_a_tokenizer(tmp_path, capsys):
     path = tmp_path / "train.jsonl"
     write_records(pd.DataFrame(rows), path)
     assert validation_cli([str(path), "--tokenizer", "tiny-random-llama"]) == 1
-    assert "column 'response' must not hold a control token's text" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "column 'response' must not hold a control token's text" in out
+    assert "e.g. line 2 id='b' value='4</s> and on'" in out  # a file: by line and id
 
 
 def test_unreadable_file_is_a_failure_not_a_crash(tmp_path):

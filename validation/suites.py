@@ -21,9 +21,9 @@ from loramoe.data.records import (
     EVAL_COLUMNS,
     METRICS,
     TRAIN_COLUMNS,
-    line_number,
     normalize_text,
     read_records,
+    row_name,
 )
 from validation.derived import shown_column, with_derived
 
@@ -138,13 +138,11 @@ def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None
     out = []
     shown = shown_column(column)
     for index in (indices or [])[:3]:
-        row = frame.iloc[index]
-        ident = f" id={row['id']!r}" if "id" in frame and shown != "id" else ""
         value = ""
         if shown and shown in frame:
-            text = repr(row[shown])
+            text = repr(frame[shown].iloc[index])
             value = f" value={text[:60]}{'…' if len(text) > 60 else ''}"
-        out.append(f"line {line_number(index, source)}{ident}{value}")
+        out.append(f"{row_name(frame, index, source, shown != 'id')}{value}")
     return out
 
 

@@ -100,26 +100,18 @@ def warn_control_text(tokenizer, frame, columns: Sequence[str], what: str,
     "examples") and the first rows: by line and id in `path`, else by id. Returns the rows."""
     import sys
 
+    from loramoe.data.records import row_name
+
     present = [frame[c].tolist() for c in columns if c in frame]
     texts = ["\n".join(map(cell_text, cells)) for cells in zip(*present, strict=True)]
     found = control_token_rows(tokenizer, texts)
     for token, rows in found.items():
-        named = ", ".join(_row_name(frame, i, path) for i in rows[:3])
+        named = ", ".join(row_name(frame, i, path) for i in rows[:3])
         named = f"{path}: {named}" if path is not None else f"e.g. {named}"
         print(f"warning: {len(rows)} of {len(frame)} {what} hold the text {token!r}, which "
               f"the tokenizer reads as its control token, not as text ({named})",
               file=sys.stderr)
     return {i for rows in found.values() for i in rows}
-
-
-def _row_name(frame, index: int, path) -> str:
-    """'line 4 id='a'' in a file, 'id='a'' (or 'row 3') in a frame."""
-    from loramoe.data.records import line_number
-
-    ident = f"id={frame['id'].iloc[index]!r}" if "id" in frame else ""
-    if path is None:
-        return ident or f"row {index}"
-    return f"line {line_number(index, path)} {ident}".rstrip()
 
 
 def cell_text(cell) -> str:

@@ -107,6 +107,16 @@ def line_number(index: int, path: Path | str | None) -> int:
     return index + (2 if path is not None and Path(path).suffix == ".csv" else 1)
 
 
+def row_name(frame: pd.DataFrame, index: int, source: Path | str | None,
+             with_id: bool = True) -> str:
+    """"line 4 id='a'" for a record of a file; "id='a'" (or "row 3", 0-based) for one of a
+    frame read from elsewhere, which has no lines."""
+    ident = f"id={frame['id'].iloc[index]!r}" if with_id and "id" in frame else ""
+    if source is None:
+        return ident or f"row {index}"
+    return f"line {line_number(index, source)} {ident}".rstrip()
+
+
 CHOICES_RULE = "must be empty or at least two distinct non-empty strings (the gold first)"
 
 
@@ -176,8 +186,7 @@ def row_examples(frame: pd.DataFrame, rows: list[int], column: str,
     for i in rows[:most]:
         value = repr(frame[column].iloc[i])
         value = value[:60] + ("…" if len(value) > 60 else "")
-        ident = f" id={frame['id'].iloc[i]!r}" if "id" in frame and column != "id" else ""
-        examples.append(f"line {line_number(i, source)}{ident} value={value} "
+        examples.append(f"{row_name(frame, i, source, column != 'id')} value={value} "
                         f"({type(frame[column].iloc[i]).__name__})")
     return "; ".join(examples)
 

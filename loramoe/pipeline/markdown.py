@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -191,26 +192,35 @@ def scored_where(config, base_scored_by: dict[str, str] | None) -> str:
     return f"{dtype} on {hardware_name(device)} (this machine; the base did not say)"
 
 
-def _cut_counts(cut: dict[str, tuple[int, int, int, int]]) -> str:
+class RowCaveat(NamedTuple):
+    """A branch's training rows that did not train as they read (report.row_caveats)."""
+
+    cut_away: int  # prompt as long as max_length or longer: trained without the row
+    cut_short: int  # trained without its end-of-turn marker
+    control_text: int  # holds a control token's text, read as the token
+    rows: int  # rows read, before any was cut away
+
+
+def _cut_counts(cut: dict[str, RowCaveat]) -> str:
     """'loramoe-256 66 of 256 cut away, 12 cut short; lora-256 3 cut short'"""
     counts = []
-    for branch, (away, short, _, rows) in cut.items():
-        said = ([f"{away:,} of {rows:,} cut away"] if away else []) + (
-            [f"{short:,} cut short"] if short else [])
+    for branch, c in cut.items():
+        said = ([f"{c.cut_away:,} of {c.rows:,} cut away"] if c.cut_away else []) + (
+            [f"{c.cut_short:,} cut short"] if c.cut_short else [])
         if said:
             counts.append(f"{branch} {', '.join(said)}")
     return "; ".join(counts)
 
 
-def _caveat_lines(caveats: dict[str, tuple[int, int, int, int]]) -> list[str]:
+def _caveat_lines(caveats: dict[str, RowCaveat]) -> list[str]:
     """The setup lines for rows a branch did not train on as they read (report.row_caveats)."""
     lines = []
     if cut := _cut_counts(caveats):  # a branch's label, when max_length cut rows away or short
         lines.append(f"- **Cut by max_length** (cut away: prompt that long or longer, trained "
                      f"without them; cut short: trained without their end-of-turn marker): "
                      f"{cut}")
-    if control := "; ".join(f"{branch} {c:,} of {rows:,}"
-                            for branch, (_, _, c, rows) in caveats.items() if c):
+    if control := "; ".join(f"{branch} {c.control_text:,} of {c.rows:,}"
+                            for branch, c in caveats.items() if c.control_text):
         lines.append(f"- **Control-token text in training rows** (e.g. '<|im_end|>' in a "
                      f"response: the tokenizer reads it as the token, and the row trains a turn "
                      f"that ends there; the train step's log names the rows): {control}")
@@ -221,7 +231,7 @@ def setup_section(config, wall_seconds: float | None,
                   shortfall: dict[str, int] | None = None,
                   base_scored_by: dict[str, str] | None = None,
                   trained_on: list[str] | None = None,
-                  caveats: dict[str, tuple[int, int, int, int]] | None = None) -> str:
+                  caveats: dict[str, RowCaveat] | None = None) -> str:
     mixture = config.mixture
     methods = ", ".join(f"`{n}` ({c.method}" + (f", β = {c.loramoe.lbc_beta}, "
                                                  f"{c.loramoe.lbc_form}/{c.loramoe.lbc_load}"
@@ -256,7 +266,7 @@ def write_report(path: Path, config, results: pd.DataFrame, paired: pd.DataFrame
                  shortfall: dict[str, int] | None = None, replicates: str = "",
                  base_scored_by: dict[str, str] | None = None,
                  trained_on: list[str] | None = None,
-                 caveats: dict[str, tuple[int, int, int, int]] | None = None) -> Path:
+                 caveats: dict[str, RowCaveat] | None = None) -> Path:
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
     parts = [f"# {title}",
              setup_section(config, wall_seconds, shortfall, base_scored_by, trained_on, caveats),

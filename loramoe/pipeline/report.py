@@ -4,11 +4,14 @@ writes it with its tests, claims and plots (plots.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from loramoe.evaluate.cache import scored_otherwise
+
+if TYPE_CHECKING:
+    from loramoe.pipeline.markdown import RowCaveat
 
 
 def _bounds(name: str, ci: list[float] | tuple[float, float] | None) -> dict[str, Any]:
@@ -124,18 +127,19 @@ def compare_branches(outcomes: list[dict[str, Any]], base_metrics: dict[str, Any
             "failed": [r["branch"] for r in rows if r["status"] != "ok"]}
 
 
-def row_caveats(outcomes: list[dict[str, Any]]) -> dict[str, tuple[int, int, int, int]]:
-    """branch -> (examples max_length cut away, examples it cut short, rows holding a control
-    token's text, rows read), for the branches where any is not 0: a branch labelled with its
-    scale trained on fewer examples than the label says, on responses that never reach their
-    end-of-turn marker, or on turns that end where a text mentions the marker."""
+def row_caveats(outcomes: list[dict[str, Any]]) -> dict[str, RowCaveat]:
+    """branch -> its RowCaveat, for the branches where any count is not 0: a branch labelled
+    with its scale trained on fewer examples than the label says, on responses that never
+    reach their end-of-turn marker, or on turns that end where a text mentions the marker."""
+    from loramoe.pipeline.markdown import RowCaveat
+
     cut = {}
     for o in outcomes:
         final = o.get("trained", {}).get("final", {})  # none on a failed branch
         dropped, short = final.get("examples_dropped", 0), final.get("examples_truncated", 0)
         control = final.get("examples_with_control_text", 0)
         if dropped or short or control:
-            cut[o["name"]] = (dropped, short, control, final["examples"] + dropped)
+            cut[o["name"]] = RowCaveat(dropped, short, control, final["examples"] + dropped)
     return cut
 
 
