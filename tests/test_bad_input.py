@@ -1079,3 +1079,28 @@ def test_a_model_folder_only_the_workers_have_is_a_warning_there(tmp_path, capsy
         check_config(config, tmp_path)  # a local run: an error
     assert check_config(config, tmp_path, workers_elsewhere=True) is None
     assert "warning: " in capsys.readouterr().err
+
+
+def test_bad_rows_are_named_by_line_in_a_file_and_by_id_in_a_frame(tmp_path):
+    """A file's rows by line (a CSV's header is line 1) and id; a frame from memory has no
+    lines, so its rows go by id, or by 0-based position without one (before: 'line 2')."""
+    import pandas as pd
+
+    from loramoe.data.records import RecordsError, check_records, row_name, write_records
+
+    frame = pd.DataFrame([{"id": "a", "task": "t", "task_type": "knowledge", "prompt": "Q?",
+                           "response": "A."},
+                          {"id": "b", "task": "t", "task_type": 7, "prompt": "Q2?",
+                           "response": "B."}])
+    assert row_name(frame, 1, tmp_path / "x.jsonl") == "line 2 id='b'"
+    assert row_name(frame, 1, tmp_path / "x.csv") == "line 3 id='b'"
+    assert row_name(frame, 1, None) == "id='b'"
+    assert row_name(frame.drop(columns="id"), 1, None) == "row 1"
+    assert row_name(frame, 1, None, with_id=False) == "row 1"
+    path = tmp_path / "train.jsonl"
+    write_records(frame, path)
+    with pytest.raises(RecordsError, match=r"line 2 id='b' value=7 \(int\)"):
+        check_records(frame, "train", path)
+    with pytest.raises(RecordsError) as raised:
+        check_records(frame, "train")
+    assert "id='b' value=7 (int)" in str(raised.value) and "line" not in str(raised.value)
