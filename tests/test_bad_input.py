@@ -480,7 +480,6 @@ def test_target_modules_the_model_lacks_fail_before_it_loads(tiny_model_dir, tin
             check_method_targets(PipelineConfig.from_dict(data))
 
 
-
 def test_a_max_length_that_leaves_no_example_fails_before_the_base_evaluation(
         tiny_train_file, tmp_path, monkeypatch, capsys):
     # Before: each branch of the method failed in its train step ("no usable examples"),
