@@ -109,8 +109,8 @@ def line_number(index: int, path: Path | str | None) -> int:
 
 def row_name(frame: pd.DataFrame, index: int, source: Path | str | None,
              with_id: bool = True) -> str:
-    """"line 4 id='a'" for a record of a file; "id='a'" (or "row 3", 0-based) for one of a
-    frame read from elsewhere, which has no lines."""
+    """A row's name in messages: "line 4 id='a'" for a record of a file; "id='a'" (or
+    "row 3", 0-based) for one of a frame read from elsewhere, which has no lines."""
     ident = f"id={frame['id'].iloc[index]!r}" if with_id and "id" in frame else ""
     if source is None:
         return ident or f"row {index}"
