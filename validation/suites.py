@@ -24,6 +24,7 @@ from loramoe.data.records import (
     normalize_text,
     read_records,
     row_name,
+    shown_value,
 )
 from validation.derived import shown_column, with_derived
 
@@ -140,8 +141,7 @@ def _examples(frame: pd.DataFrame, indices: list[int] | None, column: str | None
     for index in (indices or [])[:3]:
         value = ""
         if shown and shown in frame:
-            text = repr(frame[shown].iloc[index])
-            value = f" value={text[:60]}{'…' if len(text) > 60 else ''}"
+            value = f" value={shown_value(frame[shown].iloc[index])}"
         out.append(f"{row_name(frame, index, source, shown != 'id')}{value}")
     return out
 

@@ -184,11 +184,16 @@ def row_examples(frame: pd.DataFrame, rows: list[int], column: str,
     """`line 2 id='b' value=42 (int); ...` for the first rows, for error messages."""
     examples = []
     for i in rows[:most]:
-        value = repr(frame[column].iloc[i])
-        value = value[:60] + ("…" if len(value) > 60 else "")
-        examples.append(f"{row_name(frame, i, source, column != 'id')} value={value} "
+        examples.append(f"{row_name(frame, i, source, column != 'id')} "
+                        f"value={shown_value(frame[column].iloc[i])} "
                         f"({type(frame[column].iloc[i]).__name__})")
     return "; ".join(examples)
+
+
+def shown_value(value: Any, most: int = 60) -> str:
+    """A cell as a message shows it: its repr, cut to `most` characters with an ellipsis."""
+    text = repr(value)
+    return text[:most] + ("…" if len(text) > most else "")
 
 
 def to_frame(records: Iterable[TrainRecord | EvalRecord]) -> pd.DataFrame:
