@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,24 @@ def find_embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
     )
 
 
+def save_model(model: PreTrainedModel, folder: Path, **kwargs) -> None:
+    """`model.save_pretrained(folder, **kwargs)`, without DeepSpeed's warning on a machine
+    with no accelerator. save_pretrained asks accelerate to unwrap the model, which imports
+    DeepSpeed wherever it is installed (the dev extra); at import DeepSpeed looks for an
+    accelerator and, finding none, warns "Setting accelerator to CPU. If you have GPU or other
+    accelerator, we were unable to detect it". Where torch sees no accelerator either,
+    DeepSpeed's own switch (DS_ACCELERATOR) names the CPU for that import; a user's is kept."""
+    quiet = ("deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ
+             and torch.accelerator.current_accelerator() is None)
+    if quiet:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        model.save_pretrained(folder, **kwargs)
+    finally:
+        if quiet:
+            os.environ.pop("DS_ACCELERATOR", None)
+
+
 def _cache_dir_for(name: str, gguf: Path) -> Path:
     dist_name, _ = EMBEDDED_MODELS[name]
     version = importlib.metadata.version(dist_name)
@@ -77,7 +96,7 @@ def _convert_gguf(name: str, gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
     except OSError:

@@ -276,13 +276,16 @@ def save_artifact(model, tokenizer, config: TrainConfig, output_dir: Path,
     """The adapter folder (lora, loramoe) or the whole model (sft); `state_dict` when the
     weights were gathered from shards (FSDP, ZeRO-3)."""
     from loramoe.adapter import save_adapter
+    from loramoe.model import save_model
 
     if config.method != "sft" and state_dict is not None:
         model = skeleton(model, config)  # names that match the gathered state's keys
     folder = output_dir / run_part(config.method)
     if config.method == "loramoe":
         return save_adapter(model, folder, base_model_name=config.model, state_dict=state_dict)
-    model.save_pretrained(folder, state_dict=state_dict)
     if config.method == "sft":
+        save_model(model, folder, state_dict=state_dict)
         tokenizer.save_pretrained(folder)
+    else:  # PEFT's save_pretrained: the LoRA adapter alone
+        model.save_pretrained(folder, state_dict=state_dict)
     return folder

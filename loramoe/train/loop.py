@@ -188,7 +188,8 @@ def sharded_state(acc, model) -> dict[str, torch.Tensor] | None:
 def unwrapped(acc, model):
     """The model inside accelerate's wrappers (DDP, DeepSpeed's engine). One plain process
     has none, and there accelerate's unwrap_model would import DeepSpeed (2-6 s of every
-    CPU training) only to ask whether the model is its engine."""
+    CPU training) only to ask whether the model is its engine. (A full model's
+    save_pretrained still asks: loramoe.model.save_model.)"""
     from accelerate.utils import DistributedType
 
     return model if acc.distributed_type == DistributedType.NO else acc.unwrap_model(model)
