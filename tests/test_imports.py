@@ -126,7 +126,6 @@ def test_one_process_training_imports_no_deepspeed(tiny_model_dir, tiny_train_fi
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
-
 def no_accelerator() -> bool:
     import torch
 
