@@ -148,7 +148,7 @@ def save_tiny_random_model(path: Path, arch: str = "llama", seed: int = 0) -> Pa
     """tiny_random_model + the character tokenizer, saved as a folder from_pretrained loads."""
     model = tiny_random_model(arch, seed)
     model.config._name_or_path = TINY_RANDOM
-    model.save_pretrained(path)
+    save_model(model, path)
     char_tokenizer().save_pretrained(path)
     return path
 

@@ -126,30 +126,51 @@ def test_one_process_training_imports_no_deepspeed(tiny_model_dir, tiny_train_fi
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
+
+
 def no_accelerator() -> bool:
     import torch
 
     return torch.accelerator.current_accelerator() is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="the dev extra installs deepspeed")
-@pytest.mark.skipif(not no_accelerator(), reason="DeepSpeed warns only without an accelerator")
-def test_full_sft_saved_on_a_cpu_prints_no_deepspeed_warning(tiny_model_dir, tiny_train_file,
-                                                              tmp_path):
-    """transformers' save_pretrained imports DeepSpeed (through accelerate's unwrap), which on
-    a machine without an accelerator warned "Setting accelerator to CPU. If you have GPU ...":
-    in every full-SFT branch's log of the default run, before."""
-    code = ("import os\n"
-            "from loramoe.train import TrainConfig, train\n"
-            f"train(TrainConfig(model={str(tiny_model_dir)!r}, method='sft', train_file="
-            f"{str(tiny_train_file)!r}, output_dir={str(tmp_path / 'run')!r}, max_steps=1, "
-            "batch_size=4), progress=False)\n"
-            "print(os.environ.get('DS_ACCELERATOR'))")
-    environment = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+deepspeed_on_a_cpu = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None or not no_accelerator(),
+    reason="DeepSpeed (the dev extra installs it) warns only without an accelerator")
+
+
+def assert_no_deepspeed_warning(code: str, **environment: str) -> None:
+    """`code`, which saves a transformers model, run in a fresh interpreter without a
+    DS_ACCELERATOR of its own, prints no DeepSpeed accelerator warning and leaves none set."""
+    environment = {**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"},
+                   **environment}
+    code += "\nimport os\nprint(os.environ.get('DS_ACCELERATOR'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env=environment)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Setting accelerator" not in done.stdout + done.stderr, done.stdout[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "None"  # set for DeepSpeed's import only
+
+
+@deepspeed_on_a_cpu
+def test_full_sft_saved_on_a_cpu_prints_no_deepspeed_warning(tiny_model_dir, tiny_train_file,
+                                                              tmp_path):
+    """transformers' save_pretrained imports DeepSpeed (through accelerate's unwrap), which on
+    a machine without an accelerator warned "Setting accelerator to CPU. If you have GPU ...":
+    in every full-SFT branch's log of the default run, before."""
+    assert_no_deepspeed_warning(
+        "from loramoe.train import TrainConfig, train\n"
+        f"train(TrainConfig(model={str(tiny_model_dir)!r}, method='sft', train_file="
+        f"{str(tiny_train_file)!r}, output_dir={str(tmp_path / 'run')!r}, max_steps=1, "
+        "batch_size=4), progress=False)")
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+@deepspeed_on_a_cpu
+def test_the_tiny_model_built_on_a_cpu_prints_no_deepspeed_warning(tmp_path):
+    """The smoke flow's `tiny-random-llama` is built and saved once per cache: the same
+    save_pretrained, the same warning (before: on the first smoke run of a machine)."""
+    assert_no_deepspeed_warning(  # an empty cache: the model is built
+        "from loramoe.model import resolve_model_path\n"
+        "resolve_model_path('tiny-random-llama')", LORAMOE_CACHE_DIR=str(tmp_path))
+    assert any(tmp_path.glob("tiny-random-llama-*/config.json"))
