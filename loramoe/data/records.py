@@ -184,9 +184,9 @@ def row_examples(frame: pd.DataFrame, rows: list[int], column: str,
     """`line 2 id='b' value=42 (int); ...` for the first rows, for error messages."""
     examples = []
     for i in rows[:most]:
+        value = frame[column].iloc[i]
         examples.append(f"{row_name(frame, i, source, column != 'id')} "
-                        f"value={shown_value(frame[column].iloc[i])} "
-                        f"({type(frame[column].iloc[i]).__name__})")
+                        f"value={shown_value(value)} ({type(value).__name__})")
     return "; ".join(examples)
 
 
