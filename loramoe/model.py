@@ -61,9 +61,11 @@ def save_model(model: PreTrainedModel, folder: Path, **kwargs) -> None:
     DeepSpeed wherever it is installed (the dev extra); at import DeepSpeed looks for an
     accelerator and, finding none, warns "Setting accelerator to CPU. If you have GPU or other
     accelerator, we were unable to detect it". Where torch sees no accelerator either,
-    DeepSpeed's own switch (DS_ACCELERATOR) names the CPU for that import; a user's is kept."""
+    DeepSpeed's own switch (DS_ACCELERATOR) names the CPU for that import; a user's is kept.
+    "Sees" at run time: a CUDA build of torch on a host without a GPU names CUDA as its
+    accelerator unless asked to check, and DeepSpeed checks."""
     quiet = ("deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ
-             and torch.accelerator.current_accelerator() is None)
+             and torch.accelerator.current_accelerator(check_available=True) is None)
     if quiet:
         os.environ["DS_ACCELERATOR"] = "cpu"
     try:
