@@ -126,8 +126,6 @@ def test_one_process_training_imports_no_deepspeed(tiny_model_dir, tiny_train_fi
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
-
-
 def no_accelerator() -> bool:
     import torch
 
@@ -166,27 +164,23 @@ def test_full_sft_saved_on_a_cpu_prints_no_deepspeed_warning(tiny_model_dir, tin
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
 
+# A CUDA build of torch names CUDA as its accelerator on a host with no GPU unless asked to
+# check (the GPU machine's torch 2.11, rehearsed on a CPU); DeepSpeed checks, finds none and
+# warned (before: save_model asked without checking). The CPU build is made to answer so.
+AS_A_CUDA_BUILD_WITHOUT_A_GPU = (
+    "import torch\n"
+    "unchecked = torch.accelerator.current_accelerator\n"
+    "torch.accelerator.current_accelerator = lambda check_available=False: (\n"
+    "    unchecked(check_available=True) if check_available else torch.device('cuda'))\n")
+
+
 @deepspeed_on_a_cpu
-def test_the_tiny_model_built_on_a_cpu_prints_no_deepspeed_warning(tmp_path):
+@pytest.mark.parametrize("torch_build", ["cpu", "cuda without a gpu"])
+def test_the_tiny_model_built_on_a_cpu_prints_no_deepspeed_warning(tmp_path, torch_build):
     """The smoke flow's `tiny-random-llama` is built and saved once per cache: the same
     save_pretrained, the same warning (before: on the first smoke run of a machine)."""
+    prefix = AS_A_CUDA_BUILD_WITHOUT_A_GPU if torch_build != "cpu" else ""
     assert_no_deepspeed_warning(  # an empty cache: the model is built
-        "from loramoe.model import resolve_model_path\n"
-        "resolve_model_path('tiny-random-llama')", LORAMOE_CACHE_DIR=str(tmp_path))
-    assert any(tmp_path.glob("tiny-random-llama-*/config.json"))
-
-
-@deepspeed_on_a_cpu
-def test_a_cuda_build_of_torch_without_a_gpu_prints_no_deepspeed_warning(tmp_path):
-    """A CUDA build of torch names CUDA as its accelerator on a host with no GPU unless asked
-    to check (the GPU machine's torch 2.11, rehearsed on a CPU); DeepSpeed checks, finds none
-    and warned (before: save_model asked without checking). Here the CPU build is made to
-    answer as such a build does."""
-    assert_no_deepspeed_warning(
-        "import torch\n"
-        "unchecked = torch.accelerator.current_accelerator\n"
-        "torch.accelerator.current_accelerator = lambda check_available=False: (\n"
-        "    unchecked(check_available=True) if check_available else torch.device('cuda'))\n"
-        "from loramoe.model import resolve_model_path\n"
+        prefix + "from loramoe.model import resolve_model_path\n"
         "resolve_model_path('tiny-random-llama')", LORAMOE_CACHE_DIR=str(tmp_path))
     assert any(tmp_path.glob("tiny-random-llama-*/config.json"))
