@@ -24,10 +24,15 @@ lscpu | grep -E "Model name|CPU family|Model:" | tee "$work/cpu.txt"
 timed() {  # timed NAME CLONE [flow args...]: wall seconds of one flow run, its log kept
     local name=$1 clone=$2
     shift 2
+    # the old commit's steps leave their scratch folders (~5 GB a run, f4bed72 fixed it later):
+    # each run gets its own temp folder, removed after it
+    local scratch=$work/tmp-$name
+    mkdir -p "$scratch"
     local started=$SECONDS
-    (cd "$clone" && PYTHONPATH=$clone python flows/full_pipeline.py "$@" run) \
+    (cd "$clone" && TMPDIR=$scratch PYTHONPATH=$clone python flows/full_pipeline.py "$@" run) \
         > "$work/$name.log" 2>&1 || { echo "$name run failed: $work/$name.log" >&2; exit 1; }
     echo $((SECONDS - started))
+    rm -rf "$scratch"
 }
 old_s=$(timed old "$work/old")
 new_s=$(timed new "$work/new" --config config benchmarks/configs/eval_of_2026-11-24.toml)
