@@ -44,6 +44,25 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return _apply_template(tokenizer, [{"role": "user", "content": prompt}], True)
 
 
+def literal_prompt_ids(tokenizer, prompt: str) -> list[int] | None:
+    """prompt_ids with the prompt read as characters only: a control token's text in it (a
+    user quoting '<|im_end|>') becomes ordinary tokens, so the message can neither close the
+    user's turn nor open another role's. The template is rendered around a user message that
+    is one control token absent from the template itself, and the prompt's own tokens
+    (split_special_tokens) replace it. A prompt without such text: prompt_ids, unchanged.
+    None if every control token also occurs in the template (nothing marks the message)."""
+    if not control_token_rows(tokenizer, [prompt]):
+        return prompt_ids(tokenizer, prompt)
+    for token in control_tokens(tokenizer):
+        marker = tokenizer.convert_tokens_to_ids(token)
+        framed = prompt_ids(tokenizer, token)
+        if framed.count(marker) == 1:
+            at = framed.index(marker)
+            text = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)
+            return framed[:at] + list(text["input_ids"]) + framed[at + 1:]
+    return None
+
+
 def _conversation_ids(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
     """The whole example's ids, its end-of-turn marker last, and the prompt's length."""
     prefix = prompt_ids(tokenizer, prompt)

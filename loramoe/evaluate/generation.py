@@ -4,7 +4,9 @@ labels) also stop at their first newline and keep only that line."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from itertools import groupby
+from typing import Any
 
 import pandas as pd
 import torch
@@ -36,17 +38,20 @@ def pad_rows(rows: list[list[int]], pad_id: int, left: bool = True
 def generate_predictions(model, tokenizer, frame: pd.DataFrame, batch_size: int = 16,
                          max_prompt_tokens: int = 768, recorder: RouterRecorder | None = None,
                          progress: bool = False, max_new_tokens: int | None = None,
-                         shard: Shard = WHOLE) -> list[str | None]:
+                         shard: Shard = WHOLE, encode: Callable[[Any, str], list[int]] = prompt_ids
+                         ) -> list[str | None]:
     """Greedy answers for every prompt, in the frame's order (None for the items of
     another `shard`'s batches).
 
     New tokens per batch: max_new_tokens if given, else by the items' metrics (short for QA).
+    encode(tokenizer, prompt): a prompt's ids in the chat template (serving reads control
+    tokens' text as characters, collate.literal_prompt_ids).
     """
     from loramoe.progress import track
 
     if recorder is not None and shard != WHOLE:
         raise ValueError("the router recorder needs every batch in one process")
-    encoded = [prompt_ids(tokenizer, p) for p in frame["prompt"]]
+    encoded = [encode(tokenizer, p) for p in frame["prompt"]]
     cut = sum(len(e) > max_prompt_tokens for e in encoded)
     if cut:
         warnings.warn(f"{cut} prompt(s) longer than {max_prompt_tokens} tokens keep only their "

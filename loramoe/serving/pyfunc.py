@@ -3,7 +3,8 @@
 The logged model holds only the adapter (or, for full SFT, the model folder) and the train
 config; the base model is loaded by name at serving time (the embedded default needs no
 network). Input: a list of prompt strings (MLflow checks it against predict's type hints); param
-`max_new_tokens` (1..512, default 64); a prompt holding a control token's text is refused.
+`max_new_tokens` (1..512, default 64); a control token's text in a prompt (e.g. '<|im_end|>')
+is read as characters, inside the user's message.
 Bad requests raise MlflowException
 (INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with HTTP 400.
 """
@@ -73,18 +74,24 @@ def max_new_tokens_from(params: dict[str, Any] | None, default: int) -> int:
     return value
 
 
-def refuse_control_text(tokenizer, prompts: list[str]) -> None:
-    """A 400-style error for prompts holding a control token's text (e.g. '<|im_end|>'): the
-    tokenizer reads it as the token, so a prompt could close its user turn and write the
-    assistant's (or a system) turn itself; a prompt is the user's message, inside the chat
-    template the model applies."""
-    from loramoe.data.collate import control_token_rows
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's ids as one user message in the chat template, a control token's text in
+    it read as characters (e.g. '<|im_end|>': read as the token, a prompt could close its
+    user turn and write the assistant's or a system turn itself); a 400-style error for a
+    prompt over MAX_PROMPT_TOKENS, or one that cannot be encoded so."""
+    from loramoe.data.collate import control_token_rows, literal_prompt_ids
 
-    if held := control_token_rows(tokenizer, prompts):
-        token, rows = next(iter(held.items()))
-        raise _bad_request(f"prompt(s) at index {rows[:10]} hold the text {token!r}, which "
-                           f"the model's tokenizer reads as its control token: a prompt is "
-                           f"one user message; send it without {token!r}")
+    encoded = [literal_prompt_ids(tokenizer, p) for p in prompts]
+    if unmarked := [i for i, ids in enumerate(encoded) if ids is None]:
+        token = next(iter(control_token_rows(tokenizer, [prompts[unmarked[0]]])))
+        raise _bad_request(f"prompt(s) at index {unmarked[:10]} hold the text {token!r}, "
+                           f"which this model's tokenizer reads as a control token and its "
+                           f"chat template leaves no way to read as text; send it without")
+    if too_long := [i for i, ids in enumerate(encoded) if len(ids) > MAX_PROMPT_TOKENS]:
+        raise _bad_request(f"prompt(s) at index {too_long[:10]} have "
+                           f"{len(encoded[too_long[0]])} tokens; the limit is "
+                           f"{MAX_PROMPT_TOKENS}")
+    return encoded
 
 
 class AnswerModel(mlflow.pyfunc.PythonModel):
@@ -109,23 +116,17 @@ class AnswerModel(mlflow.pyfunc.PythonModel):
                 params: dict[str, Any] | None = None) -> list[str]:
         import pandas as pd
 
-        from loramoe.data.collate import prompt_ids
         from loramoe.evaluate import generate_predictions
 
         prompts = prompts_from(model_input)
         max_new = max_new_tokens_from(params, self.max_new_tokens)
-        refuse_control_text(self.tokenizer, prompts)
-        lengths = [len(prompt_ids(self.tokenizer, p)) for p in prompts]
-        too_long = [i for i, n in enumerate(lengths) if n > MAX_PROMPT_TOKENS]
-        if too_long:
-            raise _bad_request(f"prompt(s) at index {too_long[:10]} have "
-                               f"{lengths[too_long[0]]} tokens; the limit is "
-                               f"{MAX_PROMPT_TOKENS}")
+        encoded = dict(zip(prompts, encode_prompts(self.tokenizer, prompts), strict=True))
         frame = pd.DataFrame({"prompt": prompts, "metric": ["contains"] * len(prompts)})
         return generate_predictions(self.model, self.tokenizer, frame,
                                     batch_size=self.batch_size,
                                     max_prompt_tokens=MAX_PROMPT_TOKENS,
-                                    max_new_tokens=max_new)
+                                    max_new_tokens=max_new,
+                                    encode=lambda _, prompt: encoded[prompt])
 
 
 def stage_run_for_serving(run_dir: str | Path, staging: str | Path,
