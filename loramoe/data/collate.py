@@ -51,9 +51,10 @@ def literal_prompt_ids(tokenizer, prompt: str) -> list[int] | None:
     is one control token absent from the template itself, and the prompt's own tokens
     (split_special_tokens) replace it. A prompt without such text: prompt_ids, unchanged.
     None if every control token also occurs in the template (nothing marks the message)."""
-    if not control_token_rows(tokenizer, [prompt]):
+    tokens = control_tokens(tokenizer)  # encodes each candidate: once a prompt, not twice
+    if not any(token in prompt for token in tokens):
         return prompt_ids(tokenizer, prompt)
-    for token in control_tokens(tokenizer):
+    for token in tokens:
         marker = tokenizer.convert_tokens_to_ids(token)
         framed = prompt_ids(tokenizer, token)
         if framed.count(marker) == 1:
